@@ -1,0 +1,154 @@
+"""Detectors: a timm backbone + torchvision FPN + torchvision's detection heads.
+
+The backbone is any timm model created with ``features_only=True``; channels and
+strides come from its ``feature_info``, so no table of backbones is kept here.
+Heads are torchvision's own (Faster/Mask R-CNN, RetinaNet, FCOS): we do not
+re-implement what torchvision does well.
+
+AGVM (Xue et al., 2022) modulates the learning rate per detector module, so
+every trainable parameter must belong to exactly one named module. The names
+(``backbone``, ``neck``, ``rpn_head``, ``roi_head``, ``mask_head``, ``cls_head``,
+``reg_head``) map to parameter-name prefixes in ``MODULE_PREFIXES``;
+``module_parameters`` applies the map and refuses any gap or overlap.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+import timm
+import torch
+from torch import nn
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from pipeline.config import ModelConfig
+
+# ImageNet statistics, in the 0-255 range because images reach the model as uint8-valued floats.
+IMAGE_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+IMAGE_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+
+_BACKBONE = {"backbone": ("backbone.body.",), "neck": ("backbone.neck.",)}
+MODULE_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
+    "faster_rcnn": {**_BACKBONE, "rpn_head": ("rpn.",), "roi_head": ("roi_heads.box_",)},
+    "mask_rcnn": {**_BACKBONE, "rpn_head": ("rpn.",), "roi_head": ("roi_heads.box_",),
+                  "mask_head": ("roi_heads.mask_",)},
+    "retinanet": {**_BACKBONE, "cls_head": ("head.classification_head.",),
+                  "reg_head": ("head.regression_head.",)},
+    "fcos": {**_BACKBONE, "cls_head": ("head.classification_head.",),
+             "reg_head": ("head.regression_head.",)},
+}
+_DEFAULT_OUT_INDICES = {"faster_rcnn": (1, 2, 3, 4), "mask_rcnn": (1, 2, 3, 4),
+                        "retinanet": (2, 3, 4), "fcos": (2, 3, 4)}
+
+
+class BackboneWithNeck(nn.Module):
+    """timm feature extractor (``body``) followed by an FPN (``neck``).
+
+    Returns an ordered dict of feature maps with ``out_channels`` channels each,
+    the interface torchvision's detection heads expect. ``strides`` lists the
+    stride of every output level, extra (pooled / P6-P7) levels included.
+    """
+
+    def __init__(self, body: nn.Module, neck: FeaturePyramidNetwork, out_channels: int, strides: list[int]):
+        super().__init__()
+        self.body = body
+        self.neck = neck
+        self.out_channels = out_channels
+        self.strides = strides
+
+    def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        features = self.body(images)
+        return self.neck(OrderedDict((str(i), f) for i, f in enumerate(features)))
+
+
+def _create_body(cfg: ModelConfig, out_indices: tuple[int, ...]) -> nn.Module:
+    kwargs = dict(features_only=True, out_indices=out_indices)
+    if cfg.pretrained is not None:
+        if not Path(cfg.pretrained).is_file():
+            raise FileNotFoundError(
+                f"model.pretrained: {cfg.pretrained} does not exist (weights load only from a local file)")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(cfg.pretrained)))
+    try:
+        return timm.create_model(cfg.backbone, **kwargs)
+    except RuntimeError as err:  # timm's strict load names the missing/unexpected keys
+        raise RuntimeError(f"model.pretrained={cfg.pretrained} does not fit backbone "
+                           f"{cfg.backbone!r}: {err}") from None
+    except (ValueError, KeyError, IndexError) as err:
+        raise ValueError(f"model.backbone={cfg.backbone!r} with out_indices={out_indices}: {err} "
+                         "(use a timm name that supports features_only)") from None
+
+
+def build_backbone(cfg: ModelConfig) -> BackboneWithNeck:
+    """timm body + FPN; P6/P7 extra levels for the one-stage detectors, max-pool level for R-CNNs."""
+    out_indices = cfg.out_indices or _DEFAULT_OUT_INDICES[cfg.detector]
+    body = _create_body(cfg, out_indices)
+    channels, strides = body.feature_info.channels(), body.feature_info.reduction()
+    if cfg.detector in ("retinanet", "fcos"):
+        extra, strides = LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels), strides + [strides[-1] * 2, strides[-1] * 4]
+    else:
+        extra, strides = LastLevelMaxPool(), strides + [strides[-1] * 2]
+    neck = FeaturePyramidNetwork(channels, cfg.fpn_channels, extra_blocks=extra)
+    return BackboneWithNeck(body, neck, cfg.fpn_channels, strides)
+
+
+def _anchors(cfg: ModelConfig, strides: list[int]) -> AnchorGenerator:
+    if cfg.detector == "retinanet":  # three octave scales per level, as in the RetinaNet paper
+        sizes = tuple(tuple(cfg.anchor_scale * s * 2 ** (k / 3) for k in range(3)) for s in strides)
+        return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(strides))
+    if cfg.detector == "fcos":  # anchor-free: one point per location, the size only sets the box scale
+        return AnchorGenerator(tuple((cfg.anchor_scale * s,) for s in strides), ((1.0,),) * len(strides))
+    return AnchorGenerator(tuple((cfg.anchor_scale * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
+
+
+def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: int) -> nn.Module:
+    """Build the configured detector for ``num_classes`` foreground classes (labels 1..num_classes)."""
+    backbone = build_backbone(cfg)
+    # The loader workers resize already; skip the model's second resize in training.
+    # (At inference the model's resize to the same sizes is an identity up to rounding.)
+    common = dict(min_size=min_size, max_size=max_size, image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
+                  _skip_resize=True)
+    anchors = _anchors(cfg, backbone.strides)
+    if cfg.detector in ("retinanet", "fcos"):
+        cls = RetinaNet if cfg.detector == "retinanet" else FCOS
+        return cls(backbone, num_classes + 1, anchor_generator=anchors,
+                   detections_per_img=cfg.detections_per_img, **common)
+    levels = [str(i) for i in range(len(backbone.strides) - 1)]  # the max-pool level feeds the RPN only
+    box_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2)
+    box_head = TwoMLPHead(backbone.out_channels * 7 * 7, cfg.box_head_dim)
+    kwargs = dict(rpn_anchor_generator=anchors, box_roi_pool=box_pool, box_head=box_head,
+                  box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
+                  rpn_post_nms_top_n_train=cfg.rpn_post_nms_train,
+                  box_batch_size_per_image=cfg.roi_batch_per_image,
+                  box_detections_per_img=cfg.detections_per_img, **common)
+    if cfg.detector == "mask_rcnn":
+        mask_pool = MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2)
+        mask_predictor = MaskRCNNPredictor(256, 256, num_classes + 1)  # torchvision's mask head is 256 wide
+        return MaskRCNN(backbone, None, mask_roi_pool=mask_pool, mask_predictor=mask_predictor, **kwargs)
+    return FasterRCNN(backbone, None, **kwargs)
+
+
+def module_parameters(model: nn.Module, detector: str,
+                      prefixes: Optional[dict[str, tuple[str, ...]]] = None) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Assign every trainable parameter to exactly one detector module by name prefix.
+
+    Raises ValueError naming the parameter when one matches no module or several.
+    """
+    prefixes = prefixes or MODULE_PREFIXES[detector]
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {m: [] for m in prefixes}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        owners = [m for m, pre in prefixes.items() if name.startswith(pre)]
+        if len(owners) != 1:
+            what = "no module" if not owners else f"several modules {owners}"
+            raise ValueError(f"parameter {name!r} belongs to {what}; fix the module prefixes "
+                             f"({prefixes}) so that each trainable parameter has exactly one")
+        groups[owners[0]].append((name, param))
+    return {m: ps for m, ps in groups.items() if ps}

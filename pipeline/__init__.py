@@ -1,0 +1,1 @@
+"""Training pipeline package: data, model and DeepSpeed training code."""

@@ -1,0 +1,197 @@
+"""The experiment config: one typed schema, loaded from YAML with key=value overrides.
+
+Every concern (model, data, optim, schedule, train, tracking) has its own pydantic
+model; unknown keys and bad values are rejected at start-up with the dotted field
+name and, where it helps, the fix. The resolved config is written into the run
+directory and handed to W&B as is. Engine settings (ZeRO stage, precision,
+offload) live in ``ds_configs/*.json``; batch sizes and the optimizer live here
+and are filled into the DeepSpeed dict in one place (``pipeline.engine``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A config problem a user must fix; the message names the file and field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    detector: Literal["faster_rcnn", "mask_rcnn", "retinanet", "fcos"] = "faster_rcnn"
+    backbone: str = Field("resnet18", description="any timm model name with features_only support")
+    pretrained: Optional[Path] = Field(None, description="local checkpoint file for the backbone")
+    fpn_channels: int = Field(256, gt=0)
+    # Which backbone stages feed the FPN, by timm feature index (0 = stride 2).
+    # None: strides 4-32 for the R-CNNs, 8-32 (plus P6, P7) for RetinaNet/FCOS.
+    out_indices: Optional[tuple[int, ...]] = None
+    anchor_scale: float = Field(8.0, gt=0, description="anchor side = anchor_scale x level stride")
+    detections_per_img: int = Field(100, gt=0)
+    # R-CNN head sizes (torchvision's defaults); smaller values make CPU runs fast.
+    rpn_post_nms_train: int = Field(2000, gt=0, description="proposals per image kept for the RoI head")
+    roi_batch_per_image: int = Field(512, gt=0, description="RoIs sampled per image for the box loss")
+    box_head_dim: int = Field(1024, gt=0, description="width of the two-layer box head")
+
+
+class DataConfig(_Section):
+    # "synthetic" writes the embedded dataset under root (if missing) before training.
+    source: Literal["synthetic", "coco"] = "synthetic"
+    root: Path = Path("data/shapes")
+    train_images: str = "train"
+    train_ann: str = "annotations/instances_train.json"
+    val_images: str = "val"
+    val_ann: str = "annotations/instances_val.json"
+    synthetic_train: int = Field(512, gt=0)
+    synthetic_val: int = Field(128, gt=0)
+    min_size: int = Field(800, gt=0, description="shorter image side after resize")
+    max_size: int = Field(1333, gt=0, description="cap on the longer side after resize")
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    keep_empty: bool = Field(False, description="train on images without annotations")
+    aspect_grouping: bool = True
+    workers: int = Field(2, ge=0)
+
+    def path(self, rel: str) -> Path:
+        p = Path(rel)
+        return p if p.is_absolute() else self.root / p
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    # MegDet linear scaling: lr = base_lr * global_batch / reference_batch.
+    base_lr: float = Field(0.02, gt=0)
+    reference_batch: int = Field(16, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0)
+    norm_weight_decay: Optional[float] = Field(
+        None, ge=0, description="weight decay for norm layers and biases; None = same as weight_decay")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    clip_grad_norm: float = Field(0.0, ge=0, description="0 disables clipping")
+
+
+class ScheduleConfig(_Section):
+    epochs: float = Field(12, gt=0)
+    max_iters: Optional[int] = Field(None, gt=0, description="overrides epochs when set")
+    warmup_iters: int = Field(100, ge=0)
+    warmup_factor: float = Field(0.001, gt=0, le=1, description="lr multiplier at iteration 0")
+    policy: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: tuple[float, ...] = Field((8, 11), description="epochs at which lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0)
+    min_lr_factor: float = Field(0.0, ge=0, le=1, description="cosine floor, as a fraction of the peak lr")
+
+
+class TrainConfig(_Section):
+    ds_config: Path = Path("ds_configs/zero0_fp32.json")
+    micro_batch: int = Field(2, gt=0, description="images per GPU per forward")
+    grad_accum: int = Field(1, gt=0)
+    seed: int = 0
+    output_dir: Path = Path("runs")
+    run_name: str = "default"
+    resume: bool = Field(False, description="continue from the latest checkpoint in the run directory")
+    log_every: int = Field(10, gt=0)
+    eval_every_epochs: float = Field(1.0, ge=0, description="0 = only at the end")
+    ckpt_every_iters: int = Field(500, ge=0, description="0 = only at the end")
+    progress: bool = True
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.run_name
+
+
+class TrackingConfig(_Section):
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "megdet-agvm"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: tuple[str, ...] = ()
+
+
+class ExperimentConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperimentConfig":
+        if self.data.max_size < self.data.min_size:
+            raise ValueError("data.max_size must be >= data.min_size")
+        return self
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.micro_batch=4)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+    return key.strip().split("."), value
+
+
+def _apply_override(tree: dict, keys: list[str], value: Any) -> None:
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid experiment config ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown key; check the spelling (see README 'Config reference')")
+        else:
+            lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
+    """Load a YAML experiment config, apply ``a.b=value`` overrides, validate.
+
+    Raises ConfigError with the file, line or dotted field name on any problem.
+    """
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    for item in overrides:
+        _apply_override(tree, *_parse_override(item))
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def dump_config(cfg: ExperimentConfig, path: Path) -> None:
+    """Write the resolved config as YAML (what the run actually used)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

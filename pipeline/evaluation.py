@@ -1,0 +1,106 @@
+"""COCO evaluation: inference on each rank's shard, gather to rank 0, COCOeval once.
+
+Predictions are mapped back to the annotation file's pixel coordinates (the
+loader resized the images) and category ids, then scored by pycocotools'
+COCOeval itself. The result is a flat dict of floats such as ``bbox/AP50``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+# COCOeval.stats order, named as detectron2 and mmdet report them.
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def to_coco_results(output: dict, target: dict, label_to_cat: list[int], orig_hw: tuple[int, int]) -> list[dict]:
+    """One image's detections as COCO result dicts in original-image pixels (xywh)."""
+    boxes = output["boxes"].float().cpu() / target["scale"]
+    boxes[:, 2:] -= boxes[:, :2]
+    scores, labels = output["scores"].float().cpu().tolist(), output["labels"].cpu().tolist()
+    results = [{"image_id": target["image_id"], "category_id": label_to_cat[lab - 1], "bbox": box, "score": s}
+               for box, s, lab in zip(boxes.tolist(), scores, labels)]
+    if "masks" in output and len(results):
+        masks = F.interpolate(output["masks"].float(), size=orig_hw, mode="bilinear", align_corners=False)
+        binary = np.asfortranarray((masks[:, 0] > 0.5).cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
+        for res, rle in zip(results, mask_utils.encode(binary)):
+            rle["counts"] = rle["counts"].decode("ascii")
+            res["segmentation"] = rle
+    return results
+
+
+@torch.no_grad()
+def predict(model, loader: Iterable, coco_gt: COCO, label_to_cat: list[int], device: torch.device,
+            progress: bool = False) -> list[dict]:
+    """Run the model over this rank's loader; return its COCO result dicts."""
+    results = []
+    for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        images = [im.to(device, non_blocking=True).float() for im in images]
+        outputs = model(images)
+        for out, tgt in zip(outputs, targets):
+            info = coco_gt.imgs[tgt["image_id"]]
+            results += to_coco_results(out, tgt, label_to_cat, (info["height"], info["width"]))
+    return results
+
+
+def gather_to_rank0(results: list[dict]) -> Optional[list[dict]]:
+    """All ranks' results on rank 0 (None elsewhere); a no-op without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return results
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(results, gathered, dst=0)
+    return [r for part in gathered for r in part] if gathered is not None else None
+
+
+def coco_evaluate(coco_gt: COCO, results: list[dict], iou_types: Iterable[str] = ("bbox",),
+                  img_ids: Optional[list[int]] = None) -> dict[str, float]:
+    """COCOeval per IoU type; flat dict ``{"bbox/AP": ..., "bbox/AP50": ...}``.
+
+    No detections at all scores 0 (pycocotools' loadRes cannot take an empty list).
+    """
+    metrics: dict[str, float] = {}
+    for iou_type in iou_types:
+        # Copies: loadRes edits its input in place. For segm the bbox is dropped so that
+        # loadRes takes mask areas (COCO size ranges) rather than box areas.
+        if iou_type == "segm":
+            dets = [{k: v for k, v in r.items() if k != "bbox"} for r in results if "segmentation" in r]
+        else:
+            dets = [dict(r) for r in results]
+        if not dets:
+            metrics.update({f"{iou_type}/{n}": 0.0 for n in STAT_NAMES})
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_dt = coco_gt.loadRes(dets)
+            ev = COCOeval(coco_gt, coco_dt, iou_type)
+            if img_ids is not None:
+                ev.params.imgIds = img_ids
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        # COCOeval reports -1 where a size range has no ground truth: keep that, it is not an AP of 0.
+        metrics.update({f"{iou_type}/{n}": float(v) for n, v in zip(STAT_NAMES, ev.stats)})
+    return metrics
+
+
+def evaluate(model, loader, dataset, device: torch.device, with_masks: bool, progress: bool = False) -> dict:
+    """Distributed COCO evaluation of ``model`` on ``dataset``; metrics on rank 0, {} elsewhere."""
+    was_training = model.training
+    model.eval()
+    results = predict(model, loader, dataset.coco, dataset.cat_ids, device, progress)
+    model.train(was_training)
+    results = gather_to_rank0(results)
+    if results is None:
+        return {}
+    iou_types = ("bbox", "segm") if with_masks else ("bbox",)
+    return coco_evaluate(dataset.coco, results, iou_types, img_ids=list(dataset.ids))

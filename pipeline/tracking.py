@@ -1,0 +1,73 @@
+"""Run tracking: Weights & Biases (offline by default) plus a JSON-lines log in the run directory.
+
+Only rank 0 tracks. The JSON-lines file is the durable record (the study runner
+and plot commands read it); W&B gets the same dicts. Offline runs land in
+``<run_dir>/wandb/`` and can be uploaded later with ``wandb sync``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from pipeline.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """Log scalar dicts to W&B and ``<run_dir>/metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, rank: int, resume: bool = False):
+        self.active = rank == 0
+        self.jsonl: Optional[Path] = run_dir / "metrics.jsonl" if self.active else None
+        self.wandb = None
+        if not self.active:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.tracking.wandb_mode != "disabled":
+            import wandb  # imported lazily: tests and disabled runs skip its start-up cost
+
+            self.wandb = wandb.init(
+                mode=cfg.tracking.wandb_mode, project=cfg.tracking.project, entity=cfg.tracking.entity,
+                group=cfg.tracking.group, tags=list(cfg.tracking.tags), name=cfg.train.run_name,
+                dir=str(run_dir), config=cfg.model_dump(mode="json"),
+                id=_run_id(run_dir), resume="allow" if resume else None)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.active:
+            return
+        record = {"iteration": step, "time": time.time(), **metrics}
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def summary(self, metrics: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update(metrics)
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _run_id(run_dir: Path) -> str:
+    """A W&B run id kept in the run directory, so a resumed run continues the same W&B run."""
+    id_file = run_dir / "wandb_id.txt"
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return run_id
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """All records of a run's metrics.jsonl (for plots, studies and tests)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

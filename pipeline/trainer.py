@@ -1,0 +1,211 @@
+"""Experiment entry: config -> data -> model -> DeepSpeed engine -> train loop -> COCO eval.
+
+``run(cfg)`` reads as the list of build steps; ``train_loop`` is the plain loop
+with evaluation, checkpointing and tracking as a flat list of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from models.detector import build_detector
+from pipeline import engine as eng
+from pipeline.config import ExperimentConfig, dump_config
+from pipeline.data import build_datasets, build_loaders
+from pipeline.evaluation import evaluate
+from pipeline.optim import build_optimizer, build_param_groups
+from pipeline.schedule import Schedule, build_schedule
+from pipeline.synthetic import make_dataset
+from pipeline.tracking import Tracker
+
+log = logging.getLogger("pipeline")
+
+
+def log_dist(msg: str, *args) -> None:
+    """Log on rank 0 only (every rank runs the same code)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.info(msg, *args)
+
+
+def prepare_data(cfg: ExperimentConfig, rank: int) -> None:
+    """Write the embedded synthetic dataset (rank 0) when the config asks for it."""
+    d = cfg.data
+    if d.source == "synthetic" and rank == 0:
+        make_dataset(d.root, num_train=d.synthetic_train, num_val=d.synthetic_val, seed=0)
+    dist.barrier()
+
+
+def _to_device(images, targets, device):
+    images = [im.to(device, non_blocking=True).float() for im in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def _reduce_window(window: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    """Mean of the window's loss terms over steps and ranks: one collective, one host sync."""
+    names = sorted(window)
+    stacked = torch.stack([window[n] for n in names]) / count
+    dist.all_reduce(stacked)
+    stacked /= dist.get_world_size()
+    values = dict(zip(names, stacked.tolist()))
+    values["loss"] = sum(values.values())
+    return values
+
+
+def _truncate_log(run_dir: Path, after: int) -> None:
+    """On resume, drop records logged after the checkpoint: they are about to be redone."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] <= after]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+class TrainState:
+    """What the loop needs besides the engine: built once by ``run``."""
+
+    def __init__(self, cfg, info, engine, train_loader, val_loader, val_set, schedule, tracker, with_masks):
+        self.cfg, self.info, self.engine, self.schedule, self.tracker = cfg, info, engine, schedule, tracker
+        self.train_loader, self.val_loader, self.val_set, self.with_masks = train_loader, val_loader, val_set, with_masks
+        self.ckpt_dir = cfg.train.run_dir / "checkpoints"
+        spe = schedule.steps_per_epoch
+        self.eval_every = max(1, round(cfg.train.eval_every_epochs * spe)) if cfg.train.eval_every_epochs else 0
+        self.progress = cfg.train.progress and info.rank == 0
+
+
+def run_evaluation(state: TrainState, it: int) -> dict:
+    metrics = evaluate(state.engine, state.val_loader, state.val_set, state.info.device, state.with_masks,
+                       progress=state.progress)
+    if metrics:
+        state.tracker.log({f"val/{k}": v for k, v in metrics.items()}, step=it)
+        log_dist("iter %d: bbox AP %.4f AP50 %.4f", it, metrics["bbox/AP"], metrics["bbox/AP50"])
+    return metrics
+
+
+def _log_step(state: TrainState, it: int, window: dict, count: int, seconds: float, bar) -> None:
+    values = _reduce_window(window, count)
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(
+            f"loss is {values['loss']} at iteration {it}: training diverged. The last checkpoint is in "
+            f"{state.ckpt_dir}; lower optim.base_lr or lengthen schedule.warmup_iters and resume.")
+    record = {f"train/{k}": v for k, v in values.items()}
+    record["train/lr"] = state.schedule.lr(it - 1)
+    record["train/images_per_s"] = count * state.schedule.global_batch / seconds
+    record["train/epoch"] = it / state.schedule.steps_per_epoch
+    if state.info.device.type == "cuda":
+        record["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    state.tracker.log(record, step=it)
+    if bar is not None:
+        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{record['train/lr']:.4f}",
+                        ips=f"{record['train/images_per_s']:.1f}")
+    elif state.info.rank == 0:
+        log.info("iter %d loss %.4f lr %.5f %.1f img/s", it, values["loss"], record["train/lr"],
+                 record["train/images_per_s"])
+
+
+def check_ranks_agree(engine, run_dir: Path) -> bool:
+    """Every rank must hold the same parameters after training (ZeRO 0-2 keep full copies).
+
+    Compares a float64 fingerprint (sum and sum of squares per tensor) across ranks,
+    writes it to ``rank_params.json`` and logs an error when ranks drifted apart.
+    """
+    if engine.zero_optimization_stage() == 3:  # partitioned: each parameter exists once
+        return True
+    params = [p.detach().double() for p in engine.module.parameters()]
+    mine = torch.stack([torch.stack([p.sum(), p.square().sum()]) for p in params]).cpu()
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    agree = all(torch.equal(everyone[0], other) for other in everyone[1:])
+    if dist.get_rank() == 0:
+        (run_dir / "rank_params.json").write_text(json.dumps(
+            {"identical": agree, "fingerprint_sum": [float(e[:, 0].sum()) for e in everyone]}, indent=2))
+        if not agree:
+            log.error("parameters differ across ranks after training: see %s", run_dir / "rank_params.json")
+    return agree
+
+
+def train_loop(state: TrainState, start_iter: int) -> dict:
+    """Optimizer steps from ``start_iter`` to the end of the schedule; returns the final metrics."""
+    cfg, engine, schedule = state.cfg, state.engine, state.schedule
+    sampler, accum, device = state.train_loader.batch_sampler, cfg.train.grad_accum, state.info.device
+    it, metrics = start_iter, {}
+    window, count, tic = {}, 0, time.time()
+    bar = tqdm(total=schedule.total_iters, initial=it, desc="train", disable=not state.progress,
+               mininterval=2.0)
+    while it < schedule.total_iters:
+        sampler.set_position(*divmod(it, schedule.steps_per_epoch))
+        for micro, (images, targets) in enumerate(state.train_loader):
+            if micro % accum == 0:
+                eng.set_lr(engine, [schedule.lr(it)] * len(engine.optimizer.param_groups))
+            losses = engine(*_to_device(images, targets, device))
+            engine.backward(sum(losses.values()))
+            engine.step()
+            for k, v in losses.items():  # stays on the device: no host sync per step
+                window[k] = window.get(k, 0) + v.detach() / accum
+            if (micro + 1) % accum:
+                continue
+            it, count = it + 1, count + 1
+            bar.update(1)
+            if it % cfg.train.log_every == 0 or it == schedule.total_iters:
+                _log_step(state, it, window, count, time.time() - tic, bar if state.progress else None)
+                window, count, tic = {}, 0, time.time()
+            if state.eval_every and it % state.eval_every == 0 and it < schedule.total_iters:
+                metrics = run_evaluation(state, it)
+            if cfg.train.ckpt_every_iters and it % cfg.train.ckpt_every_iters == 0:
+                eng.save_checkpoint(engine, state.ckpt_dir, it, {"schedule": schedule.describe()})
+            if it >= schedule.total_iters:
+                break
+    bar.close()
+    eng.save_checkpoint(engine, state.ckpt_dir, it, {"schedule": schedule.describe()})
+    return run_evaluation(state, it) or metrics
+
+
+def run(cfg: ExperimentConfig) -> dict:
+    """Train and evaluate one experiment; returns final metrics on rank 0 ({} on other ranks)."""
+    info = eng.init_distributed()
+    torch.manual_seed(cfg.train.seed)  # identical model init on every rank
+    prepare_data(cfg, info.rank)
+    with_masks = cfg.model.detector == "mask_rcnn"
+    train_set, val_set = build_datasets(cfg.data, with_masks)
+    model = build_detector(cfg.model, train_set.num_classes, cfg.data.min_size, cfg.data.max_size).to(info.device)
+    torch.manual_seed(cfg.train.seed + info.rank)  # RoI/anchor sampling differs per rank
+    train_loader, val_loader = build_loaders(cfg.data, train_set, val_set, cfg.train.micro_batch,
+                                             cfg.train.grad_accum, info.world, info.rank, cfg.train.seed)
+    sampler = train_loader.batch_sampler
+    schedule = build_schedule(cfg.schedule, cfg.optim, sampler.global_batch, sampler.steps_per_epoch)
+    optimizer = build_optimizer(build_param_groups(model, cfg.model.detector, cfg.optim), cfg.optim,
+                                schedule.lr(0))
+    ds_config = eng.fill_ds_config(eng.load_ds_config(cfg.train.ds_config), cfg, info.world,
+                                   str(cfg.train.ds_config))
+    engine = eng.build_engine(model, optimizer, ds_config)
+    run_dir = cfg.train.run_dir
+    start_iter = 0
+    if cfg.train.resume:
+        client_state = eng.load_checkpoint(engine, run_dir / "checkpoints")
+        start_iter = client_state["iteration"] if client_state else 0
+        log_dist("resuming at iteration %d" if client_state else "no checkpoint in %s: starting fresh",
+                 start_iter if client_state else run_dir / "checkpoints")
+        if info.rank == 0:
+            _truncate_log(run_dir, start_iter)
+    if info.rank == 0:
+        dump_config(cfg, run_dir / "config.yaml")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    log_dist("%d train / %d val images, %d classes, %d ranks; %s", len(train_set), len(val_set),
+             train_set.num_classes, info.world, schedule.describe())
+    tracker = Tracker(cfg, run_dir, info.rank, resume=cfg.train.resume)
+    state = TrainState(cfg, info, engine, train_loader, val_loader, val_set, schedule, tracker, with_masks)
+    metrics = train_loop(state, start_iter)
+    check_ranks_agree(engine, run_dir)
+    if info.rank == 0:
+        (run_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
+        tracker.summary(metrics)
+    tracker.finish()
+    return metrics

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny embedded dataset, tiny configs and a multi-process runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import ExperimentConfig, load_config  # noqa: E402
+from pipeline.engine import free_port  # noqa: E402
+from pipeline.synthetic import make_dataset  # noqa: E402
+
+torch.set_num_threads(1)
+TINY_BACKBONE = "test_byobnet"  # timm's 0.2M-parameter test network
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    make_dataset(root, num_train=16, num_val=8, seed=0, min_side=64, max_side=96)
+    return root
+
+
+def tiny_config(root: Path, run_dir: Path, detector: str = "retinanet", **sections) -> ExperimentConfig:
+    """A config that trains in seconds on CPU: tiny backbone, 64 px images, no W&B."""
+    overrides = [
+        f"model.detector={detector}", f"model.backbone={TINY_BACKBONE}", "model.fpn_channels=16",
+        "model.anchor_scale=4", "model.rpn_post_nms_train=200", "model.roi_batch_per_image=64",
+        "model.box_head_dim=64", f"data.root={root}", "data.source=coco", "data.min_size=64",
+        "data.max_size=96", "data.workers=0", "schedule.max_iters=4", "schedule.warmup_iters=2",
+        "train.micro_batch=2", f"train.output_dir={run_dir}", "train.run_name=run", "train.progress=false",
+        "train.log_every=1", "train.eval_every_epochs=0", "train.ckpt_every_iters=0",
+        "tracking.wandb_mode=disabled",
+    ]
+    overrides += [f"{k}={v}" for k, v in sections.items()]
+    return load_config(None, overrides)
+
+
+def _worker(rank: int, world: int, port: int, fn, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        fn(rank, world, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int, *args) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` real processes (gloo via the env:// rendezvous).
+
+    ``fn`` must be a module-level function; it initialises the process group itself
+    (usually through ``pipeline.engine.init_distributed``). Failures in any rank fail the test.
+    """
+    torch.multiprocessing.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)

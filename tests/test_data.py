@@ -1,0 +1,428 @@
+"""Tests for pipeline.data: dataset round trip, flip, sharded sampler, eval split, bad input.
+
+Every expectation is computed independently of pipeline.data: sizes and boxes from
+the annotation JSON, masks through pycocotools + PIL, sampler properties from counting.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+from pipeline.data import CocoDetection, DataError, ShardedBatchSampler, eval_batches
+
+# pycocotools' decode trips a numpy-2 DeprecationWarning that is not ours.
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")]
+
+MIN, MAX = 64, 96
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _paths(root: Path) -> tuple[Path, Path]:
+    return root / "train", root / "annotations" / "instances_train.json"
+
+
+def _raw(root: Path) -> dict:
+    return json.loads(_paths(root)[1].read_text())
+
+
+def _write(tmp_path: Path, data: dict, name: str = "ann.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _expected_size(w: int, h: int, min_size: int, max_size: int) -> tuple[float, int, int]:
+    scale = min_size / min(w, h)
+    if max(w, h) * scale > max_size:
+        scale = max_size / max(w, h)
+    return scale, round(h * scale), round(w * scale)
+
+
+def _xyxy(bbox: list, scale: float) -> list:
+    x, y, w, h = bbox
+    return [x * scale, y * scale, (x + w) * scale, (y + h) * scale]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+@pytest.fixture(scope="module")
+def coco(shapes_root: Path) -> COCO:
+    return COCO(str(_paths(shapes_root)[1]))
+
+
+# ----------------------------------------------------------------------------- round trip
+
+@pytest.mark.parametrize("max_size", [MAX, 80])  # 80 makes the longer-side cap bite on most images
+def test_round_trip(shapes_root: Path, coco: COCO, max_size: int) -> None:
+    image_dir, ann_file = _paths(shapes_root)
+    ds = CocoDetection(image_dir, ann_file, min_size=MIN, max_size=max_size, flip_prob=0,
+                       with_masks=True, keep_empty=True)
+    img_ids = sorted(coco.getImgIds())
+    assert len(ds) == len(img_ids) == 16
+    cat_ids = sorted(coco.getCatIds())
+    assert ds.num_classes == len(cat_ids)
+    capped = 0
+    for i, img_id in enumerate(img_ids):
+        info = coco.loadImgs(img_id)[0]
+        scale, nh, nw = _expected_size(info["width"], info["height"], MIN, max_size)
+        capped += round(min(nh, nw)) < MIN
+        image, target = ds[i]
+        assert image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
+        assert tuple(image.shape[1:]) == (nh, nw)
+        assert min(nh, nw) == MIN or max(nh, nw) == max_size
+        assert target["image_id"] == img_id
+        assert target["scale"] == pytest.approx(scale)
+
+        # pixels: close to an independent PIL resize of the decoded JPEG
+        pil = Image.open(image_dir / info["file_name"]).convert("RGB").resize((nw, nh), Image.BILINEAR)
+        ref = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float()
+        assert (image.float() - ref).abs().mean() < 8
+
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=False))
+        boxes = torch.tensor([_xyxy(a["bbox"], scale) for a in anns], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([1 + cat_ids.index(a["category_id"]) for a in anns], dtype=torch.int64)
+        # clamping to the rounded image size may shave a fraction of a pixel
+        torch.testing.assert_close(target["boxes"], boxes, atol=0.5, rtol=0)
+        assert torch.equal(target["labels"], labels)
+        masks = target["masks"]
+        assert masks.dtype == torch.uint8 and tuple(masks.shape) == (len(anns), nh, nw)
+        for ann, mask in zip(anns, masks.numpy()):
+            ref_mask = np.asarray(Image.fromarray(coco.annToMask(ann) * 255).resize((nw, nh), Image.NEAREST)) > 0
+            assert set(np.unique(mask)) <= {0, 1}
+            assert _iou(mask, ref_mask) > 0.5  # same object; exact alignment: test_masks_aligned
+            assert mask.sum() == pytest.approx(ann["area"] * scale ** 2, rel=0.15)
+    if max_size < MAX:
+        assert capped > 0  # the cap was actually exercised
+
+
+def test_masks_aligned(shapes_root: Path, coco: COCO) -> None:
+    """Resized masks match a pixel-centre-aligned nearest resize (PIL) and are not shifted."""
+    ds = CocoDetection(*_paths(shapes_root), MIN, MAX, with_masks=True)
+    offsets, ious = [], []
+    for i, img_id in enumerate(ds.ids):
+        _, target = ds[i]
+        nh, nw = target["masks"].shape[-2:]
+        scale = target["scale"]
+        for ann, mask in zip(coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=False)), target["masks"].numpy()):
+            full = coco.annToMask(ann)
+            ref = np.asarray(Image.fromarray(full * 255).resize((nw, nh), Image.NEAREST)) > 0
+            ious.append(_iou(mask, ref))
+            ys, xs = np.nonzero(full)
+            want = np.array([xs.mean() + 0.5, ys.mean() + 0.5]) * scale  # centroid, continuous coords
+            ys, xs = np.nonzero(mask)
+            offsets.append(np.array([xs.mean() + 0.5, ys.mean() + 0.5]) - want)
+    assert min(ious) > 0.9, f"worst mask IoU vs centre-aligned nearest resize: {min(ious):.3f}"
+    assert np.all(np.abs(np.mean(offsets, 0)) < 0.2), f"mean mask shift (x, y) px: {np.mean(offsets, 0)}"
+
+
+def test_empty_image_has_empty_target(shapes_root: Path, coco: COCO) -> None:
+    empty = [i for i in sorted(coco.getImgIds()) if not coco.getAnnIds(imgIds=i)]
+    assert empty, "the tiny dataset is expected to contain an image without objects"
+    ds = CocoDetection(*_paths(shapes_root), MIN, MAX, with_masks=True, keep_empty=True)
+    image, target = ds[ds.ids.index(empty[0])]
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+    assert tuple(target["masks"].shape) == (0, *image.shape[1:])
+    ds = CocoDetection(*_paths(shapes_root), MIN, MAX, keep_empty=False)
+    assert len(ds) == 16 - len(empty) and empty[0] not in ds.ids
+
+
+def test_labels_follow_sorted_category_ids(shapes_root: Path, tmp_path: Path) -> None:
+    data = _raw(shapes_root)
+    remap = {1: 7, 2: 3, 3: 11}  # sorted -> [3, 7, 11] -> labels 2, 1, 3
+    for c in data["categories"]:
+        c["id"] = remap[c["id"]]
+    for a in data["annotations"]:
+        a["category_id"] = remap[a["category_id"]]
+    ds = CocoDetection(_paths(shapes_root)[0], _write(tmp_path, data), MIN, MAX)
+    want = {7: 2, 3: 1, 11: 3}
+    by_img = {}
+    for a in data["annotations"]:
+        by_img.setdefault(a["image_id"], []).append(want[a["category_id"]])
+    for i, img_id in enumerate(ds.ids):
+        assert ds[i][1]["labels"].tolist() == by_img.get(img_id, [])
+
+
+def test_crowd_annotations_excluded(shapes_root: Path, tmp_path: Path) -> None:
+    data = _raw(shapes_root)
+    crowd = data["annotations"][5]
+    crowd["iscrowd"] = 1
+    ann_file = _write(tmp_path, data)
+    ds = CocoDetection(_paths(shapes_root)[0], ann_file, MIN, MAX, with_masks=True)
+    idx = ds.ids.index(crowd["image_id"])
+    _, target = ds[idx]
+    others = [a for a in data["annotations"] if a["image_id"] == crowd["image_id"] and a is not crowd]
+    assert len(target["boxes"]) == len(target["labels"]) == len(target["masks"]) == len(others)
+    crowd_box = torch.tensor(_xyxy(crowd["bbox"], target["scale"]))
+    assert not any(torch.allclose(b, crowd_box, atol=0.5) for b in target["boxes"])
+    want = torch.tensor([_xyxy(a["bbox"], target["scale"]) for a in others]).reshape(-1, 4)
+    torch.testing.assert_close(target["boxes"], want, atol=0.5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- flip
+
+def test_flip(shapes_root: Path) -> None:
+    args = dict(min_size=MIN, max_size=MAX, with_masks=True, keep_empty=True)
+    plain = CocoDetection(*_paths(shapes_root), flip_prob=0.0, **args)
+    flipped = CocoDetection(*_paths(shapes_root), flip_prob=1.0, **args)
+    for i in range(len(plain)):
+        img, t = plain[(i, 1234 + i)]
+        fimg, ft = flipped[(i, 1234 + i)]
+        W = img.shape[-1]
+        assert torch.equal(fimg, torch.flip(img, dims=[-1]))
+        want = torch.stack([W - t["boxes"][:, 2], t["boxes"][:, 1], W - t["boxes"][:, 0], t["boxes"][:, 3]], 1)
+        torch.testing.assert_close(ft["boxes"], want)
+        assert (ft["boxes"][:, 2] >= ft["boxes"][:, 0]).all()
+        assert torch.equal(ft["masks"], torch.flip(t["masks"], dims=[-1]))
+        assert torch.equal(ft["labels"], t["labels"])
+
+
+def test_flip_decided_by_aug_seed(shapes_root: Path) -> None:
+    ds = CocoDetection(*_paths(shapes_root), MIN, MAX, flip_prob=0.5)
+    img0, _ = CocoDetection(*_paths(shapes_root), MIN, MAX)[0]
+    outcomes = set()
+    for s in range(40):
+        a, _ = ds[(0, s)]
+        b, _ = ds[(0, s)]
+        assert torch.equal(a, b)  # same (index, seed) -> same augmentation
+        outcomes.add(torch.equal(a, img0))
+    assert outcomes == {True, False}  # both flipped and unflipped occur
+
+
+# ----------------------------------------------------------------------------- sampler
+
+def _aspects(n: int, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    ar = rng.choice([0.6, 0.75, 1.0, 1.33, 1.5], size=n).tolist()
+    return ar
+
+
+def _epoch(aspects, mb, world, accum, seed, group, epoch=0, start=0):
+    out = []
+    for rank in range(world):
+        s = ShardedBatchSampler(aspects, mb, world, rank, accum, seed, group)
+        s.set_position(epoch, start)
+        batches = list(s)
+        assert len(batches) == len(s)
+        out.append(batches)
+    return out
+
+
+SAMPLER_CASES = [(n, world, mb, accum, group)
+                 for n in (10, 16, 37) for world in (1, 2, 3, 4) for mb in (1, 2, 3)
+                 for accum in (1, 2) for group in (True, False)]
+
+
+@pytest.mark.parametrize("n,world,mb,accum,group", SAMPLER_CASES)
+def test_sampler_epoch(n: int, world: int, mb: int, accum: int, group: bool) -> None:
+    aspects = _aspects(n, seed=n)
+    landscape = np.asarray(aspects) >= 1.0
+    global_batch = world * mb * accum
+    steps = math.ceil(n / global_batch)
+    per_rank = _epoch(aspects, mb, world, accum, seed=5, group=group)
+
+    # equal lengths and full micro-batches on every rank
+    for batches in per_rank:
+        assert len(batches) == steps * accum
+        assert all(len(b) == mb for b in batches)
+
+    # coverage and exactly the wrap-around padding as repeats
+    idx = [i for batches in per_rank for b in batches for i, _ in b]
+    counts = Counter(idx)
+    assert set(counts) == set(range(n))
+    pad = steps * global_batch - n
+    assert sum(c - 1 for c in counts.values()) == pad
+    assert max(counts.values()) - min(counts.values()) <= 1  # padding spreads evenly, no extra repeats
+    if pad == 0:
+        shards = [{i for b in batches for i, _ in b} for batches in per_rank]
+        assert sum(map(len, shards)) == n  # disjoint
+
+    # aspect grouping: each micro-global chunk (same position on all ranks) is one group
+    if group:
+        mixed = 0
+        for pos in range(steps * accum):
+            chunk = [i for batches in per_rank for i, _ in batches[pos]]
+            mixed += len({bool(landscape[i]) for i in chunk}) > 1
+        assert mixed <= 1
+
+    # aug seeds: a function of (seed, epoch, index), the same on every rank
+    seeds = {}
+    for batches in per_rank:
+        for b in batches:
+            for i, s in b:
+                assert seeds.setdefault(i, s) == s
+
+    # determinism and epoch-to-epoch change
+    assert _epoch(aspects, mb, world, accum, seed=5, group=group) == per_rank
+    other = _epoch(aspects, mb, world, accum, seed=5, group=group, epoch=1)
+    assert other != per_rank
+    assert [[i for b in r for i, _ in b] for r in other] != [[i for b in r for i, _ in b] for r in per_rank]
+    seeds1 = {i: s for r in other for b in r for i, s in b}
+    assert all(seeds1[i] != seeds[i] for i in range(n))
+
+    # resume: set_position(epoch, k) is the tail of the epoch from micro-step k * accum
+    for start in range(steps + 1):
+        tail = _epoch(aspects, mb, world, accum, seed=5, group=group, start=start)
+        assert tail == [batches[start * accum:] for batches in per_rank]
+
+
+def test_sampler_seed_changes_order() -> None:
+    aspects = _aspects(37)
+    a = _epoch(aspects, 2, 2, 1, seed=0, group=True)
+    b = _epoch(aspects, 2, 2, 1, seed=1, group=True)
+    assert a != b
+
+
+def test_sampler_bad_rank() -> None:
+    with pytest.raises(ValueError):
+        ShardedBatchSampler([1.0] * 4, 1, world=2, rank=2)
+
+
+# ----------------------------------------------------------------------------- eval split
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 37])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_eval_batches(n: int, world: int, batch: int) -> None:
+    shards = [eval_batches(n, batch, world, rank) for rank in range(world)]
+    flat = [i for batches in shards for b in batches for i in b]
+    assert sorted(flat) == list(range(n))  # disjoint, complete, no padding
+    for batches in shards:
+        assert all(1 <= len(b) <= batch for b in batches)
+        assert all(len(b) == batch for b in batches[:-1])
+    sizes = [sum(map(len, batches)) for batches in shards]
+    assert max(sizes) - min(sizes) <= 1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.fixture()
+def copied(shapes_root: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the train split (images + JSON) to damage."""
+    image_dir, ann_file = _paths(shapes_root)
+    dst_images = tmp_path / "train"
+    shutil.copytree(image_dir, dst_images)
+    dst_ann = tmp_path / "instances_train.json"
+    shutil.copyfile(ann_file, dst_ann)
+    return dst_images, dst_ann
+
+
+def test_missing_image_file(copied: tuple[Path, Path]) -> None:
+    image_dir, ann_file = copied
+    name = json.loads(ann_file.read_text())["images"][3]["file_name"]
+    (image_dir / name).unlink()
+    with pytest.raises(DataError) as err:
+        CocoDetection(image_dir, ann_file, MIN, MAX)
+    assert name in str(err.value) and str(ann_file) in str(err.value)
+
+
+def test_unreadable_jpeg(copied: tuple[Path, Path]) -> None:
+    image_dir, ann_file = copied
+    name = json.loads(ann_file.read_text())["images"][2]["file_name"]
+    (image_dir / name).write_bytes(b"this is not a jpeg" * 10)
+    ds = CocoDetection(image_dir, ann_file, MIN, MAX)  # existence is checked up front, content lazily
+    ds[0]
+    with pytest.raises(DataError) as err:
+        ds[2]
+    assert str(image_dir / name) in str(err.value)
+
+
+def test_truncated_jpeg(copied: tuple[Path, Path]) -> None:
+    image_dir, ann_file = copied
+    name = json.loads(ann_file.read_text())["images"][1]["file_name"]
+    path = image_dir / name
+    path.write_bytes(path.read_bytes()[:40])
+    ds = CocoDetection(image_dir, ann_file, MIN, MAX)
+    with pytest.raises(DataError) as err:
+        ds[1]
+    assert str(path) in str(err.value)
+
+
+def test_negative_width_skipped(shapes_root: Path, tmp_path: Path, caplog) -> None:
+    data = _raw(shapes_root)
+    bad = data["annotations"][4]
+    bad["bbox"][2] = -3.0
+    ann_file = _write(tmp_path, data)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        ds = CocoDetection(_paths(shapes_root)[0], ann_file, MIN, MAX, with_masks=True)
+    assert ds.skipped_boxes == 1
+    records = [r for r in caplog.records if r.name == "pipeline.data" and r.levelno >= logging.WARNING]
+    assert len(records) == 1
+    msg = records[0].getMessage()
+    assert str(ann_file) in msg and " 1 " in msg
+    _, target = ds[ds.ids.index(bad["image_id"])]
+    others = [a for a in data["annotations"] if a["image_id"] == bad["image_id"] and a is not bad]
+    assert len(target["boxes"]) == len(target["labels"]) == len(target["masks"]) == len(others)
+    want = torch.tensor([_xyxy(a["bbox"], target["scale"]) for a in others]).reshape(-1, 4)
+    torch.testing.assert_close(target["boxes"], want, atol=0.5, rtol=0)
+    assert (target["boxes"][:, 2:] > target["boxes"][:, :2]).all()
+
+
+def test_unknown_category(shapes_root: Path, tmp_path: Path) -> None:
+    data = _raw(shapes_root)
+    data["annotations"][7]["category_id"] = 99
+    ann_id = data["annotations"][7]["id"]
+    ann_file = _write(tmp_path, data)
+    with pytest.raises(DataError) as err:
+        CocoDetection(_paths(shapes_root)[0], ann_file, MIN, MAX)
+    msg = str(err.value)
+    assert str(ann_file) in msg and f"annotation id {ann_id}" in msg and "99" in msg
+
+
+def test_unknown_image_id(shapes_root: Path, tmp_path: Path) -> None:
+    data = _raw(shapes_root)
+    data["annotations"][0]["image_id"] = 12345
+    ann_file = _write(tmp_path, data)
+    with pytest.raises(DataError) as err:
+        CocoDetection(_paths(shapes_root)[0], ann_file, MIN, MAX)
+    assert str(ann_file) in str(err.value) and "12345" in str(err.value)
+
+
+@pytest.mark.parametrize("content", [
+    "",
+    json.dumps({"images": [], "annotations": [], "categories": []}),
+    "{not json",
+    "[]",
+])
+def test_empty_or_broken_annotation_file(shapes_root: Path, tmp_path: Path, content: str) -> None:
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(content)
+    with pytest.raises(DataError) as err:
+        CocoDetection(_paths(shapes_root)[0], ann_file, MIN, MAX)
+    assert str(ann_file) in str(err.value)
+
+
+def test_missing_annotation_file(shapes_root: Path, tmp_path: Path) -> None:
+    ann_file = tmp_path / "nope.json"
+    with pytest.raises(DataError) as err:
+        CocoDetection(_paths(shapes_root)[0], ann_file, MIN, MAX)
+    assert str(ann_file) in str(err.value)
+
+
+def test_no_usable_annotations(shapes_root: Path, tmp_path: Path) -> None:
+    data = _raw(shapes_root)
+    data["annotations"] = [dict(a, iscrowd=1) for a in data["annotations"][:3]] + \
+        [dict(a, bbox=[a["bbox"][0], a["bbox"][1], 0.0, a["bbox"][3]]) for a in data["annotations"][3:]]
+    ann_file = _write(tmp_path, data)
+    CocoDetection(_paths(shapes_root)[0], ann_file, MIN, MAX, keep_empty=True)  # fine when kept
+    with pytest.raises(DataError) as err:
+        CocoDetection(_paths(shapes_root)[0], ann_file, MIN, MAX, keep_empty=False)
+    assert str(ann_file) in str(err.value)
+    data["annotations"] = []
+    with pytest.raises(DataError):
+        CocoDetection(_paths(shapes_root)[0], _write(tmp_path, data, "none.json"), MIN, MAX, keep_empty=False)
