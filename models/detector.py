@@ -109,6 +109,9 @@ def _anchors(cfg: ModelConfig, strides: list[int]) -> AnchorGenerator:
 
 def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: int) -> nn.Module:
     """Build the configured detector for ``num_classes`` foreground classes (labels 1..num_classes)."""
+    if cfg.detector == "fcos" and cfg.fpn_channels % 32:
+        raise ValueError(f"model.fpn_channels={cfg.fpn_channels}: FCOS's head uses GroupNorm(32), "
+                         "so use a multiple of 32")
     backbone = build_backbone(cfg)
     # The loader workers resize already; skip the model's second resize in training.
     # (At inference the model's resize to the same sizes is an identity up to rounding.)

@@ -27,19 +27,21 @@ def shapes_root(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_config(root: Path, run_dir: Path, detector: str = "retinanet", **sections) -> ExperimentConfig:
-    """A config that trains in seconds on CPU: tiny backbone, 64 px images, no W&B."""
-    overrides = [
+def tiny_overrides(root: Path, out_dir: Path, detector: str = "retinanet") -> list[str]:
+    """key=value overrides for a run that trains in seconds on CPU: tiny backbone, 64 px, no W&B."""
+    return [
         f"model.detector={detector}", f"model.backbone={TINY_BACKBONE}", "model.fpn_channels=16",
         "model.anchor_scale=4", "model.rpn_post_nms_train=200", "model.roi_batch_per_image=64",
         "model.box_head_dim=64", f"data.root={root}", "data.source=coco", "data.min_size=64",
         "data.max_size=96", "data.workers=0", "schedule.max_iters=4", "schedule.warmup_iters=2",
-        "train.micro_batch=2", f"train.output_dir={run_dir}", "train.run_name=run", "train.progress=false",
+        "train.micro_batch=2", f"train.output_dir={out_dir}", "train.run_name=run", "train.progress=false",
         "train.log_every=1", "train.eval_every_epochs=0", "train.ckpt_every_iters=0",
         "tracking.wandb_mode=disabled",
     ]
-    overrides += [f"{k}={v}" for k, v in sections.items()]
-    return load_config(None, overrides)
+
+
+def tiny_config(root: Path, run_dir: Path, detector: str = "retinanet", extra: tuple = ()) -> ExperimentConfig:
+    return load_config(None, tiny_overrides(root, run_dir, detector) + list(extra))
 
 
 def _worker(rank: int, world: int, port: int, fn, args) -> None:

@@ -1,0 +1,93 @@
+"""Every detector type builds from a timm backbone, trains a step and runs inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_BACKBONE
+from models.detector import MODULE_PREFIXES, build_detector, module_parameters
+from pipeline.config import ModelConfig
+
+DETECTORS = ["faster_rcnn", "mask_rcnn", "retinanet", "fcos"]
+
+
+def _tiny(detector: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = ModelConfig(detector=detector, backbone=TINY_BACKBONE, fpn_channels=32, anchor_scale=4,
+                      rpn_post_nms_train=100, roi_batch_per_image=32, box_head_dim=32)
+    return build_detector(cfg, num_classes=3, min_size=64, max_size=96)
+
+
+def _targets(with_masks: bool):
+    boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 10.0, 70.0, 40.0]])
+    t = {"boxes": boxes, "labels": torch.tensor([1, 3])}
+    if with_masks:
+        masks = torch.zeros(2, 64, 80, dtype=torch.uint8)
+        for m, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+            m[y1:y2, x1:x2] = 1
+        t["masks"] = masks
+    return [t, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                **({"masks": torch.zeros(0, 64, 80, dtype=torch.uint8)} if with_masks else {})}]
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_train_step_and_inference(detector):
+    model = _tiny(detector)
+    images = [torch.rand(3, 64, 80) * 255, torch.rand(3, 64, 80) * 255]
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = model(images, _targets(detector == "mask_rcnn"))
+    if detector == "mask_rcnn":
+        assert "loss_mask" in losses
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    opt.step()
+    groups = module_parameters(model, detector)
+    for name, named in groups.items():  # every module learned something from this one step
+        assert any(not torch.equal(p, before_p) for (_, p), before_p in
+                   zip(named, [b for (n, _), b in zip(model.named_parameters(), before) if n in dict(named)])), name
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and {"boxes", "scores", "labels"} <= set(out[0])
+    assert out[0]["boxes"].shape[-1] == 4
+    if detector == "mask_rcnn":
+        assert out[0]["masks"].shape[-2:] == (64, 80)
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_every_parameter_in_exactly_one_module(detector):
+    model = _tiny(detector)
+    groups = module_parameters(model, detector)
+    assert set(groups) == set(MODULE_PREFIXES[detector])
+    grouped = [id(p) for named in groups.values() for _, p in named]
+    assert len(grouped) == len(set(grouped)) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_module_map_gap_or_overlap_is_an_error():
+    model = _tiny("retinanet")
+    gap = {"backbone": ("backbone.body.",), "neck": ("backbone.neck.",)}
+    with pytest.raises(ValueError, match=r"parameter 'head\..*belongs to no module"):
+        module_parameters(model, "retinanet", gap)
+    overlap = dict(MODULE_PREFIXES["retinanet"], everything=("",))
+    with pytest.raises(ValueError, match="belongs to several modules"):
+        module_parameters(model, "retinanet", overlap)
+
+
+def test_backbone_channels_come_from_timm_feature_info():
+    import timm
+
+    model = _tiny("faster_rcnn")
+    ref = timm.create_model(TINY_BACKBONE, features_only=True, out_indices=(1, 2, 3, 4))
+    assert model.backbone.strides == ref.feature_info.reduction() + [64]
+    inner = [m.in_channels for m in model.backbone.neck.inner_blocks.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert inner == ref.feature_info.channels()
+
+
+def test_bad_backbone_and_missing_weights_are_clear(tmp_path):
+    with pytest.raises(Exception, match="no_such_net"):
+        build_detector(ModelConfig(backbone="no_such_net"), 3, 64, 96)
+    with pytest.raises(FileNotFoundError, match="model.pretrained.*does not exist"):
+        build_detector(ModelConfig(backbone=TINY_BACKBONE, pretrained=tmp_path / "none.pth"), 3, 64, 96)
