@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -60,9 +61,7 @@ def _run_id(run_dir: Path) -> str:
     id_file = run_dir / "wandb_id.txt"
     if id_file.is_file():
         return id_file.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return run_id
 
