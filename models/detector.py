@@ -127,7 +127,10 @@ def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: 
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, cfg.box_head_dim)
     kwargs = dict(rpn_anchor_generator=anchors, box_roi_pool=box_pool, box_head=box_head,
                   box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
+                  rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_train,
                   rpn_post_nms_top_n_train=cfg.rpn_post_nms_train,
+                  rpn_pre_nms_top_n_test=cfg.rpn_post_nms_test,
+                  rpn_post_nms_top_n_test=cfg.rpn_post_nms_test,
                   box_batch_size_per_image=cfg.roi_batch_per_image,
                   box_detections_per_img=cfg.detections_per_img, **common)
     if cfg.detector == "mask_rcnn":
