@@ -250,9 +250,8 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def build_datasets(cfg, with_masks: bool) -> tuple[CocoDetection, CocoDetection]:
-    """Train and val datasets from ``cfg.data`` (an ExperimentConfig's DataConfig)."""
-    d = cfg
+def build_datasets(d, with_masks: bool) -> tuple[CocoDetection, CocoDetection]:
+    """Train and val datasets from a ``DataConfig`` (the experiment's ``data`` section)."""
     train = CocoDetection(d.path(d.train_images), d.path(d.train_ann), d.min_size, d.max_size,
                           flip_prob=d.flip_prob, with_masks=with_masks, keep_empty=d.keep_empty)
     val = CocoDetection(d.path(d.val_images), d.path(d.val_ann), d.min_size, d.max_size,
