@@ -40,7 +40,7 @@ class ModelConfig(_Section):
     # R-CNN head sizes (torchvision's defaults); smaller values make CPU runs fast.
     rpn_pre_nms_train: int = Field(2000, gt=0, description="top-scoring anchors per level before the RPN's NMS")
     rpn_post_nms_train: int = Field(2000, gt=0, description="proposals per image kept for the RoI head")
-    rpn_post_nms_test: int = Field(1000, gt=0, description="proposals per image at inference")
+    rpn_post_nms_test: int = Field(1000, gt=0, description="proposals per image at inference (also the per-level pre-NMS count, as in torchvision's defaults)")
     roi_batch_per_image: int = Field(512, gt=0, description="RoIs sampled per image for the box loss")
     box_head_dim: int = Field(1024, gt=0, description="width of the two-layer box head")
 

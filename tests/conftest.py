@@ -12,7 +12,6 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import ExperimentConfig, load_config  # noqa: E402
 from pipeline.engine import free_port  # noqa: E402
 from pipeline.synthetic import make_dataset  # noqa: E402
 
@@ -38,10 +37,6 @@ def tiny_overrides(root: Path, out_dir: Path, detector: str = "retinanet") -> li
         "train.log_every=1", "train.eval_every_epochs=0", "train.ckpt_every_iters=0",
         "tracking.wandb_mode=disabled",
     ]
-
-
-def tiny_config(root: Path, run_dir: Path, detector: str = "retinanet", extra: tuple = ()) -> ExperimentConfig:
-    return load_config(None, tiny_overrides(root, run_dir, detector) + list(extra))
 
 
 def _worker(rank: int, world: int, port: int, fn, args) -> None:

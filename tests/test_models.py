@@ -35,7 +35,7 @@ def _targets(with_masks: bool):
 def test_train_step_and_inference(detector):
     model = _tiny(detector)
     images = [torch.rand(3, 64, 80) * 255, torch.rand(3, 64, 80) * 255]
-    before = [p.detach().clone() for p in model.parameters()]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     losses = model(images, _targets(detector == "mask_rcnn"))
     if detector == "mask_rcnn":
@@ -45,9 +45,8 @@ def test_train_step_and_inference(detector):
     total.backward()
     opt.step()
     groups = module_parameters(model, detector)
-    for name, named in groups.items():  # every module learned something from this one step
-        assert any(not torch.equal(p, before_p) for (_, p), before_p in
-                   zip(named, [b for (n, _), b in zip(model.named_parameters(), before) if n in dict(named)])), name
+    for module, named in groups.items():  # every module learned something from this one step
+        assert any(not torch.equal(p, before[n]) for n, p in named), module
     model.eval()
     with torch.no_grad():
         out = model(images)
