@@ -123,7 +123,7 @@ def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: 
         return cls(backbone, num_classes + 1, anchor_generator=anchors,
                    detections_per_img=cfg.detections_per_img, **common)
     levels = [str(i) for i in range(len(backbone.strides) - 1)]  # the max-pool level feeds the RPN only
-    box_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2)
+    box_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=cfg.roi_sampling_ratio)
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, cfg.box_head_dim)
     kwargs = dict(rpn_anchor_generator=anchors, box_roi_pool=box_pool, box_head=box_head,
                   box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
@@ -134,7 +134,7 @@ def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: 
                   box_batch_size_per_image=cfg.roi_batch_per_image,
                   box_detections_per_img=cfg.detections_per_img, **common)
     if cfg.detector == "mask_rcnn":
-        mask_pool = MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2)
+        mask_pool = MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=cfg.roi_sampling_ratio)
         mask_predictor = MaskRCNNPredictor(256, 256, num_classes + 1)  # torchvision's mask head is 256 wide
         return MaskRCNN(backbone, None, mask_roi_pool=mask_pool, mask_predictor=mask_predictor, **kwargs)
     return FasterRCNN(backbone, None, **kwargs)

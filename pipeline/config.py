@@ -11,7 +11,7 @@ and are filled into the DeepSpeed dict in one place (``pipeline.engine``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -43,6 +43,23 @@ class ModelConfig(_Section):
     rpn_post_nms_test: int = Field(1000, gt=0, description="proposals per image at inference (also the per-level pre-NMS count, as in torchvision's defaults)")
     roi_batch_per_image: int = Field(512, gt=0, description="RoIs sampled per image for the box loss")
     box_head_dim: int = Field(1024, gt=0, description="width of the two-layer box head")
+    roi_sampling_ratio: int = Field(2, ge=0, description="RoIAlign bilinear samples per bin side (0 = adaptive); "
+                                    "1 is 4x cheaper than torchvision's 2, which matters on CPU")
+    # Normalization (MegDet Sec. 3.2): every BatchNorm of the model becomes this kind.
+    norm: Literal["cgbn", "per_gpu", "frozen", "group_norm"] = Field(
+        "cgbn", description="cgbn: cross-GPU BN over bn_group; per_gpu: torch BN; frozen: torchvision "
+                            "FrozenBatchNorm2d; group_norm: GroupNorm(gn_groups)")
+    bn_group: Union[Literal["node", "world", "none"], int] = Field(
+        "node", description="cgbn group: node (ranks on one machine), world, none (per GPU) or ranks per group")
+    bn_images: Optional[int] = Field(None, gt=0, description="BN size in images (MegDet: 32); overrides bn_group "
+                                                              "with bn_images / micro_batch ranks")
+    gn_groups: int = Field(32, gt=0, description="groups for norm=group_norm")
+
+    @model_validator(mode="after")
+    def _bn_group_positive(self) -> "ModelConfig":
+        if isinstance(self.bn_group, int) and self.bn_group < 1:
+            raise ValueError(f"model.bn_group={self.bn_group}: use node, world, none or a rank count >= 1")
+        return self
 
 
 class DataConfig(_Section):
@@ -82,15 +99,34 @@ class OptimConfig(_Section):
     clip_grad_norm: float = Field(0.0, ge=0, description="0 disables clipping")
 
 
+# MegDet's named policies (Sec. 4, COCO): epochs and (epoch, lr factor) decay steps.
+MEGDET_POLICIES: dict[str, tuple[float, tuple[tuple[float, float], ...]]] = {
+    "normal": (11, ((8, 0.1), (10, 0.1))),
+    "long": (18, ((11, 0.1), (14, 0.1), (17, 0.5))),
+}
+
+
 class ScheduleConfig(_Section):
     epochs: float = Field(12, gt=0)
     max_iters: Optional[int] = Field(None, gt=0, description="overrides epochs when set")
     warmup_iters: int = Field(100, ge=0)
+    warmup_epochs: Optional[float] = Field(None, ge=0, description="warmup length in epochs; overrides warmup_iters")
     warmup_factor: float = Field(0.001, gt=0, le=1, description="lr multiplier at iteration 0")
-    policy: Literal["multistep", "cosine", "constant"] = "multistep"
+    policy: Literal["multistep", "cosine", "constant", "normal", "long"] = Field(
+        "multistep", description="normal / long: MegDet's policies (epochs and decay steps fixed)")
     milestones: tuple[float, ...] = Field((8, 11), description="epochs at which lr is multiplied by gamma")
     gamma: float = Field(0.1, gt=0)
     min_lr_factor: float = Field(0.0, ge=0, le=1, description="cosine floor, as a fraction of the peak lr")
+
+    @model_validator(mode="after")
+    def _preset_is_fixed(self) -> "ScheduleConfig":
+        clash = {"epochs", "milestones", "gamma"} & self.model_fields_set
+        if self.policy in MEGDET_POLICIES and clash:
+            epochs, steps = MEGDET_POLICIES[self.policy]
+            raise ValueError(
+                f"schedule.policy={self.policy} is MegDet's policy ({epochs} epochs, decay steps (epoch, factor) "
+                f"{list(steps)}); remove schedule.{'/'.join(sorted(clash))} or use policy=multistep")
+        return self
 
 
 class TrainConfig(_Section):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pipeline.config import OptimConfig, ScheduleConfig
+from pipeline.config import MEGDET_POLICIES, OptimConfig, ScheduleConfig
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,7 @@ class Schedule:
     warmup_iters: int
     warmup_factor: float
     policy: str
-    milestones: tuple[int, ...]
-    gamma: float
+    steps: tuple[tuple[int, float], ...]  # (iteration, lr factor from then on), cumulative
     min_lr_factor: float
 
     def factor(self, it: int) -> float:
@@ -34,8 +33,8 @@ class Schedule:
         warm = 1.0
         if it < self.warmup_iters:
             warm = self.warmup_factor + (1.0 - self.warmup_factor) * it / self.warmup_iters
-        if self.policy == "multistep":
-            return warm * self.gamma ** sum(it >= m for m in self.milestones)
+        if self.steps:
+            return warm * math.prod(f for m, f in self.steps if it >= m)
         if self.policy == "cosine":
             span = max(1, self.total_iters - self.warmup_iters)
             progress = min(1.0, max(0, it - self.warmup_iters) / span)
@@ -47,17 +46,31 @@ class Schedule:
         return self.peak_lr * self.factor(it)
 
     def describe(self) -> str:
+        decay = ", ".join(f"x{f:g} at {m}" for m, f in self.steps) if self.steps else "none"
         return (f"global batch {self.global_batch} -> lr {self.peak_lr:.5g}; {self.total_iters} iterations "
                 f"({self.steps_per_epoch}/epoch); warmup {self.warmup_iters} it from x{self.warmup_factor}; "
-                f"{self.policy} decay at iterations {list(self.milestones)} (x{self.gamma})")
+                f"{self.policy} decay: {decay}")
+
+    def as_dict(self) -> dict:
+        """The resolved schedule for the run directory and W&B."""
+        return {"global_batch": self.global_batch, "peak_lr": self.peak_lr, "total_iters": self.total_iters,
+                "steps_per_epoch": self.steps_per_epoch, "warmup_iters": self.warmup_iters,
+                "warmup_factor": self.warmup_factor, "policy": self.policy,
+                "decay_iters": [m for m, _ in self.steps], "decay_factors": [f for _, f in self.steps],
+                "min_lr_factor": self.min_lr_factor}
 
 
 def build_schedule(sched: ScheduleConfig, optim: OptimConfig, global_batch: int, steps_per_epoch: int) -> Schedule:
     """Resolve epochs to iterations and apply the linear scaling rule."""
-    total = sched.max_iters or max(1, round(sched.epochs * steps_per_epoch))
-    milestones = tuple(round(e * steps_per_epoch) for e in sched.milestones) if sched.policy == "multistep" else ()
+    epochs, steps = sched.epochs, ()
+    if sched.policy in MEGDET_POLICIES:
+        epochs, steps = MEGDET_POLICIES[sched.policy]
+    elif sched.policy == "multistep":
+        steps = tuple((e, sched.gamma) for e in sched.milestones)
+    total = sched.max_iters or max(1, round(epochs * steps_per_epoch))
+    warmup = sched.warmup_iters if sched.warmup_epochs is None else round(sched.warmup_epochs * steps_per_epoch)
     return Schedule(global_batch=global_batch, peak_lr=optim.base_lr * global_batch / optim.reference_batch,
                     total_iters=total, steps_per_epoch=steps_per_epoch,
-                    warmup_iters=min(sched.warmup_iters, total), warmup_factor=sched.warmup_factor,
-                    policy=sched.policy, milestones=milestones, gamma=sched.gamma,
+                    warmup_iters=min(warmup, total), warmup_factor=sched.warmup_factor, policy=sched.policy,
+                    steps=tuple((round(e * steps_per_epoch), f) for e, f in steps),
                     min_lr_factor=sched.min_lr_factor)

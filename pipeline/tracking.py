@@ -47,6 +47,11 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def add_config(self, extra: dict) -> None:
+        """Values resolved at start-up (the schedule in iterations) beside the config."""
+        if self.wandb is not None:
+            self.wandb.config.update(extra, allow_val_change=True)
+
     def summary(self, metrics: dict) -> None:
         if self.wandb is not None:
             self.wandb.summary.update(metrics)

@@ -21,6 +21,7 @@ from pipeline import engine as eng
 from pipeline.config import ExperimentConfig, dump_config
 from pipeline.data import build_datasets, build_loaders
 from pipeline.evaluation import evaluate
+from pipeline.norm import build_bn_group, convert_norms, sync_running_stats
 from pipeline.optim import build_optimizer, build_param_groups
 from pipeline.schedule import Schedule, build_schedule
 from pipeline.synthetic import make_dataset
@@ -81,7 +82,13 @@ class TrainState:
         self.progress = cfg.train.progress and info.rank == 0
 
 
+def save_checkpoint(state: TrainState, it: int) -> None:
+    sync_running_stats(state.engine.module)  # rank 0 saves the model: it must hold every group's view
+    eng.save_checkpoint(state.engine, state.ckpt_dir, it, {"schedule": state.schedule.describe()})
+
+
 def run_evaluation(state: TrainState, it: int) -> dict:
+    sync_running_stats(state.engine.module)  # every rank evaluates with the same BN statistics
     metrics = evaluate(state.engine, state.val_loader, state.val_set, state.info.device, state.with_masks,
                        progress=state.progress)
     if metrics:
@@ -112,7 +119,8 @@ def _log_step(state: TrainState, it: int, window: dict, count: int, seconds: flo
 
 
 def check_ranks_agree(engine, run_dir: Path) -> bool:
-    """Every rank must hold the same parameters after training (ZeRO 0-2 keep full copies).
+    """Every rank must hold the same parameters and BN statistics after training (ZeRO 0-2 keep
+    full copies; running statistics were averaged by the last checkpoint's sync).
 
     Compares a float64 fingerprint (sum and sum of squares per tensor) across ranks,
     writes it to ``rank_params.json`` and logs an error when ranks drifted apart.
@@ -120,6 +128,7 @@ def check_ranks_agree(engine, run_dir: Path) -> bool:
     if engine.zero_optimization_stage() == 3:  # partitioned: each parameter exists once
         return True
     params = [p.detach().double() for p in engine.module.parameters()]
+    params += [b.double() for b in engine.module.buffers() if b.is_floating_point()]
     mine = torch.stack([torch.stack([p.sum(), p.square().sum()]) for p in params]).cpu()
     everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
@@ -160,12 +169,28 @@ def train_loop(state: TrainState, start_iter: int) -> dict:
             if state.eval_every and it % state.eval_every == 0 and it < schedule.total_iters:
                 metrics = run_evaluation(state, it)
             if cfg.train.ckpt_every_iters and it % cfg.train.ckpt_every_iters == 0:
-                eng.save_checkpoint(engine, state.ckpt_dir, it, {"schedule": schedule.describe()})
+                save_checkpoint(state, it)
             if it >= schedule.total_iters:
                 break
     bar.close()
-    eng.save_checkpoint(engine, state.ckpt_dir, it, {"schedule": schedule.describe()})
+    save_checkpoint(state, it)
     return run_evaluation(state, it) or metrics
+
+
+def prepare_norms(model: torch.nn.Module, cfg: ExperimentConfig) -> None:
+    """MegDet's cross-GPU BN (or the configured alternative) in place of every BatchNorm."""
+    group, layout = None, None
+    if cfg.model.norm == "cgbn":
+        group, layout = build_bn_group(cfg.model, cfg.train.micro_batch)
+    count = convert_norms(model, cfg.model.norm, group, cfg.model.gn_groups)
+    if layout is not None:
+        sizes = sorted({len(g) for g in layout})
+        log_dist("norm: cgbn on %d BatchNorm layers; %d BN group(s) of %s rank(s) = %s images each: %s",
+                 count, len(layout), "/".join(map(str, sizes)),
+                 "/".join(str(n * cfg.train.micro_batch) for n in sizes),
+                 layout if len(layout) <= 16 else f"{layout[:4]} ...")
+    else:
+        log_dist("norm: %s (%d BatchNorm layers replaced)", cfg.model.norm, count)
 
 
 def run(cfg: ExperimentConfig) -> dict:
@@ -176,6 +201,7 @@ def run(cfg: ExperimentConfig) -> dict:
     with_masks = cfg.model.detector == "mask_rcnn"
     train_set, val_set = build_datasets(cfg.data, with_masks)
     model = build_detector(cfg.model, train_set.num_classes, cfg.data.min_size, cfg.data.max_size).to(info.device)
+    prepare_norms(model, cfg)
     torch.manual_seed(cfg.train.seed + info.rank)  # RoI/anchor sampling differs per rank
     train_loader, val_loader = build_loaders(cfg.data, train_set, val_set, cfg.train.micro_batch,
                                              cfg.train.grad_accum, info.world, info.rank, cfg.train.seed)
@@ -198,9 +224,11 @@ def run(cfg: ExperimentConfig) -> dict:
     if info.rank == 0:
         dump_config(cfg, run_dir / "config.yaml")
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        (run_dir / "schedule.json").write_text(json.dumps(schedule.as_dict(), indent=2))
     log_dist("%d train / %d val images, %d classes, %d ranks; %s", len(train_set), len(val_set),
              train_set.num_classes, info.world, schedule.describe())
     tracker = Tracker(cfg, run_dir, info.rank, resume=cfg.train.resume)
+    tracker.add_config({"resolved_schedule": schedule.as_dict()})
     state = TrainState(cfg, info, engine, train_loader, val_loader, val_set, schedule, tracker, with_masks)
     metrics = train_loop(state, start_iter)
     check_ranks_agree(engine, run_dir)

@@ -39,3 +39,59 @@ def test_cosine_ends_at_floor():
 
 def test_max_iters_overrides_epochs():
     assert _schedule(16, 10, "schedule.max_iters=7").total_iters == 7
+
+
+# COCO 2017 train has 117,266 images with annotations (MegDet trains on those).
+COCO_TRAIN = 117266
+
+
+@pytest.mark.parametrize("batch", [16, 256])
+def test_megdet_normal_policy_boundaries(batch):
+    """normal: x0.1 at epochs 8 and 10, end at 11 (MegDet Sec. 4), at two global batches."""
+    spe = COCO_TRAIN // batch  # whole batches per epoch: 7329 at 16, 458 at 256
+    s = _schedule(batch, spe, "schedule.policy=normal", "schedule.warmup_iters=0")
+    peak = 0.02 * batch / 16
+    assert s.total_iters == 11 * spe
+    e8, e10 = 8 * spe, 10 * spe
+    assert s.lr(e8 - 1) == pytest.approx(peak) and s.lr(e8) == pytest.approx(0.1 * peak)
+    assert s.lr(e10 - 1) == pytest.approx(0.1 * peak) and s.lr(e10) == pytest.approx(0.01 * peak)
+    assert s.lr(s.total_iters - 1) == pytest.approx(0.01 * peak)
+
+
+@pytest.mark.parametrize("batch", [16, 256])
+def test_megdet_long_policy_boundaries(batch):
+    """long: x0.1 at 11 and 14, x0.5 at 17, end at 18."""
+    spe = COCO_TRAIN // batch
+    s = _schedule(batch, spe, "schedule.policy=long", "schedule.warmup_iters=0")
+    peak = 0.02 * batch / 16
+    assert s.total_iters == 18 * spe
+    for epoch, before, after in [(11, 1.0, 0.1), (14, 0.1, 0.01), (17, 0.01, 0.005)]:
+        assert s.lr(epoch * spe - 1) == pytest.approx(before * peak)
+        assert s.lr(epoch * spe) == pytest.approx(after * peak)
+
+
+def test_warmup_in_epochs_starts_and_ends_where_configured():
+    s = _schedule(256, 458, "schedule.policy=normal", "schedule.warmup_epochs=0.5", "schedule.warmup_factor=0.001")
+    peak = 0.02 * 256 / 16
+    assert s.warmup_iters == 229
+    assert s.lr(0) == pytest.approx(0.001 * peak)
+    assert s.lr(228) == pytest.approx(peak * (0.001 + 0.999 * 228 / 229))
+    assert s.lr(228) < peak and s.lr(229) == pytest.approx(peak)
+    # strictly increasing every iteration during warmup (MegDet: "increase every iteration")
+    assert all(s.lr(i) < s.lr(i + 1) for i in range(228))
+
+
+def test_named_policy_refuses_its_fixed_fields():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="policy=multistep"):
+        load_config(None, ["schedule.policy=long", "schedule.milestones=[3, 4]"])
+
+
+def test_resolved_schedule_is_a_pure_function_of_config_and_iteration():
+    a = _schedule(64, 100, "schedule.policy=long", "schedule.warmup_iters=30")
+    b = _schedule(64, 100, "schedule.policy=long", "schedule.warmup_iters=30")
+    assert [a.lr(i) for i in range(0, 1800, 7)] == [b.lr(i) for i in range(0, 1800, 7)]
+    d = a.as_dict()
+    assert d["decay_iters"] == [1100, 1400, 1700] and d["decay_factors"] == [0.1, 0.1, 0.5]
+    assert d["peak_lr"] == pytest.approx(0.08) and d["warmup_iters"] == 30
