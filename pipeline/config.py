@@ -85,7 +85,9 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw", "agvm_sgd", "agvm_adamw", "lars", "lamb"] = Field(
+        "sgd", description="agvm_*: AGVM's per-module lr modulation on SGD / AdamW (see the agvm section); "
+                           "lars / lamb: timm.optim's layer-wise baselines (ZeRO stage 0 only)")
     # MegDet linear scaling: lr = base_lr * global_batch / reference_batch.
     base_lr: float = Field(0.02, gt=0)
     reference_batch: int = Field(16, gt=0)
@@ -129,6 +131,29 @@ class ScheduleConfig(_Section):
         return self
 
 
+class AGVMConfig(_Section):
+    """AGVM (Xue et al., NeurIPS 2022); defaults are the public code's (tau: its configs' 10)."""
+
+    tau: int = Field(10, gt=0, description="iterations between gradient-variance estimates")
+    alpha: float = Field(0.97, ge=0, lt=1, description="moving average of mu: mu <- alpha mu + (1 - alpha) new")
+    eps: float = Field(1e-6, gt=0, description="added to Phi in the ratio Phi_backbone / Phi_i")
+    ratio_min: float = Field(0.5, gt=0, description="clamp of the ratio before the square root")
+    ratio_max: float = Field(10.0, gt=0)
+    start_iter: Optional[int] = Field(None, ge=0, description="first modulated iteration; None = end of warmup")
+    stop_iter: Optional[int] = Field(None, gt=0, description="modulation ends here (mu = 1 after); None = never")
+    clip_before: int = Field(200, ge=0, description="clip gradients for this many iterations before start_iter")
+    clip_norm: float = Field(1.0, ge=0, description="max gradient norm in that window; 0 = no window clipping")
+    anchor: str = Field("backbone", description="the module whose Phi the others are scaled to")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AGVMConfig":
+        if self.ratio_min > self.ratio_max:
+            raise ValueError(f"agvm.ratio_min={self.ratio_min} > agvm.ratio_max={self.ratio_max}")
+        if self.start_iter is not None and self.stop_iter is not None and self.stop_iter <= self.start_iter:
+            raise ValueError(f"agvm.stop_iter={self.stop_iter} must be after agvm.start_iter={self.start_iter}")
+        return self
+
+
 class TrainConfig(_Section):
     ds_config: Path = Path("ds_configs/zero0_fp32.json")
     micro_batch: int = Field(2, gt=0, description="images per GPU per forward")
@@ -160,6 +185,7 @@ class ExperimentConfig(_Section):
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    agvm: AGVMConfig = AGVMConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
 

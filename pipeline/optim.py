@@ -9,11 +9,13 @@ decided here, by module type, never by name matching inside ``step``.
 
 from __future__ import annotations
 
+import timm.optim
 import torch
 from torch import nn
 
 from models.detector import module_parameters
-from pipeline.config import OptimConfig
+from pipeline.agvm import AGVMAdamW, AGVMSGD
+from pipeline.config import ConfigError, OptimConfig
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -41,11 +43,39 @@ def build_param_groups(model: nn.Module, detector: str, cfg: OptimConfig) -> lis
     return groups
 
 
-def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """SGD (momentum, nesterov) or AdamW over ``groups``; lr is set every step by the schedule."""
+# Optimizers that need whole parameters: LARS/LAMB compute a trust ratio per tensor, and
+# AGVM-AdamW preconditions the half gradients element by element with the second moment.
+# ZeRO >= 1 hands the optimizer one flat partition per group, so those would be silently wrong.
+WHOLE_PARAMETER_OPTIMIZERS = ("lars", "lamb", "agvm_adamw")
+
+
+def check_zero_support(name: str, zero_stage: int, source: str = "train.ds_config") -> None:
+    if zero_stage >= 1 and name in WHOLE_PARAMETER_OPTIMIZERS:
+        raise ConfigError(
+            f"optim.name={name} needs whole parameter tensors (per-tensor trust ratios / elementwise "
+            f"preconditioning), but {source} uses ZeRO stage {zero_stage}, which hands the optimizer flat "
+            f"partitions; use a zero0_* ds_config, or optim.name=sgd/adamw/agvm_sgd with ZeRO 1-3")
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float, agvm=None) -> torch.optim.Optimizer:
+    """The client optimizer over ``groups``; lr is set every step by the schedule.
+
+    ``agvm`` (a ``pipeline.agvm.AGVMMonitor``) is required for the agvm_* optimizers.
+    """
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optim.name={cfg.name!r}: expected one of sgd, adamw")
+    if cfg.name == "agvm_sgd":
+        return AGVMSGD(groups, agvm, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                       weight_decay=cfg.weight_decay)
+    if cfg.name == "agvm_adamw":
+        return AGVMAdamW(groups, agvm, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "lars":  # timm's LARS: trust ratio per tensor, SGD momentum on top
+        return timm.optim.Lars(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name == "lamb":  # global-norm clipping is the engine's job (optim.clip_grad_norm)
+        return timm.optim.Lamb(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                               max_grad_norm=None)
+    raise ValueError(f"optim.name={cfg.name!r}: expected one of sgd, adamw, agvm_sgd, agvm_adamw, lars, lamb")

@@ -22,7 +22,8 @@ from pipeline.config import ExperimentConfig, dump_config
 from pipeline.data import build_datasets, build_loaders
 from pipeline.evaluation import evaluate
 from pipeline.norm import build_bn_group, convert_norms, sync_running_stats
-from pipeline.optim import build_optimizer, build_param_groups
+from pipeline.agvm import AGVMMonitor, modules_of
+from pipeline.optim import build_optimizer, build_param_groups, check_zero_support
 from pipeline.schedule import Schedule, build_schedule
 from pipeline.synthetic import make_dataset
 from pipeline.tracking import Tracker
@@ -73,8 +74,9 @@ def _truncate_log(run_dir: Path, after: int) -> None:
 class TrainState:
     """What the loop needs besides the engine: built once by ``run``."""
 
-    def __init__(self, cfg, info, engine, train_loader, val_loader, val_set, schedule, tracker, with_masks):
+    def __init__(self, cfg, info, engine, train_loader, val_loader, val_set, schedule, tracker, with_masks, agvm):
         self.cfg, self.info, self.engine, self.schedule, self.tracker = cfg, info, engine, schedule, tracker
+        self.agvm: AGVMMonitor | None = agvm
         self.train_loader, self.val_loader, self.val_set, self.with_masks = train_loader, val_loader, val_set, with_masks
         self.ckpt_dir = cfg.train.run_dir / "checkpoints"
         spe = schedule.steps_per_epoch
@@ -84,7 +86,10 @@ class TrainState:
 
 def save_checkpoint(state: TrainState, it: int) -> None:
     sync_running_stats(state.engine.module)  # rank 0 saves the model: it must hold every group's view
-    eng.save_checkpoint(state.engine, state.ckpt_dir, it, {"schedule": state.schedule.describe()})
+    client = {"schedule": state.schedule.describe()}
+    if state.agvm is not None:  # identical on every rank: mu is a function of all ranks' gradients
+        client["agvm"] = state.agvm.state_dict()
+    eng.save_checkpoint(state.engine, state.ckpt_dir, it, client)
 
 
 def run_evaluation(state: TrainState, it: int) -> dict:
@@ -155,6 +160,8 @@ def train_loop(state: TrainState, start_iter: int) -> dict:
             if micro % accum == 0:
                 eng.set_lr(engine, [schedule.lr(it)] * len(engine.optimizer.param_groups))
             losses = engine(*_to_device(images, targets, device))
+            if state.agvm is not None:  # arms AGVM's gradient tap on estimate iterations
+                state.agvm.before_backward(micro % accum)
             engine.backward(sum(losses.values()))
             engine.step()
             for k, v in losses.items():  # stays on the device: no host sync per step
@@ -163,6 +170,9 @@ def train_loop(state: TrainState, start_iter: int) -> dict:
                 continue
             it, count = it + 1, count + 1
             bar.update(1)
+            if state.agvm is not None and state.agvm.fresh:
+                lr = schedule.lr(it - 1)
+                state.tracker.log(state.agvm.record({m: lr for m in state.agvm.mu}), step=it)
             if it % cfg.train.log_every == 0 or it == schedule.total_iters:
                 _log_step(state, it, window, count, time.time() - tic, bar if state.progress else None)
                 window, count, tic = {}, 0, time.time()
@@ -207,16 +217,28 @@ def run(cfg: ExperimentConfig) -> dict:
                                              cfg.train.grad_accum, info.world, info.rank, cfg.train.seed)
     sampler = train_loader.batch_sampler
     schedule = build_schedule(cfg.schedule, cfg.optim, sampler.global_batch, sampler.steps_per_epoch)
-    optimizer = build_optimizer(build_param_groups(model, cfg.model.detector, cfg.optim), cfg.optim,
-                                schedule.lr(0))
     ds_config = eng.fill_ds_config(eng.load_ds_config(cfg.train.ds_config), cfg, info.world,
                                    str(cfg.train.ds_config))
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    check_zero_support(cfg.optim.name, zero_stage, str(cfg.train.ds_config))
+    groups = build_param_groups(model, cfg.model.detector, cfg.optim)
+    agvm = None
+    if cfg.optim.name.startswith("agvm"):  # before initialize: its gradient tap must run before ZeRO's hooks
+        agvm = AGVMMonitor(cfg.agvm, modules_of(groups), info.world, info.rank, cfg.train.grad_accum,
+                           start_iter=schedule.warmup_iters)
+        agvm.attach(zero_stage)
+        log_dist("AGVM: modules %s, halves by %s, tau %d, modulation from iteration %d%s", list(agvm.mu),
+                 "ranks" if agvm.halves.by_ranks else "micro-batches", cfg.agvm.tau, agvm.start,
+                 f" to {cfg.agvm.stop_iter}" if cfg.agvm.stop_iter else "")
+    optimizer = build_optimizer(groups, cfg.optim, schedule.lr(0), agvm)
     engine = eng.build_engine(model, optimizer, ds_config)
     run_dir = cfg.train.run_dir
     start_iter = 0
     if cfg.train.resume:
         client_state = eng.load_checkpoint(engine, run_dir / "checkpoints")
         start_iter = client_state["iteration"] if client_state else 0
+        if agvm is not None and client_state:
+            agvm.load_state_dict(client_state["agvm"])
         log_dist("resuming at iteration %d" if client_state else "no checkpoint in %s: starting fresh",
                  start_iter if client_state else run_dir / "checkpoints")
         if info.rank == 0:
@@ -229,7 +251,7 @@ def run(cfg: ExperimentConfig) -> dict:
              train_set.num_classes, info.world, schedule.describe())
     tracker = Tracker(cfg, run_dir, info.rank, resume=cfg.train.resume)
     tracker.add_config({"resolved_schedule": schedule.as_dict()})
-    state = TrainState(cfg, info, engine, train_loader, val_loader, val_set, schedule, tracker, with_masks)
+    state = TrainState(cfg, info, engine, train_loader, val_loader, val_set, schedule, tracker, with_masks, agvm)
     metrics = train_loop(state, start_iter)
     check_ranks_agree(engine, run_dir)
     if info.rank == 0:

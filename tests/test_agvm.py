@@ -1,0 +1,213 @@
+"""AGVM against an independent reference.
+
+The reference runs the same model in plain torch (no DeepSpeed) on each unit of the batch
+(a rank's micro-batches, or one micro-batch), averages the units of each half into G1 and G2,
+takes 1 - cos per module and applies the paper's mu formula and moving average, then steps
+torch's own SGD / AdamW with each module's lr multiplied by mu. The DeepSpeed runs (ZeRO 0-3,
+2 and 4 real processes, or one process with accumulation) must match Phi, mu and the
+parameters after each step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO, run_distributed
+from pipeline.agvm import AGVMMonitor, HalfGradients, modules_of, phi_from_sums
+from pipeline.config import ConfigError, load_config
+from pipeline.optim import build_optimizer, build_param_groups, check_zero_support
+
+ITERS = 3
+MICRO = 4
+LR = 0.05
+
+
+class ToyDetector(nn.Module):
+    """Parameters named like a Faster R-CNN, so the real module map groups them."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.body = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16))
+        self.backbone.neck = nn.Linear(16, 12)
+        self.rpn = nn.Linear(12, 3)
+        self.roi_heads = nn.Module()
+        self.roi_heads.box_head = nn.Linear(12, 2)
+
+    def forward(self, x, y):
+        h = torch.tanh(self.backbone.neck(self.backbone.body(x)))
+        return {"loss_rpn": (self.rpn(h) - y[:, :3]).square().mean(),
+                "loss_box": (self.roi_heads.box_head(h) - y[:, 3:]).abs().mean()}
+
+
+def _batch(it: int, rank: int, micro: int):
+    g = torch.Generator().manual_seed(1000 * it + 10 * rank + micro)
+    x = torch.randn(MICRO, 6, generator=g)
+    return x, torch.randn(MICRO, 5, generator=g) + x[:, :5]
+
+
+def _overrides(opt: str, stage: int, accum: int) -> list[str]:
+    return [f"optim.name={opt}", "optim.weight_decay=1e-3", "optim.momentum=0.9", "agvm.start_iter=0",
+            "agvm.tau=1", "agvm.clip_norm=0", f"train.micro_batch={MICRO}", f"train.grad_accum={accum}",
+            f"train.ds_config=ds_configs/zero{stage}_fp32.json"]
+
+
+def _model() -> ToyDetector:
+    torch.manual_seed(0)
+    return ToyDetector()
+
+
+def _full_params(engine, stage: int) -> dict[str, list[float]]:
+    import deepspeed
+
+    params = list(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
+        return {n: p.detach().reshape(-1).tolist() for n, p in params}
+
+
+def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str) -> None:
+    from pipeline import engine as eng
+
+    info = eng.init_distributed()
+    for opt, stage in cases:
+        cfg = load_config(None, _overrides(opt, stage, accum))
+        model = _model()
+        groups = build_param_groups(model, "faster_rcnn", cfg.optim)
+        monitor = AGVMMonitor(cfg.agvm, modules_of(groups), info.world, info.rank, accum, start_iter=0)
+        monitor.attach(stage)
+        optimizer = build_optimizer(groups, cfg.optim, LR, monitor)
+        ds = eng.fill_ds_config(eng.load_ds_config(REPO / cfg.train.ds_config), cfg, info.world)
+        engine = eng.build_engine(model, optimizer, ds)
+        record = []
+        for it in range(ITERS):
+            for micro in range(accum):
+                eng.set_lr(engine, [LR] * len(engine.optimizer.param_groups))
+                losses = engine(*_batch(it, rank, micro))
+                monitor.before_backward(micro)
+                engine.backward(sum(losses.values()))
+                engine.step()
+            record.append({"phi": monitor.phi, "mu": monitor.mu, "params": _full_params(engine, stage)})
+        if rank == 0:
+            Path(out_dir, f"{opt}_zero{stage}.json").write_text(json.dumps(record))
+        engine.destroy()
+
+
+def _reference(opt: str, world: int, accum: int) -> list[dict]:
+    """Plain torch: per-unit gradients, halves, cosine, mu, and torch's optimizer with lr x mu."""
+    cfg = load_config(None, _overrides(opt, 0, accum))
+    model = _model()
+    groups = build_param_groups(model, "faster_rcnn", cfg.optim)
+    names = {id(p): n for n, p in model.named_parameters()}
+    modules = {g["module"]: g["params"] for g in groups}
+    if opt == "agvm_sgd":
+        ref_opt = torch.optim.SGD(groups, lr=LR, momentum=0.9, weight_decay=1e-3)
+    else:
+        ref_opt = torch.optim.AdamW(groups, lr=LR, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=1e-3)
+    mu = {m: 1.0 for m in modules}
+    out = []
+    for it in range(ITERS):
+        # Unit gradients: one per rank (mean over its micro-batches) or, for one rank, one per micro-batch.
+        units = []
+        for rank in range(world):
+            per_micro = []
+            for micro in range(accum):
+                model.zero_grad()
+                sum(model(*_batch(it, rank, micro)).values()).backward()
+                per_micro.append({id(p): p.grad.clone() for p in model.parameters()})
+            if world >= 2:
+                units.append({k: sum(g[k] for g in per_micro) / accum for k in per_micro[0]})
+            else:
+                units.extend(per_micro)
+        half = len(units) // 2
+        first, second = units[:half], units[half:]
+        phi = {}
+        for m, params in modules.items():
+            g1 = torch.cat([sum(u[id(p)] for u in first).reshape(-1) / len(first) for p in params])
+            g2 = torch.cat([sum(u[id(p)] for u in second).reshape(-1) / len(second) for p in params])
+            if opt == "agvm_adamw":
+                v = torch.cat([ref_opt.state[p]["exp_avg_sq"].reshape(-1) if p in ref_opt.state
+                               else torch.zeros(p.numel()) for p in params])
+                b2, eps = cfg.optim.betas[1], cfg.optim.eps
+                g1 = g1 / ((b2 * v + (1 - b2) * g1 * g1).sqrt() + eps)
+                g2 = g2 / ((b2 * v + (1 - b2) * g2 * g2).sqrt() + eps)
+            phi[m] = 1.0 - torch.nn.functional.cosine_similarity(g1.double(), g2.double(), dim=0).item()
+        for m in mu:
+            ratio = min(max((phi["backbone"] + 1e-6) / (phi[m] + 1e-6), 0.5), 10.0)
+            mu[m] = 0.97 * mu[m] + 0.03 * math.sqrt(ratio)
+        # The update: the batch-mean gradient, each group's lr multiplied by its module's mu.
+        for p in model.parameters():
+            p.grad = sum(u[id(p)] for u in units) / len(units)
+        for g in ref_opt.param_groups:
+            g["lr"] = LR * mu[g["module"]]
+        ref_opt.step()
+        out.append({"phi": dict(phi), "mu": dict(mu),
+                    "params": {names[id(p)]: p.detach().reshape(-1).tolist() for p in model.parameters()}})
+    return out
+
+
+def _check(got: list[dict], want: list[dict]) -> None:
+    for it, (g, w) in enumerate(zip(got, want)):
+        for m in w["phi"]:
+            assert g["phi"][m] == pytest.approx(w["phi"][m], rel=1e-5, abs=1e-7), (it, m, "phi")
+            assert g["mu"][m] == pytest.approx(w["mu"][m], rel=1e-5), (it, m, "mu")
+        for name, values in w["params"].items():
+            torch.testing.assert_close(torch.tensor(g["params"][name]), torch.tensor(values), rtol=1e-5, atol=1e-6,
+                                       msg=lambda s: f"iteration {it} {name}: {s}")
+    assert len(got) == len(want) == ITERS
+
+
+@pytest.mark.parametrize("world, accum", [(2, 1), (4, 1), (1, 2), (2, 2)])
+def test_agvm_sgd_matches_reference_under_every_zero_stage(world, accum, tmp_path):
+    cases = [("agvm_sgd", stage) for stage in (0, 1, 2, 3)]
+    run_distributed(_ds_worker, world, accum, cases, str(tmp_path))
+    want = _reference("agvm_sgd", world, accum)
+    assert len({round(v, 4) for v in want[0]["phi"].values()}) > 1, "modules should differ in Phi"
+    for _, stage in cases:
+        _check(json.loads((tmp_path / f"agvm_sgd_zero{stage}.json").read_text()), want)
+
+
+@pytest.mark.parametrize("world, accum", [(2, 1), (1, 2)])
+def test_agvm_adamw_preconditioned_matches_reference(world, accum, tmp_path):
+    run_distributed(_ds_worker, world, accum, [("agvm_adamw", 0)], str(tmp_path))
+    _check(json.loads((tmp_path / "agvm_adamw_zero0.json").read_text()), _reference("agvm_adamw", world, accum))
+
+
+def test_phi_identity_equals_cosine_of_halves():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(1000, generator=g, dtype=torch.float64), torch.randn(1000, generator=g, dtype=torch.float64)
+    b = b + 2 * a  # correlated halves
+    s, d = a + b, a - b
+    want = 1 - torch.nn.functional.cosine_similarity(a, b, dim=0)
+    assert phi_from_sums(s.dot(s), d.dot(d), s.dot(d)).item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_one_rank_without_accumulation_is_refused():
+    with pytest.raises(ConfigError, match="grad_accum >= 2"):
+        HalfGradients({"backbone": [nn.Parameter(torch.zeros(2))]}, world=1, rank=0, accum=1)
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb", "agvm_adamw"])
+def test_whole_tensor_optimizers_refuse_zero_partitions(name):
+    check_zero_support(name, 0)
+    for stage in (1, 2, 3):
+        with pytest.raises(ConfigError, match=f"ZeRO stage {stage}"):
+            check_zero_support(name, stage)
+    for ok in ("sgd", "adamw", "agvm_sgd"):
+        check_zero_support(ok, 3)
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_lars_and_lamb_step(name):
+    model = _model()
+    cfg = load_config(None, [f"optim.name={name}"])
+    opt = build_optimizer(build_param_groups(model, "faster_rcnn", cfg.optim), cfg.optim, 0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    sum(model(*_batch(0, 0, 0)).values()).backward()
+    opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
