@@ -211,3 +211,68 @@ def test_lars_and_lamb_step(name):
     sum(model(*_batch(0, 0, 0)).values()).backward()
     opt.step()
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def _resume_worker(rank: int, world: int, overrides: list, out: str) -> None:
+    import shutil
+
+    import torch.distributed as dist
+
+    from pipeline.trainer import run
+
+    full = Path(out) / "full/run"
+    run(load_config(None, overrides + [f"train.output_dir={Path(out) / 'full'}"]))
+    if rank == 0:  # a copy of the finished run, rolled back to its iteration-4 checkpoint
+        cut = Path(out) / "cut/run"
+        shutil.copytree(full, cut)
+        shutil.rmtree(cut / "checkpoints/iter_00000008")
+        (cut / "checkpoints/latest").write_text("iter_00000004")
+    dist.barrier()
+    run(load_config(None, overrides + [f"train.output_dir={Path(out) / 'cut'}", "train.resume=true"]))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_agvm_state_survives_checkpoint_resume(stage, shapes_root, tmp_path):
+    """A run resumed from its mid-training checkpoint (AGVM active, mu != 1) logs the same
+    losses, Phi and mu as the uninterrupted run."""
+    from conftest import tiny_overrides
+    from pipeline.tracking import read_metrics
+
+    overrides = tiny_overrides(shapes_root, tmp_path, "retinanet") + [
+        "optim.name=agvm_sgd", "agvm.tau=2", "agvm.start_iter=2", "agvm.clip_before=2", "agvm.alpha=0.5",
+        "schedule.max_iters=8", "train.ckpt_every_iters=4", f"train.ds_config=ds_configs/zero{stage}_fp32.json"]
+    run_distributed(_resume_worker, 2, overrides, str(tmp_path))
+    full, cut = ({}, {})
+    for merged, run_dir in ((full, tmp_path / "full/run"), (cut, tmp_path / "cut/run")):
+        for record in read_metrics(run_dir):  # loss and AGVM records of one iteration are separate lines
+            merged.setdefault(record["iteration"], {}).update(record)
+    # Estimates at (0-based) iterations 2, 4, 6, logged after the step as iterations 3, 5, 7.
+    assert all("agvm/mu/neck" in full[it] and "agvm/phi/cls_head" in full[it] for it in (3, 5, 7))
+    assert full[3]["agvm/mu/neck"] != 1.0
+    for it in range(5, 9):
+        for key, value in full[it].items():
+            if key.startswith(("train/loss", "agvm/")):
+                assert cut[it][key] == pytest.approx(value, rel=1e-4), (it, key)
+
+
+def test_plot_command_draws_phi_and_mu(tmp_path):
+    from pipeline.plots import agvm_series, main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with (run / "metrics.jsonl").open("w") as f:
+        f.write(json.dumps({"iteration": 1, "train/loss": 2.0}) + "\n")
+        for it in (10, 20, 30):
+            f.write(json.dumps({"iteration": it, "agvm/phi/backbone": 0.5, "agvm/phi/neck": 0.1 * it,
+                                "agvm/mu/backbone": 1.0, "agvm/mu/neck": 1 + it / 100}) + "\n")
+    series = agvm_series(run)
+    assert series["phi"]["neck"] == ([10, 20, 30], [1.0, 2.0, 3.0])
+    assert series["mu"]["neck"] == ([10, 20, 30], [1.1, 1.2, 1.3])
+    assert main(["agvm", str(run)]) == 0
+    png = (run / "agvm_phi_mu.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    empty = tmp_path / "plain"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "train/loss": 1.0}) + "\n")
+    with pytest.raises(SystemExit, match="no AGVM records"):
+        main(["agvm", str(empty)])
