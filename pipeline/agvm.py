@@ -28,7 +28,8 @@ gradient copy and one all-reduce of 2x each module's gradient, every ``tau`` ite
 
 AdamW variant: each half's gradient is preconditioned by the second moment first,
 g / (sqrt(beta2 v + (1 - beta2) g^2) + eps) (the public code), which needs v element by
-element: supported on ZeRO stage 0, where the optimizer holds whole parameters.
+element: under ZeRO >= 1 the optimizer holds flat partitions, so v is assembled per
+parameter through DeepSpeed's fragment API on estimate iterations.
 """
 
 from __future__ import annotations
@@ -131,7 +132,15 @@ def _accumulate(store: dict, param: nn.Parameter, g: torch.Tensor) -> None:
 
 
 class AGVMMonitor:
-    """The modulator's state and schedule: when to estimate, the current mu, the last Phi."""
+    """The modulator's state and schedule: when to estimate, the current mu, the last Phi.
+
+    The training loop drives it once per iteration, because DeepSpeed's ZeRO optimizers call
+    the client optimizer's ``step`` once per parameter (sub-)group, each time with only that
+    group visible: ``before_backward`` (arms the tap), ``before_step`` after the last
+    backward of the iteration (estimates Phi, updates mu, sets the clipping window) and
+    ``after_step``. The optimizers only read ``lr_factor``, which is constant within an
+    iteration, so any number of ``step`` calls per iteration gives the same update.
+    """
 
     def __init__(self, cfg: AGVMConfig, modules: dict[str, list[nn.Parameter]], world: int, rank: int,
                  accum: int, start_iter: int):
@@ -144,11 +153,18 @@ class AGVMMonitor:
         self.mu = {m: 1.0 for m in modules}
         self.phi: dict[str, float] = {}
         self.estimates = 0
-        self.partitioned = False  # set by attach(): ZeRO >= 1 hands the optimizer partitions
         self.fresh = False
+        self.engine = None
+        self.base_clip = 0.0
+        self.second_moment = None  # AGVM-AdamW: module -> exp_avg_sq in tap order
 
-    def attach(self, zero_stage: int) -> None:
-        self.partitioned = zero_stage >= 1
+    def attach(self, engine) -> None:
+        """Bind the DeepSpeed engine (for its gradient clipping); call after initialize."""
+        self.engine, self.base_clip = engine, engine.gradient_clipping()
+
+    @property
+    def partitioned(self) -> bool:
+        return self.engine is not None and self.engine.zero_optimization_stage() >= 1
 
     def active(self, it: int) -> bool:
         return it >= self.start and (self.cfg.stop_iter is None or it < self.cfg.stop_iter)
@@ -160,10 +176,36 @@ class AGVMMonitor:
         return self.cfg.clip_norm > 0 and self.start - self.cfg.clip_before <= it < self.start
 
     def before_backward(self, micro: int) -> None:
-        """Called by the loop before every backward; arms the tap on estimate iterations."""
+        """Before every backward; arms the tap at the first micro-batch of an estimate iteration."""
         if micro == 0 and self.estimating(self.iteration):
             self.halves.arm()
         self.halves.set_micro(micro)
+
+    def before_step(self) -> None:
+        """After the iteration's last backward, before ``engine.step()``."""
+        if self.halves.armed:
+            self.update(self.estimate_phi(self.halves.reduce()))
+        if self.engine is not None:  # the engine's own global-norm clipping, over all partitions
+            from pipeline.engine import set_gradient_clipping
+
+            clip = self.cfg.clip_norm if self.clipping(self.iteration) else self.base_clip
+            set_gradient_clipping(self.engine, clip)
+
+    def after_step(self) -> None:
+        self.iteration += 1
+
+    def estimate_phi(self, sums: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Phi per module from the reduced (S, D); preconditioned halves for AGVM-AdamW."""
+        if self.second_moment is None:
+            s2, d2, sd = (torch.stack(v) for v in zip(*[(s.dot(s), d.dot(d), s.dot(d)) for s, d in sums.values()]))
+            return dict(zip(sums, phi_from_sums(s2.double(), d2.double(), sd.double()).tolist()))
+        phi = {}
+        for name, (s, d) in sums.items():
+            v, beta2, eps = self.second_moment(name)
+            h1, h2 = (g / ((beta2 * v + (1 - beta2) * g.square()).sqrt() + eps) for g in self.halves.halves(s, d))
+            h1, h2 = h1.double(), h2.double()
+            phi[name] = float(1 - h1.dot(h2) / (h1.norm() * h2.norm()).clamp(min=1e-300))
+        return phi
 
     def update(self, phi: dict[str, float]) -> None:
         target = mu_target(phi, self.cfg)
@@ -192,41 +234,20 @@ class AGVMMonitor:
 
 
 class _AGVMStep:
-    """Mixin for torch optimizers: estimate Phi when due, clip in the pre-start window, then
-    step with each group's lr multiplied by its module's mu."""
+    """Mixin for torch optimizers: step with each visible group's lr multiplied by its module's mu."""
 
     agvm: AGVMMonitor
 
-    def _phi(self, sums: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        s2, d2, sd = (torch.stack(v) for v in zip(*[(s.dot(s), d.dot(d), s.dot(d)) for s, d in sums.values()]))
-        return dict(zip(sums, phi_from_sums(s2.double(), d2.double(), sd.double()).tolist()))
-
-    @torch.no_grad()
-    def _clip(self, max_norm: float) -> None:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        sq = torch.stack([g.float().square().sum() for g in grads]).sum()
-        if self.agvm.partitioned:  # ZeRO >= 1: each rank holds a disjoint slice of the gradient
-            dist.all_reduce(sq)
-        scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, scale)
-
     @torch.no_grad()
     def step(self, closure=None):
-        monitor = self.agvm
-        if monitor.halves.armed:
-            monitor.update(self._phi(monitor.halves.reduce()))
-        if monitor.clipping(monitor.iteration):
-            self._clip(monitor.cfg.clip_norm)
         saved = [g["lr"] for g in self.param_groups]
         for g in self.param_groups:
-            g["lr"] = g["lr"] * monitor.lr_factor(g["module"])
+            g["lr"] = g["lr"] * self.agvm.lr_factor(g["module"])
         try:
-            loss = super().step(closure)
+            return super().step(closure)
         finally:
             for g, lr in zip(self.param_groups, saved):
                 g["lr"] = lr
-        monitor.iteration += 1
-        return loss
 
 
 class AGVMSGD(_AGVMStep, torch.optim.SGD):
@@ -243,29 +264,29 @@ class AGVMAdamW(_AGVMStep, torch.optim.AdamW):
     def __init__(self, groups: list[dict], monitor: AGVMMonitor, **kwargs):
         super().__init__(groups, **kwargs)
         self.agvm = monitor
+        self.module_hparams = {g["module"]: (g["betas"][1], g["eps"]) for g in self.param_groups}
+        monitor.second_moment = self._second_moment
 
-    def _phi(self, sums: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        halves = self.agvm.halves
-        phi = {}
-        for name, (s, d) in sums.items():
-            g1, g2 = halves.halves(s, d)
-            v = self._second_moment(name)
-            beta2, eps = self._beta2_eps(name)
-            h1 = g1 / ((beta2 * v + (1 - beta2) * g1.square()).sqrt() + eps)
-            h2 = g2 / ((beta2 * v + (1 - beta2) * g2.square()).sqrt() + eps)
-            cos = h1.double().dot(h2.double()) / (h1.double().norm() * h2.double().norm()).clamp(min=1e-300)
-            phi[name] = float(1 - cos)
-        return phi
+    def _second_moment(self, module: str) -> tuple[torch.Tensor, float, float]:
+        """(exp_avg_sq of the module's parameters in tap order, beta2, eps); v = 0 before the first step.
 
-    def _second_moment(self, module: str) -> torch.Tensor:
-        """exp_avg_sq of the module's parameters in tap order (zeros before the first step)."""
+        Under ZeRO >= 1 the optimizer holds flat partitions, so each parameter's second moment
+        is assembled through DeepSpeed's fragment API (a collective: every rank calls it).
+        """
         params = self.agvm.halves.modules[module]
-        return torch.cat([self.state[p]["exp_avg_sq"].reshape(-1).float() if "exp_avg_sq" in self.state.get(p, {})
-                          else torch.zeros(p.numel(), device=p.device) for p in params])
+        beta2, eps = self.module_hparams[module]
+        if not self.state:  # no step taken yet: v = 0, as for a fresh AdamW
+            v = [torch.zeros(getattr(p, "ds_numel", p.numel()), device=p.device) for p in params]
+        elif not self.agvm.partitioned:
+            v = [self.state[p]["exp_avg_sq"].reshape(-1).float() for p in params]
+        else:
+            from deepspeed.utils import safe_get_full_optimizer_state
 
-    def _beta2_eps(self, module: str) -> tuple[float, float]:
-        group = next(g for g in self.param_groups if g["module"] == module)
-        return group["betas"][1], group["eps"]
+            from pipeline.engine import link_optimizer_state
+
+            link_optimizer_state(self.agvm.engine)
+            v = [safe_get_full_optimizer_state(p, "exp_avg_sq").reshape(-1).float() for p in params]
+        return torch.cat(v), beta2, eps
 
 
 def modules_of(groups: list[dict]) -> dict[str, list[nn.Parameter]]:

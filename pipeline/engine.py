@@ -107,6 +107,30 @@ def set_lr(engine, lrs: list[float]) -> None:
         group["lr"] = lr
 
 
+def set_gradient_clipping(engine, max_norm: float) -> None:
+    """Change the engine's global-norm gradient clipping between steps (0 = off).
+
+    DeepSpeed reads it from its config at ZeRO-0 and keeps a copy in the ZeRO 1-3
+    optimizers; both are set, so the norm stays the engine's own (over all partitions).
+    """
+    engine._config.gradient_clipping = max_norm
+    if hasattr(engine.optimizer, "clip_grad"):
+        engine.optimizer.clip_grad = max_norm
+
+
+def link_optimizer_state(engine) -> None:
+    """Re-link ZeRO 1/2's per-parameter views of the client optimizer's state.
+
+    DeepSpeed 0.19 links them once, right after the *first* parameter group's first step,
+    when the other groups have no state yet; ``safe_get_full_optimizer_state`` then raises
+    for every parameter outside group 0. Re-linking once all groups have stepped fixes it.
+    """
+    opt = engine.optimizer
+    if getattr(opt, "_hp_optimizer_states_linked", None) is not None:
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -44,16 +44,14 @@ def build_param_groups(model: nn.Module, detector: str, cfg: OptimConfig) -> lis
 
 
 # Optimizers that need whole parameters: LARS/LAMB compute a trust ratio per tensor, and
-# AGVM-AdamW preconditions the half gradients element by element with the second moment.
-# ZeRO >= 1 hands the optimizer one flat partition per group, so those would be silently wrong.
-WHOLE_PARAMETER_OPTIMIZERS = ("lars", "lamb", "agvm_adamw")
+# ZeRO >= 1 hands the optimizer one flat partition per group, so they would be silently wrong.
+WHOLE_PARAMETER_OPTIMIZERS = ("lars", "lamb")
 
 
 def check_zero_support(name: str, zero_stage: int, source: str = "train.ds_config") -> None:
     if zero_stage >= 1 and name in WHOLE_PARAMETER_OPTIMIZERS:
         raise ConfigError(
-            f"optim.name={name} needs whole parameter tensors (per-tensor trust ratios / elementwise "
-            f"preconditioning), but {source} uses ZeRO stage {zero_stage}, which hands the optimizer flat "
+            f"optim.name={name} needs whole parameter tensors (per-tensor trust ratios), but {source} uses ZeRO stage {zero_stage}, which hands the optimizer flat "
             f"partitions; use a zero0_* ds_config, or optim.name=sgd/adamw/agvm_sgd with ZeRO 1-3")
 
 

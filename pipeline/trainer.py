@@ -160,10 +160,15 @@ def train_loop(state: TrainState, start_iter: int) -> dict:
             if micro % accum == 0:
                 eng.set_lr(engine, [schedule.lr(it)] * len(engine.optimizer.param_groups))
             losses = engine(*_to_device(images, targets, device))
+            boundary = (micro + 1) % accum == 0
             if state.agvm is not None:  # arms AGVM's gradient tap on estimate iterations
                 state.agvm.before_backward(micro % accum)
             engine.backward(sum(losses.values()))
+            if state.agvm is not None and boundary:
+                state.agvm.before_step()  # Phi and mu from this iteration's gradients
             engine.step()
+            if state.agvm is not None and boundary:
+                state.agvm.after_step()
             for k, v in losses.items():  # stays on the device: no host sync per step
                 window[k] = window.get(k, 0) + v.detach() / accum
             if (micro + 1) % accum:
@@ -226,12 +231,13 @@ def run(cfg: ExperimentConfig) -> dict:
     if cfg.optim.name.startswith("agvm"):  # before initialize: its gradient tap must run before ZeRO's hooks
         agvm = AGVMMonitor(cfg.agvm, modules_of(groups), info.world, info.rank, cfg.train.grad_accum,
                            start_iter=schedule.warmup_iters)
-        agvm.attach(zero_stage)
         log_dist("AGVM: modules %s, halves by %s, tau %d, modulation from iteration %d%s", list(agvm.mu),
                  "ranks" if agvm.halves.by_ranks else "micro-batches", cfg.agvm.tau, agvm.start,
                  f" to {cfg.agvm.stop_iter}" if cfg.agvm.stop_iter else "")
     optimizer = build_optimizer(groups, cfg.optim, schedule.lr(0), agvm)
     engine = eng.build_engine(model, optimizer, ds_config)
+    if agvm is not None:
+        agvm.attach(engine)
     run_dir = cfg.train.run_dir
     start_iter = 0
     if cfg.train.resume:

@@ -26,6 +26,8 @@ from pipeline.optim import build_optimizer, build_param_groups, check_zero_suppo
 ITERS = 3
 MICRO = 4
 LR = 0.05
+START = 1
+CLIP = 0.05
 
 
 class ToyDetector(nn.Module):
@@ -53,8 +55,10 @@ def _batch(it: int, rank: int, micro: int):
 
 
 def _overrides(opt: str, stage: int, accum: int) -> list[str]:
-    return [f"optim.name={opt}", "optim.weight_decay=1e-3", "optim.momentum=0.9", "agvm.start_iter=0",
-            "agvm.tau=1", "agvm.clip_norm=0", f"train.micro_batch={MICRO}", f"train.grad_accum={accum}",
+    # Iteration 0 is in the clipping window before AGVM starts; estimates at iterations 1 and 2.
+    return [f"optim.name={opt}", "optim.weight_decay=1e-3", "optim.momentum=0.9", f"agvm.start_iter={START}",
+            "agvm.tau=1", "agvm.clip_before=1", f"agvm.clip_norm={CLIP}", f"train.micro_batch={MICRO}",
+            f"train.grad_accum={accum}",
             f"train.ds_config=ds_configs/zero{stage}_fp32.json"]
 
 
@@ -80,10 +84,10 @@ def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str) -> 
         model = _model()
         groups = build_param_groups(model, "faster_rcnn", cfg.optim)
         monitor = AGVMMonitor(cfg.agvm, modules_of(groups), info.world, info.rank, accum, start_iter=0)
-        monitor.attach(stage)
         optimizer = build_optimizer(groups, cfg.optim, LR, monitor)
         ds = eng.fill_ds_config(eng.load_ds_config(REPO / cfg.train.ds_config), cfg, info.world)
         engine = eng.build_engine(model, optimizer, ds)
+        monitor.attach(engine)
         record = []
         for it in range(ITERS):
             for micro in range(accum):
@@ -91,7 +95,10 @@ def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str) -> 
                 losses = engine(*_batch(it, rank, micro))
                 monitor.before_backward(micro)
                 engine.backward(sum(losses.values()))
+                if micro == accum - 1:
+                    monitor.before_step()
                 engine.step()
+            monitor.after_step()
             record.append({"phi": monitor.phi, "mu": monitor.mu, "params": _full_params(engine, stage)})
         if rank == 0:
             Path(out_dir, f"{opt}_zero{stage}.json").write_text(json.dumps(record))
@@ -127,7 +134,7 @@ def _reference(opt: str, world: int, accum: int) -> list[dict]:
         half = len(units) // 2
         first, second = units[:half], units[half:]
         phi = {}
-        for m, params in modules.items():
+        for m, params in (modules.items() if it >= START else ()):
             g1 = torch.cat([sum(u[id(p)] for u in first).reshape(-1) / len(first) for p in params])
             g2 = torch.cat([sum(u[id(p)] for u in second).reshape(-1) / len(second) for p in params])
             if opt == "agvm_adamw":
@@ -137,12 +144,14 @@ def _reference(opt: str, world: int, accum: int) -> list[dict]:
                 g1 = g1 / ((b2 * v + (1 - b2) * g1 * g1).sqrt() + eps)
                 g2 = g2 / ((b2 * v + (1 - b2) * g2 * g2).sqrt() + eps)
             phi[m] = 1.0 - torch.nn.functional.cosine_similarity(g1.double(), g2.double(), dim=0).item()
-        for m in mu:
+        for m in mu if phi else ():
             ratio = min(max((phi["backbone"] + 1e-6) / (phi[m] + 1e-6), 0.5), 10.0)
             mu[m] = 0.97 * mu[m] + 0.03 * math.sqrt(ratio)
         # The update: the batch-mean gradient, each group's lr multiplied by its module's mu.
         for p in model.parameters():
             p.grad = sum(u[id(p)] for u in units) / len(units)
+        if it < START:  # the clipping window before AGVM starts
+            assert torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP) > 2 * CLIP, "clipping must bite"
         for g in ref_opt.param_groups:
             g["lr"] = LR * mu[g["module"]]
         ref_opt.step()
@@ -151,13 +160,13 @@ def _reference(opt: str, world: int, accum: int) -> list[dict]:
     return out
 
 
-def _check(got: list[dict], want: list[dict]) -> None:
+def _check(got: list[dict], want: list[dict], param_atol: float = 1e-6) -> None:
     for it, (g, w) in enumerate(zip(got, want)):
         for m in w["phi"]:
             assert g["phi"][m] == pytest.approx(w["phi"][m], rel=1e-5, abs=1e-7), (it, m, "phi")
             assert g["mu"][m] == pytest.approx(w["mu"][m], rel=1e-5), (it, m, "mu")
         for name, values in w["params"].items():
-            torch.testing.assert_close(torch.tensor(g["params"][name]), torch.tensor(values), rtol=1e-5, atol=1e-6,
+            torch.testing.assert_close(torch.tensor(g["params"][name]), torch.tensor(values), rtol=1e-5, atol=param_atol,
                                        msg=lambda s: f"iteration {it} {name}: {s}")
     assert len(got) == len(want) == ITERS
 
@@ -167,15 +176,20 @@ def test_agvm_sgd_matches_reference_under_every_zero_stage(world, accum, tmp_pat
     cases = [("agvm_sgd", stage) for stage in (0, 1, 2, 3)]
     run_distributed(_ds_worker, world, accum, cases, str(tmp_path))
     want = _reference("agvm_sgd", world, accum)
-    assert len({round(v, 4) for v in want[0]["phi"].values()}) > 1, "modules should differ in Phi"
+    assert len({round(v, 4) for v in want[START]["phi"].values()}) > 1, "modules should differ in Phi"
     for _, stage in cases:
         _check(json.loads((tmp_path / f"agvm_sgd_zero{stage}.json").read_text()), want)
 
 
-@pytest.mark.parametrize("world, accum", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("world, accum", [(2, 1), (4, 1), (1, 2)])
 def test_agvm_adamw_preconditioned_matches_reference(world, accum, tmp_path):
-    run_distributed(_ds_worker, world, accum, [("agvm_adamw", 0)], str(tmp_path))
-    _check(json.loads((tmp_path / "agvm_adamw_zero0.json").read_text()), _reference("agvm_adamw", world, accum))
+    cases = [("agvm_adamw", stage) for stage in (0, 1, 2, 3)]
+    run_distributed(_ds_worker, world, accum, cases, str(tmp_path))
+    want = _reference("agvm_adamw", world, accum)
+    for _, stage in cases:
+        # Adam divides by sqrt(v): an element whose gradient is ~0 turns float rounding of the
+        # gradient average into ~1e-5 of its update (lr 0.05), hence the looser parameter atol.
+        _check(json.loads((tmp_path / f"agvm_adamw_zero{stage}.json").read_text()), want, param_atol=3e-5)
 
 
 def test_phi_identity_equals_cosine_of_halves():
@@ -192,13 +206,13 @@ def test_one_rank_without_accumulation_is_refused():
         HalfGradients({"backbone": [nn.Parameter(torch.zeros(2))]}, world=1, rank=0, accum=1)
 
 
-@pytest.mark.parametrize("name", ["lars", "lamb", "agvm_adamw"])
+@pytest.mark.parametrize("name", ["lars", "lamb"])
 def test_whole_tensor_optimizers_refuse_zero_partitions(name):
     check_zero_support(name, 0)
     for stage in (1, 2, 3):
         with pytest.raises(ConfigError, match=f"ZeRO stage {stage}"):
             check_zero_support(name, stage)
-    for ok in ("sgd", "adamw", "agvm_sgd"):
+    for ok in ("sgd", "adamw", "agvm_sgd", "agvm_adamw"):
         check_zero_support(ok, 3)
 
 
