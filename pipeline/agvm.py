@@ -34,6 +34,7 @@ parameter through DeepSpeed's fragment API on estimate iterations.
 
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 import torch
@@ -41,6 +42,8 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import AGVMConfig, ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def phi_from_sums(s2: torch.Tensor, d2: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
@@ -208,10 +211,15 @@ class AGVMMonitor:
         return phi
 
     def update(self, phi: dict[str, float]) -> None:
+        self.phi, self.estimates, self.fresh = phi, self.estimates + 1, True
+        if not all(math.isfinite(p) for p in phi.values()):
+            # Non-finite gradients (a diverging run): keep mu rather than turn it into NaN;
+            # the loop's loss check reports the divergence itself.
+            log.warning("AGVM: non-finite Phi %s at iteration %d; mu kept at %s", phi, self.iteration, self.mu)
+            return
         target = mu_target(phi, self.cfg)
         a = self.cfg.alpha
         self.mu = {m: a * self.mu[m] + (1 - a) * target[m] for m in self.mu}
-        self.phi, self.estimates, self.fresh = phi, self.estimates + 1, True
 
     def lr_factor(self, module: str) -> float:
         return self.mu[module] if self.active(self.iteration) else 1.0

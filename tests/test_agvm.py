@@ -290,3 +290,15 @@ def test_plot_command_draws_phi_and_mu(tmp_path):
     (empty / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "train/loss": 1.0}) + "\n")
     with pytest.raises(SystemExit, match="no AGVM records"):
         main(["agvm", str(empty)])
+
+
+def test_non_finite_phi_keeps_mu():
+    cfg = load_config(None, ["agvm.alpha=0.5"]).agvm
+    p = [nn.Parameter(torch.zeros(2))]
+    monitor = AGVMMonitor(cfg, {"backbone": p, "neck": [nn.Parameter(torch.zeros(2))]}, world=2, rank=0,
+                          accum=1, start_iter=0)
+    monitor.update({"backbone": 0.4, "neck": 0.1})
+    assert monitor.mu["neck"] == pytest.approx(0.5 + 0.5 * math.sqrt((0.4 + 1e-6) / (0.1 + 1e-6)))
+    kept = dict(monitor.mu)
+    monitor.update({"backbone": float("nan"), "neck": 0.1})
+    assert monitor.mu == kept and math.isnan(monitor.phi["backbone"]) and monitor.estimates == 2
