@@ -1,7 +1,9 @@
 """Detectors: a timm backbone + torchvision FPN + torchvision's detection heads.
 
-The backbone is any timm model created with ``features_only=True``; channels and
-strides come from its ``feature_info``, so no table of backbones is kept here.
+The backbone is any timm model: CNNs through ``features_only=True`` (channels and strides
+from ``feature_info``, so no table of backbones is kept here) + FPN; plain ViTs through
+ViTDet's simple feature pyramid (``models/vit.py``). ``model.activation_checkpointing``
+checkpoints every backbone block (``models/checkpointing.py``).
 Heads are torchvision's own (Faster/Mask R-CNN, RetinaNet, FCOS): we do not
 re-implement what torchvision does well.
 
@@ -28,6 +30,8 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from models.checkpointing import enable_activation_checkpointing
+from models.vit import SimpleFeaturePyramid, ViTBody, create_vit_body, is_plain_vit
 from pipeline.config import ModelConfig
 
 # ImageNet statistics, in the 0-255 range because images reach the model as uint8-valued floats.
@@ -68,34 +72,51 @@ class BackboneWithNeck(nn.Module):
         return self.neck(OrderedDict((str(i), f) for i, f in enumerate(features)))
 
 
+def _pretrained_kwargs(cfg: ModelConfig) -> dict:
+    if cfg.pretrained is None:
+        return {}
+    if not Path(cfg.pretrained).is_file():
+        raise FileNotFoundError(
+            f"model.pretrained: {cfg.pretrained} does not exist (weights load only from a local file)")
+    return dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(cfg.pretrained)))
+
+
 def _create_body(cfg: ModelConfig, out_indices: tuple[int, ...]) -> nn.Module:
-    kwargs = dict(features_only=True, out_indices=out_indices)
-    if cfg.pretrained is not None:
-        if not Path(cfg.pretrained).is_file():
-            raise FileNotFoundError(
-                f"model.pretrained: {cfg.pretrained} does not exist (weights load only from a local file)")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(cfg.pretrained)))
     try:
-        return timm.create_model(cfg.backbone, **kwargs)
+        if is_plain_vit(cfg.backbone):
+            return create_vit_body(cfg.backbone, _pretrained_kwargs(cfg))
+        return timm.create_model(cfg.backbone, features_only=True, out_indices=out_indices,
+                                 **_pretrained_kwargs(cfg))
     except RuntimeError as err:  # timm's strict load names the missing/unexpected keys
         raise RuntimeError(f"model.pretrained={cfg.pretrained} does not fit backbone "
                            f"{cfg.backbone!r}: {err}") from None
     except (ValueError, KeyError, IndexError) as err:
         raise ValueError(f"model.backbone={cfg.backbone!r} with out_indices={out_indices}: {err} "
-                         "(use a timm name that supports features_only)") from None
+                         "(use a timm name that supports features_only, or a plain ViT)") from None
 
 
 def build_backbone(cfg: ModelConfig) -> BackboneWithNeck:
-    """timm body + FPN; P6/P7 extra levels for the one-stage detectors, max-pool level for R-CNNs."""
+    """timm body + FPN (CNNs) or simple feature pyramid (plain ViTs); P6/P7 extra levels for the
+    one-stage detectors, max-pool level for R-CNNs."""
+    one_stage = cfg.detector in ("retinanet", "fcos")
     out_indices = cfg.out_indices or _DEFAULT_OUT_INDICES[cfg.detector]
     body = _create_body(cfg, out_indices)
-    channels, strides = body.feature_info.channels(), body.feature_info.reduction()
-    if cfg.detector in ("retinanet", "fcos"):
-        extra, strides = LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels), strides + [strides[-1] * 2, strides[-1] * 4]
+    if isinstance(body, ViTBody):
+        strides = [8, 16, 32] if one_stage else [4, 8, 16, 32]
     else:
-        extra, strides = LastLevelMaxPool(), strides + [strides[-1] * 2]
-    neck = FeaturePyramidNetwork(channels, cfg.fpn_channels, extra_blocks=extra)
-    return BackboneWithNeck(body, neck, cfg.fpn_channels, strides)
+        strides = body.feature_info.reduction()
+    if one_stage:
+        extra, all_strides = LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels), strides + [strides[-1] * 2, strides[-1] * 4]
+    else:
+        extra, all_strides = LastLevelMaxPool(), strides + [strides[-1] * 2]
+    if isinstance(body, ViTBody):
+        neck = SimpleFeaturePyramid(body.channels, cfg.fpn_channels, strides, extra)
+    else:
+        neck = FeaturePyramidNetwork(body.feature_info.channels(), cfg.fpn_channels, extra_blocks=extra)
+    backbone = BackboneWithNeck(body, neck, cfg.fpn_channels, all_strides)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(body)
+    return backbone
 
 
 def _anchors(cfg: ModelConfig, strides: list[int]) -> AnchorGenerator:

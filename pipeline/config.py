@@ -45,6 +45,8 @@ class ModelConfig(_Section):
     box_head_dim: int = Field(1024, gt=0, description="width of the two-layer box head")
     roi_sampling_ratio: int = Field(2, ge=0, description="RoIAlign bilinear samples per bin side (0 = adaptive); "
                                     "1 is 4x cheaper than torchvision's 2, which matters on CPU")
+    activation_checkpointing: bool = Field(False, description="recompute backbone blocks in backward "
+                                                               "(torch non-reentrant checkpoint) to save memory")
     # Normalization (MegDet Sec. 3.2): every BatchNorm of the model becomes this kind.
     norm: Literal["cgbn", "per_gpu", "frozen", "group_norm"] = Field(
         "cgbn", description="cgbn: cross-GPU BN over bn_group; per_gpu: torch BN; frozen: torchvision "
