@@ -161,6 +161,11 @@ def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: 
     return FasterRCNN(backbone, None, **kwargs)
 
 
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, trainable or not, counting ZeRO-3-partitioned ones at their full size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
 def module_parameters(model: nn.Module, detector: str,
                       prefixes: Optional[dict[str, tuple[str, ...]]] = None) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Assign every trainable parameter to exactly one detector module by name prefix.

@@ -159,6 +159,7 @@ class AGVMConfig(_Section):
 class TrainConfig(_Section):
     ds_config: Path = Path("ds_configs/zero0_fp32.json")
     micro_batch: int = Field(2, gt=0, description="images per GPU per forward")
+    zero_init: bool = Field(True, description="under ZeRO-3, build the model already partitioned (deepspeed.zero.Init)")
     grad_accum: int = Field(1, gt=0)
     seed: int = 0
     output_dir: Path = Path("runs")

@@ -101,6 +101,18 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     return engine
 
 
+def model_init_context(ds_config: dict, enabled: bool):
+    """Build the model inside this context to create it already partitioned under ZeRO-3
+    (``deepspeed.zero.Init``): no rank ever holds the whole fp32 model."""
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=enabled and stage == 3)
+
+
+def gathered(params: list[torch.nn.Parameter]):
+    """Full values of (possibly ZeRO-3-partitioned) parameters inside the context, read-only."""
+    return deepspeed.zero.GatheredParameters(params, enabled=any(hasattr(p, "ds_id") for p in params))
+
+
 def set_lr(engine, lrs: list[float]) -> None:
     """Set each param group's lr; DeepSpeed's wrappers expose the client optimizer's groups."""
     for group, lr in zip(engine.optimizer.param_groups, lrs):

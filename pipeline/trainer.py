@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from models.detector import build_detector
+from models.detector import build_detector, count_parameters
 from pipeline import engine as eng
 from pipeline.config import ExperimentConfig, dump_config
 from pipeline.data import build_datasets, build_loaders
@@ -197,7 +197,10 @@ def prepare_norms(model: torch.nn.Module, cfg: ExperimentConfig) -> None:
     group, layout = None, None
     if cfg.model.norm == "cgbn":
         group, layout = build_bn_group(cfg.model, cfg.train.micro_batch)
-    count = convert_norms(model, cfg.model.norm, group, cfg.model.gn_groups)
+    bn_params = [p for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 for p in m.parameters(recurse=False)]
+    with eng.gathered(bn_params):  # built under zero.Init: copy the full values
+        count = convert_norms(model, cfg.model.norm, group, cfg.model.gn_groups)
     if layout is not None:
         sizes = sorted({len(g) for g in layout})
         log_dist("norm: cgbn on %d BatchNorm layers; %d BN group(s) of %s rank(s) = %s images each: %s",
@@ -215,17 +218,19 @@ def run(cfg: ExperimentConfig) -> dict:
     prepare_data(cfg, info.rank)
     with_masks = cfg.model.detector == "mask_rcnn"
     train_set, val_set = build_datasets(cfg.data, with_masks)
-    model = build_detector(cfg.model, train_set.num_classes, cfg.data.min_size, cfg.data.max_size).to(info.device)
+    ds_config = eng.fill_ds_config(eng.load_ds_config(cfg.train.ds_config), cfg, info.world,
+                                   str(cfg.train.ds_config))
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    check_zero_support(cfg.optim.name, zero_stage, str(cfg.train.ds_config))
+    with eng.model_init_context(ds_config, cfg.train.zero_init):
+        model = build_detector(cfg.model, train_set.num_classes, cfg.data.min_size, cfg.data.max_size).to(info.device)
     prepare_norms(model, cfg)
+    log_dist("model: %s %s, %s parameters", cfg.model.detector, cfg.model.backbone, f"{count_parameters(model):,}")
     torch.manual_seed(cfg.train.seed + info.rank)  # RoI/anchor sampling differs per rank
     train_loader, val_loader = build_loaders(cfg.data, train_set, val_set, cfg.train.micro_batch,
                                              cfg.train.grad_accum, info.world, info.rank, cfg.train.seed)
     sampler = train_loader.batch_sampler
     schedule = build_schedule(cfg.schedule, cfg.optim, sampler.global_batch, sampler.steps_per_epoch)
-    ds_config = eng.fill_ds_config(eng.load_ds_config(cfg.train.ds_config), cfg, info.world,
-                                   str(cfg.train.ds_config))
-    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    check_zero_support(cfg.optim.name, zero_stage, str(cfg.train.ds_config))
     groups = build_param_groups(model, cfg.model.detector, cfg.optim)
     agvm = None
     if cfg.optim.name.startswith("agvm"):  # before initialize: its gradient tap must run before ZeRO's hooks
@@ -253,6 +258,8 @@ def run(cfg: ExperimentConfig) -> dict:
         dump_config(cfg, run_dir / "config.yaml")
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
         (run_dir / "schedule.json").write_text(json.dumps(schedule.as_dict(), indent=2))
+        (run_dir / "model.json").write_text(json.dumps(  # what pipeline.export needs to rebuild the model
+            {"num_classes": train_set.num_classes, "parameters": count_parameters(model)}, indent=2))
     log_dist("%d train / %d val images, %d classes, %d ranks; %s", len(train_set), len(val_set),
              train_set.num_classes, info.world, schedule.describe())
     tracker = Tracker(cfg, run_dir, info.rank, resume=cfg.train.resume)

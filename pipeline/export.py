@@ -1,0 +1,78 @@
+"""Consolidate a run's DeepSpeed checkpoint (any ZeRO stage) into one fp32 state dict.
+
+    python -m pipeline.export runs/NAME [--tag iter_00001000] [--out FILE]
+
+Uses DeepSpeed's own ``zero_to_fp32`` consolidation, writes ``{"model": state_dict,
+"num_classes": N, "config": {...}}`` (default ``runs/NAME/model_fp32.pt``) and checks that
+it loads, strictly, into a freshly built model. ``load_exported`` rebuilds the model for
+inference from that file alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from models.detector import build_detector, count_parameters
+from pipeline.config import ExperimentConfig, load_config
+from pipeline.norm import convert_norms
+
+
+def _fresh_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+    model = build_detector(cfg.model, num_classes, cfg.data.min_size, cfg.data.max_size)
+    # Frozen BN and GroupNorm change the state dict's layout; cross-GPU BN keeps torch BN's.
+    if cfg.model.norm in ("frozen", "group_norm"):
+        convert_norms(model, cfg.model.norm, gn_groups=cfg.model.gn_groups)
+    return model
+
+
+def consolidated_state_dict(run_dir: Path, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Parameters gathered from the ZeRO shards plus the module's buffers (BN statistics), fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt_dir = run_dir / "checkpoints"
+    if tag is None and not (ckpt_dir / "latest").is_file():
+        raise FileNotFoundError(f"{ckpt_dir}/latest not found: is {run_dir} a run directory with checkpoints?")
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def export_fp32(run_dir: Path, out: Optional[Path] = None, tag: Optional[str] = None) -> Path:
+    cfg = load_config(run_dir / "config.yaml")
+    num_classes = json.loads((run_dir / "model.json").read_text())["num_classes"]
+    state = consolidated_state_dict(run_dir, tag)
+    _fresh_model(cfg, num_classes).load_state_dict(state, strict=True)  # fails loudly on any mismatch
+    out = out or run_dir / "model_fp32.pt"
+    torch.save({"model": state, "num_classes": num_classes, "config": cfg.model_dump(mode="json")}, out)
+    return out
+
+
+def load_exported(path: Path) -> nn.Module:
+    """A model in eval mode from an exported file (no DeepSpeed, no run directory needed)."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = ExperimentConfig.model_validate(blob["config"])
+    model = _fresh_model(cfg, blob["num_classes"])
+    model.load_state_dict(blob["model"], strict=True)
+    return model.eval()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--tag", help="checkpoint tag (default: the latest)")
+    parser.add_argument("--out", type=Path, help="output file (default: <run_dir>/model_fp32.pt)")
+    args = parser.parse_args(argv)
+    out = export_fp32(args.run_dir, args.out, args.tag)
+    model = load_exported(out)
+    print(f"wrote {out}: {count_parameters(model):,} parameters, loads strictly into a fresh model")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
