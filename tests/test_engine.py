@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import TINY_BACKBONE, run_distributed
+from conftest import REPO, TINY_BACKBONE, run_distributed
 from models.detector import build_detector
 from pipeline.config import ConfigError, ModelConfig, load_config
 from pipeline.engine import build_engine, fill_ds_config, init_distributed, set_lr
@@ -58,12 +58,16 @@ def _reference(world: int, accum: int) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _train_with_deepspeed(rank: int, world: int, stage: int, accum: int, result_file: str) -> None:
+def _train_with_deepspeed(rank: int, world: int, preset: str, accum: int, result_file: str) -> None:
+    from pipeline.engine import load_ds_config
+
     init_distributed()
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=LRS[0], momentum=0.9, weight_decay=1e-4)
     cfg = load_config(None, ["train.micro_batch=2", f"train.grad_accum={accum}"])
-    engine = build_engine(model, opt, fill_ds_config({"zero_optimization": {"stage": stage}}, cfg, world))
+    ds = load_ds_config(REPO / f"ds_configs/{preset}.json")
+    stage = ds["zero_optimization"].get("stage", 0) if "zero_optimization" in ds else 0
+    engine = build_engine(model, opt, fill_ds_config(ds, cfg, world))
     for step, lr in enumerate(LRS):
         set_lr(engine, [lr])
         for micro in range(accum):
@@ -83,10 +87,11 @@ def _train_with_deepspeed(rank: int, world: int, stage: int, accum: int, result_
         torch.save(gathered, result_file)
 
 
-@pytest.mark.parametrize("stage,accum", [(0, 1), (1, 1), (2, 1), (3, 1), (2, 2)])
-def test_zero_stages_match_plain_torch(tmp_path, stage, accum):
+@pytest.mark.parametrize("preset,accum", [("zero0_fp32", 1), ("zero1_fp32", 1), ("zero2_fp32", 1), ("zero3_fp32", 1),
+                                          ("zero2_fp32", 2), ("zero3_offload_fp32", 1)])
+def test_zero_stages_match_plain_torch(tmp_path, preset, accum):
     result_file = str(tmp_path / "params.pt")
-    run_distributed(_train_with_deepspeed, 2, stage, accum, result_file)
+    run_distributed(_train_with_deepspeed, 2, preset, accum, result_file)
     per_rank = torch.load(result_file)
     expected = _reference(world=2, accum=accum)
     initial = list(_model().parameters())

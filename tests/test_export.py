@@ -19,8 +19,6 @@ def _zero3_worker(rank: int, world: int, overrides: list, out: str) -> None:
     cfg = load_config(None, overrides)
     run(cfg)
     # Predictions of the trained, partitioned model: rebuild the engine from the checkpoint.
-    import deepspeed
-
     from models.detector import build_detector
     from pipeline.optim import build_optimizer, build_param_groups
 
@@ -38,8 +36,7 @@ def _zero3_worker(rank: int, world: int, overrides: list, out: str) -> None:
         preds = engine.module(images)
     if rank == 0:
         torch.save({"images": images, "preds": preds}, Path(out) / "zero3_preds.pt")
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        numel = sum(p.numel() for p in engine.module.parameters())
+    numel = sum(p.ds_numel for p in engine.module.parameters())  # full sizes, without gathering
     if rank == 0:
         Path(out, "numel.json").write_text(json.dumps(numel))
 
