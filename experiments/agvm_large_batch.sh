@@ -15,12 +15,18 @@ export OMP_NUM_THREADS=1
 run() {  # name, overrides...
   local name=$1; shift
   [ -f "runs/$name/eval_metrics.json" ] && { echo "skip $name (done)"; return; }
-  $DS launch/train.py "${COMMON[@]}" train.run_name="$name" "$@" > "runs/$name.log" 2>&1 || echo "$name FAILED"
-  echo "$name: $(cat runs/$name/eval_metrics.json 2>/dev/null | tr -d '\n ')"
+  if $DS launch/train.py "${COMMON[@]}" train.run_name="$name" "$@" > "runs/$name.log" 2>&1; then
+    echo "$name: $(tr -d '\n ' < runs/$name/eval_metrics.json)"
+  else  # the loop stops a diverged run with "loss is nan at iteration N: training diverged"
+    echo "$name: FAILED: $(grep -o -m1 'loss is [a-z]* at iteration [0-9]*: training diverged' "runs/$name.log" || echo 'see the log')"
+  fi
 }
 mkdir -p runs
 run agvm_b64_sgd        optim.name=sgd
 run agvm_b64_agvm_sgd   optim.name=agvm_sgd
 run agvm_b64_adamw      optim.name=adamw "${ADAMW[@]}"
 run agvm_b64_agvm_adamw optim.name=agvm_adamw "${ADAMW[@]}"
-.venv/bin/python -m pipeline.plots agvm runs/agvm_b64_agvm_sgd runs/agvm_b64_agvm_adamw --out docs/agvm_phi_mu.png
+# Both SGD runs diverge in warmup at lr 0.16; with gradient clipping at norm 1.0 for the whole run:
+run agvm_b64_sgd_clip      optim.name=sgd optim.clip_grad_norm=1.0
+run agvm_b64_agvm_sgd_clip optim.name=agvm_sgd optim.clip_grad_norm=1.0
+.venv/bin/python -m pipeline.plots agvm runs/agvm_b64_agvm_sgd_clip runs/agvm_b64_agvm_adamw --out docs/agvm_phi_mu.png

@@ -37,6 +37,17 @@ def log_dist(msg: str, *args) -> None:
         log.info(msg, *args)
 
 
+def archive_previous_run(run_dir: Path, rank: int) -> None:
+    """A fresh (not resumed) run in a used run directory moves the old one aside, so its
+    checkpoints are neither mixed with the new run's nor resumed by mistake, and nothing is lost."""
+    if rank == 0 and run_dir.exists() and any(run_dir.iterdir()):
+        old = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(old)
+        log.warning("%s held an earlier run: moved to %s (pass train.resume=true to continue a run instead)",
+                    run_dir, old)
+    dist.barrier()
+
+
 def prepare_data(cfg: ExperimentConfig, rank: int) -> None:
     """Write the embedded synthetic dataset (rank 0) when the config asks for it."""
     d = cfg.data
@@ -214,6 +225,8 @@ def prepare_norms(model: torch.nn.Module, cfg: ExperimentConfig) -> None:
 def run(cfg: ExperimentConfig) -> dict:
     """Train and evaluate one experiment; returns final metrics on rank 0 ({} on other ranks)."""
     info = eng.init_distributed()
+    if not cfg.train.resume:
+        archive_previous_run(cfg.train.run_dir, info.rank)
     torch.manual_seed(cfg.train.seed)  # identical model init on every rank
     prepare_data(cfg, info.rank)
     with_masks = cfg.model.detector == "mask_rcnn"

@@ -81,3 +81,24 @@ def test_bad_config_exits_with_a_clear_message(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "train.micro_bath: unknown key" in proc.stderr and str(bad) in proc.stderr
+
+
+def _archive_worker(rank: int, world: int, run_dir: str) -> None:
+    import torch.distributed as dist
+
+    from pipeline.trainer import archive_previous_run
+
+    dist.init_process_group("gloo")
+    archive_previous_run(Path(run_dir), rank)
+
+
+def test_fresh_run_moves_an_earlier_run_aside(tmp_path):
+    from conftest import run_distributed
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints/latest").write_text("iter_00000004")
+    run_distributed(_archive_worker, 1, str(run_dir))
+    assert not run_dir.exists()
+    old = list(tmp_path.glob("run.old-*"))
+    assert len(old) == 1 and (old[0] / "checkpoints/latest").read_text() == "iter_00000004"
