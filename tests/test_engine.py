@@ -88,7 +88,7 @@ def _train_with_deepspeed(rank: int, world: int, preset: str, accum: int, result
 
 
 @pytest.mark.parametrize("preset,accum", [("zero0_fp32", 1), ("zero1_fp32", 1), ("zero2_fp32", 1), ("zero3_fp32", 1),
-                                          ("zero2_fp32", 2), ("zero3_offload_fp32", 1)])
+                                          ("zero2_fp32", 2), ("zero3_offload_fp32", 1), ("zero3_lowmem_fp32", 1)])
 def test_zero_stages_match_plain_torch(tmp_path, preset, accum):
     result_file = str(tmp_path / "params.pt")
     run_distributed(_train_with_deepspeed, 2, preset, accum, result_file)

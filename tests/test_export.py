@@ -18,6 +18,9 @@ def _zero3_worker(rank: int, world: int, overrides: list, out: str) -> None:
 
     cfg = load_config(None, overrides)
     run(cfg)
+    import gc
+
+    gc.collect()  # free the training engine before building the second one
     # Predictions of the trained, partitioned model: rebuild the engine from the checkpoint.
     from models.detector import build_detector
     from pipeline.optim import build_optimizer, build_param_groups
