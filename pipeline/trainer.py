@@ -24,7 +24,7 @@ from pipeline.evaluation import evaluate
 from pipeline.norm import build_bn_group, convert_norms, sync_running_stats
 from pipeline.agvm import AGVMMonitor, modules_of
 from pipeline.optim import build_optimizer, build_param_groups, check_zero_support
-from pipeline.schedule import Schedule, build_schedule
+from pipeline.schedule import build_schedule
 from pipeline.synthetic import make_dataset
 from pipeline.tracking import Tracker
 
