@@ -21,8 +21,8 @@ from pipeline import engine as eng
 from pipeline.config import ExperimentConfig, dump_config
 from pipeline.data import build_datasets, build_loaders
 from pipeline.evaluation import evaluate
-from pipeline.norm import build_bn_group, convert_norms, sync_running_stats
 from pipeline.agvm import AGVMMonitor, modules_of
+from pipeline.norm import build_bn_group, convert_norms, sync_running_stats
 from pipeline.optim import build_optimizer, build_param_groups, check_zero_support
 from pipeline.schedule import build_schedule
 from pipeline.synthetic import make_dataset
@@ -182,7 +182,7 @@ def train_loop(state: TrainState, start_iter: int) -> dict:
                 state.agvm.after_step()
             for k, v in losses.items():  # stays on the device: no host sync per step
                 window[k] = window.get(k, 0) + v.detach() / accum
-            if (micro + 1) % accum:
+            if not boundary:
                 continue
             it, count = it + 1, count + 1
             bar.update(1)
