@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # diverged: run_summary.json in the run directory says so
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     finally:
         import torch.distributed as dist
 

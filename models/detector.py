@@ -48,8 +48,10 @@ MODULE_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
     "fcos": {**_BACKBONE, "cls_head": ("head.classification_head.",),
              "reg_head": ("head.regression_head.",)},
 }
-_DEFAULT_OUT_INDICES = {"faster_rcnn": (1, 2, 3, 4), "mask_rcnn": (1, 2, 3, 4),
-                        "retinanet": (2, 3, 4), "fcos": (2, 3, 4)}
+# Feature strides feeding the neck when model.out_indices is not given: timm backbones differ in
+# how many levels they expose (ResNet 5 from stride 2, ConvNeXt/Swin 4 from stride 4).
+_DEFAULT_STRIDES = {"faster_rcnn": (4, 8, 16, 32), "mask_rcnn": (4, 8, 16, 32),
+                    "retinanet": (8, 16, 32), "fcos": (8, 16, 32)}
 
 
 class BackboneWithNeck(nn.Module):
@@ -60,15 +62,19 @@ class BackboneWithNeck(nn.Module):
     stride of every output level, extra (pooled / P6-P7) levels included.
     """
 
-    def __init__(self, body: nn.Module, neck: FeaturePyramidNetwork, out_channels: int, strides: list[int]):
+    def __init__(self, body: nn.Module, neck: FeaturePyramidNetwork, out_channels: int, strides: list[int],
+                 levels: Optional[tuple[int, ...]] = None):
         super().__init__()
         self.body = body
         self.neck = neck
         self.out_channels = out_channels
         self.strides = strides
+        self.levels = levels  # which of the body's outputs feed the neck (None: all)
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         features = self.body(images)
+        if self.levels is not None:
+            features = [features[i] for i in self.levels]
         return self.neck(OrderedDict((str(i), f) for i, f in enumerate(features)))
 
 
@@ -81,12 +87,13 @@ def _pretrained_kwargs(cfg: ModelConfig) -> dict:
     return dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(cfg.pretrained)))
 
 
-def _create_body(cfg: ModelConfig, out_indices: tuple[int, ...]) -> nn.Module:
+def _create_body(cfg: ModelConfig, out_indices: Optional[tuple[int, ...]]) -> nn.Module:
+    """The timm body; all its feature levels when ``out_indices`` is None (selected by stride later)."""
     try:
         if is_plain_vit(cfg.backbone):
             return create_vit_body(cfg.backbone, _pretrained_kwargs(cfg))
-        return timm.create_model(cfg.backbone, features_only=True, out_indices=out_indices,
-                                 **_pretrained_kwargs(cfg))
+        chosen = {} if out_indices is None else {"out_indices": out_indices}
+        return timm.create_model(cfg.backbone, features_only=True, **chosen, **_pretrained_kwargs(cfg))
     except RuntimeError as err:  # timm's strict load names the missing/unexpected keys
         raise RuntimeError(f"model.pretrained={cfg.pretrained} does not fit backbone "
                            f"{cfg.backbone!r}: {err}") from None
@@ -99,12 +106,19 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithNeck:
     """timm body + FPN (CNNs) or simple feature pyramid (plain ViTs); P6/P7 extra levels for the
     one-stage detectors, max-pool level for R-CNNs."""
     one_stage = cfg.detector in ("retinanet", "fcos")
-    out_indices = cfg.out_indices or _DEFAULT_OUT_INDICES[cfg.detector]
+    out_indices = cfg.out_indices
     body = _create_body(cfg, out_indices)
+    levels, channels = None, []
     if isinstance(body, ViTBody):
         strides = [8, 16, 32] if one_stage else [4, 8, 16, 32]
     else:
-        strides = body.feature_info.reduction()
+        strides, channels = body.feature_info.reduction(), body.feature_info.channels()
+        if out_indices is None:  # the levels at the detector's strides
+            levels = tuple(i for i, s in enumerate(strides) if s in _DEFAULT_STRIDES[cfg.detector])
+            if len(levels) != len(_DEFAULT_STRIDES[cfg.detector]):
+                raise ValueError(f"model.backbone={cfg.backbone!r} has feature strides {strides}, not "
+                                 f"{list(_DEFAULT_STRIDES[cfg.detector])}: set model.out_indices")
+            strides, channels = [strides[i] for i in levels], [channels[i] for i in levels]
     if one_stage:
         extra, all_strides = LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels), strides + [strides[-1] * 2, strides[-1] * 4]
     else:
@@ -112,8 +126,8 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithNeck:
     if isinstance(body, ViTBody):
         neck = SimpleFeaturePyramid(body.channels, cfg.fpn_channels, strides, extra)
     else:
-        neck = FeaturePyramidNetwork(body.feature_info.channels(), cfg.fpn_channels, extra_blocks=extra)
-    backbone = BackboneWithNeck(body, neck, cfg.fpn_channels, all_strides)
+        neck = FeaturePyramidNetwork(channels, cfg.fpn_channels, extra_blocks=extra)
+    backbone = BackboneWithNeck(body, neck, cfg.fpn_channels, all_strides, levels)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(body)
     return backbone

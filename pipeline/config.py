@@ -93,6 +93,9 @@ class OptimConfig(_Section):
     # MegDet linear scaling: lr = base_lr * global_batch / reference_batch.
     base_lr: float = Field(0.02, gt=0)
     reference_batch: int = Field(16, gt=0)
+    lr_scaling: Literal["linear", "sqrt", "none"] = Field(
+        "linear", description="lr rule in the global batch k = global_batch / reference_batch: "
+                              "base_lr * k (MegDet), * sqrt(k), or base_lr as is")
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(1e-4, ge=0)
@@ -168,6 +171,8 @@ class TrainConfig(_Section):
     log_every: int = Field(10, gt=0)
     eval_every_epochs: float = Field(1.0, ge=0, description="0 = only at the end")
     ckpt_every_iters: int = Field(500, ge=0, description="0 = only at the end")
+    evaluate: bool = Field(True, description="COCO evaluation at the end; false for memory probes and smoke runs")
+    final_checkpoint: bool = Field(True, description="save a checkpoint at the end; false for memory probes")
     progress: bool = True
 
     @property

@@ -98,7 +98,22 @@ def fill_ds_config(ds: dict, cfg: ExperimentConfig, world: int, source: str = "d
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
     """``deepspeed.initialize`` with our client optimizer; returns the engine."""
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    _load_checkpoints_memory_mapped(engine)
     return engine
+
+
+def _load_checkpoints_memory_mapped(engine) -> None:
+    """Read checkpoint shards memory-mapped (``torch.load(mmap=True)``) instead of into a second
+    in-RAM copy beside the live engine: resuming the 1.1B-parameter detector in 2 CPU ranks ran out
+    of 24 GB at exactly this step. DeepSpeed writes zip-format files by default, which mmap needs."""
+    ce = engine.checkpoint_engine
+    if type(ce).__name__ != "TorchCheckpointEngine" or not getattr(ce, "zipfile_serialization", False):
+        return
+
+    def load(path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+
+    ce.load = load
 
 
 def model_init_context(ds_config: dict, enabled: bool):

@@ -3,7 +3,8 @@
     python -m pipeline.plots agvm runs/NAME [runs/OTHER ...] [--out FILE]
 
 ``agvm`` draws AGVM's Phi and mu per module over iterations (the AGVM paper's Figure 1
-view): one row per run, Phi on the left (log scale), mu on the right.
+view): one row per run, Phi on the left (log scale), mu on the right. ``plot_series``
+draws a study's rows (AP vs global batch, time vs batch, memory vs parameters).
 """
 
 from __future__ import annotations
@@ -50,6 +51,39 @@ def plot_agvm(run_dirs: list[Path], out: Path) -> Path:
         row[1].axhline(1.0, color="grey", lw=0.5)
         row[0].legend(fontsize=8)
         row[1].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_series(rows: list[dict], x: str, y: str, series: "callable", out: Path, title: str,
+                logx: bool = True, marked: "callable" = None) -> Path | None:
+    """One line per ``series(row)`` of ``y`` against ``x``; rows where ``marked(row)`` (e.g. diverged)
+    are drawn as red crosses at the bottom. None when no row has both values."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    crosses: list[float] = []
+    for row in rows:
+        if row.get(x) is None:
+            continue
+        if marked is not None and marked(row):
+            crosses.append(row[x])
+        elif row.get(y) is not None:
+            groups.setdefault(series(row), []).append((row[x], row[y]))
+    if not groups and not crosses:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, points in sorted(groups.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if crosses:
+        ax.scatter(crosses, [0] * len(crosses), marker="x", color="red", s=60, zorder=3, label="diverged")
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set(title=title, xlabel=x, ylabel=y)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

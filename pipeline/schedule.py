@@ -60,6 +60,12 @@ class Schedule:
                 "min_lr_factor": self.min_lr_factor}
 
 
+def batch_scale(optim: OptimConfig, global_batch: int) -> float:
+    """The lr multiplier of the configured rule (``optim.lr_scaling``) at ``global_batch``."""
+    k = global_batch / optim.reference_batch
+    return {"linear": k, "sqrt": math.sqrt(k), "none": 1.0}[optim.lr_scaling]
+
+
 def build_schedule(sched: ScheduleConfig, optim: OptimConfig, global_batch: int, steps_per_epoch: int) -> Schedule:
     """Resolve epochs to iterations and apply the linear scaling rule."""
     epochs, steps = sched.epochs, ()
@@ -69,7 +75,7 @@ def build_schedule(sched: ScheduleConfig, optim: OptimConfig, global_batch: int,
         steps = tuple((e, sched.gamma) for e in sched.milestones)
     total = sched.max_iters or max(1, round(epochs * steps_per_epoch))
     warmup = sched.warmup_iters if sched.warmup_epochs is None else round(sched.warmup_epochs * steps_per_epoch)
-    return Schedule(global_batch=global_batch, peak_lr=optim.base_lr * global_batch / optim.reference_batch,
+    return Schedule(global_batch=global_batch, peak_lr=optim.base_lr * batch_scale(optim, global_batch),
                     total_iters=total, steps_per_epoch=steps_per_epoch,
                     warmup_iters=min(warmup, total), warmup_factor=sched.warmup_factor, policy=sched.policy,
                     steps=tuple((round(e * steps_per_epoch), f) for e, f in steps),

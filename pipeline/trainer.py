@@ -20,8 +20,9 @@ from models.detector import build_detector, count_parameters
 from pipeline import engine as eng
 from pipeline.config import ExperimentConfig, dump_config
 from pipeline.data import build_datasets, build_loaders
-from pipeline.evaluation import evaluate
 from pipeline.agvm import AGVMMonitor, modules_of
+from pipeline.evaluation import evaluate
+from pipeline.memory import current_memory, peak_memory, release_free_heap, reset_peak_memory
 from pipeline.norm import build_bn_group, convert_norms, sync_running_stats
 from pipeline.optim import build_optimizer, build_param_groups, check_zero_support
 from pipeline.schedule import build_schedule
@@ -82,6 +83,14 @@ def _truncate_log(run_dir: Path, after: int) -> None:
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
+class Diverged(FloatingPointError):
+    """The loss became NaN or infinite at ``iteration``."""
+
+    def __init__(self, iteration: int, message: str):
+        super().__init__(message)
+        self.iteration = iteration
+
+
 class TrainState:
     """What the loop needs besides the engine: built once by ``run``."""
 
@@ -93,6 +102,19 @@ class TrainState:
         spe = schedule.steps_per_epoch
         self.eval_every = max(1, round(cfg.train.eval_every_epochs * spe)) if cfg.train.eval_every_epochs else 0
         self.progress = cfg.train.progress and info.rank == 0
+        self.windows: list[tuple[int, float]] = []  # (images, seconds) per log window: throughput
+        self.peak_bytes = 0  # max over ranks and log windows
+
+
+def _max_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # gloo and NCCL both take CPU-sized scalars this way
+    return float(t)
+
+
+def memory_gib(device: torch.device) -> float:
+    """This rank's memory now, in GiB (for the start-up log)."""
+    return current_memory(device) / 2**30
 
 
 def save_checkpoint(state: TrainState, it: int) -> None:
@@ -116,15 +138,18 @@ def run_evaluation(state: TrainState, it: int) -> dict:
 def _log_step(state: TrainState, it: int, window: dict, count: int, seconds: float, bar) -> None:
     values = _reduce_window(window, count)
     if not math.isfinite(values["loss"]):
-        raise FloatingPointError(
+        raise Diverged(it,
             f"loss is {values['loss']} at iteration {it}: training diverged. The last checkpoint is in "
             f"{state.ckpt_dir}; lower optim.base_lr or lengthen schedule.warmup_iters and resume.")
     record = {f"train/{k}": v for k, v in values.items()}
     record["train/lr"] = state.schedule.lr(it - 1)
-    record["train/images_per_s"] = count * state.schedule.global_batch / seconds
+    images = count * state.schedule.global_batch
+    record["train/images_per_s"] = images / seconds
     record["train/epoch"] = it / state.schedule.steps_per_epoch
-    if state.info.device.type == "cuda":
-        record["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    state.windows.append((images, seconds))
+    # Peak per rank (CUDA: allocated tensors; CPU: resident set), the largest rank's.
+    state.peak_bytes = max(state.peak_bytes, _max_over_ranks(peak_memory(state.info.device)))
+    record["train/peak_mem_gib"] = state.peak_bytes / 2**30
     state.tracker.log(record, step=it)
     if bar is not None:
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{record['train/lr']:.4f}",
@@ -132,6 +157,23 @@ def _log_step(state: TrainState, it: int, window: dict, count: int, seconds: flo
     elif state.info.rank == 0:
         log.info("iter %d loss %.4f lr %.5f %.1f img/s", it, values["loss"], record["train/lr"],
                  record["train/images_per_s"])
+
+
+def write_run_summary(state: TrainState, iteration: int, metrics: dict, diverged: bool, seconds: float) -> None:
+    """``run_summary.json``: what a study row needs, in one file (rank 0)."""
+    if state.info.rank != 0:
+        return
+    timed = state.windows[1:] or state.windows  # the first window holds start-up costs
+    images, secs = sum(w[0] for w in timed), sum(w[1] for w in timed)
+    summary = {
+        "iterations": iteration, "total_iterations": state.schedule.total_iters, "diverged": diverged,
+        "global_batch": state.schedule.global_batch, "world_size": state.info.world,
+        "train_seconds": seconds, "images_per_s": images / secs if secs else None,
+        "peak_mem_gib": state.peak_bytes / 2**30, "device": str(state.info.device.type),
+        "metrics": metrics,
+    }
+    path = state.cfg.train.run_dir / "run_summary.json"
+    path.write_text(json.dumps(summary, indent=2))
 
 
 def check_ranks_agree(engine, run_dir: Path) -> bool:
@@ -162,6 +204,7 @@ def train_loop(state: TrainState, start_iter: int) -> dict:
     cfg, engine, schedule = state.cfg, state.engine, state.schedule
     sampler, accum, device = state.train_loader.batch_sampler, cfg.train.grad_accum, state.info.device
     it, metrics = start_iter, {}
+    reset_peak_memory(device)  # the training peak, not the build's
     window, count, tic = {}, 0, time.time()
     bar = tqdm(total=schedule.total_iters, initial=it, desc="train", disable=not state.progress,
                mininterval=2.0)
@@ -199,7 +242,10 @@ def train_loop(state: TrainState, start_iter: int) -> dict:
             if it >= schedule.total_iters:
                 break
     bar.close()
-    save_checkpoint(state, it)
+    if cfg.train.final_checkpoint:
+        save_checkpoint(state, it)
+    if not cfg.train.evaluate:
+        return metrics
     return run_evaluation(state, it) or metrics
 
 
@@ -238,7 +284,9 @@ def run(cfg: ExperimentConfig) -> dict:
     with eng.model_init_context(ds_config, cfg.train.zero_init):
         model = build_detector(cfg.model, train_set.num_classes, cfg.data.min_size, cfg.data.max_size).to(info.device)
     prepare_norms(model, cfg)
-    log_dist("model: %s %s, %s parameters", cfg.model.detector, cfg.model.backbone, f"{count_parameters(model):,}")
+    release_free_heap()  # zero.Init's construction buffers
+    log_dist("model: %s %s, %s parameters; rank 0 holds %.2f GiB", cfg.model.detector, cfg.model.backbone,
+             f"{count_parameters(model):,}", memory_gib(info.device))
     torch.manual_seed(cfg.train.seed + info.rank)  # RoI/anchor sampling differs per rank
     train_loader, val_loader = build_loaders(cfg.data, train_set, val_set, cfg.train.micro_batch,
                                              cfg.train.grad_accum, info.world, info.rank, cfg.train.seed)
@@ -254,6 +302,8 @@ def run(cfg: ExperimentConfig) -> dict:
                  f" to {cfg.agvm.stop_iter}" if cfg.agvm.stop_iter else "")
     optimizer = build_optimizer(groups, cfg.optim, schedule.lr(0), agvm)
     engine = eng.build_engine(model, optimizer, ds_config)
+    release_free_heap()  # ZeRO's flattening copies are freed: give them back before training
+    log_dist("engine: ZeRO stage %d; rank 0 holds %.2f GiB", zero_stage, memory_gib(info.device))
     if agvm is not None:
         agvm.attach(engine)
     run_dir = cfg.train.run_dir
@@ -278,8 +328,15 @@ def run(cfg: ExperimentConfig) -> dict:
     tracker = Tracker(cfg, run_dir, info.rank, resume=cfg.train.resume)
     tracker.add_config({"resolved_schedule": schedule.as_dict()})
     state = TrainState(cfg, info, engine, train_loader, val_loader, val_set, schedule, tracker, with_masks, agvm)
-    metrics = train_loop(state, start_iter)
+    tic = time.time()
+    try:
+        metrics = train_loop(state, start_iter)
+    except Diverged as err:  # a diverged run is a result (a study row), not a lost run
+        write_run_summary(state, err.iteration, {}, True, time.time() - tic)
+        tracker.finish()
+        raise
     check_ranks_agree(engine, run_dir)
+    write_run_summary(state, schedule.total_iters, metrics, False, time.time() - tic)
     if info.rank == 0:
         (run_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
         tracker.summary(metrics)

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from conftest import run_distributed, tiny_overrides
-from test_export import _zero3_worker
+from test_export import _zero3_predict_worker
 
 pytestmark = pytest.mark.slow
 
 
-def test_billion_parameter_detector_zero3(shapes_root, tmp_path):
+def test_billion_parameter_detector_zero3(shapes_root, tmp_path, monkeypatch):
     from pipeline.export import load_exported, main
     from pipeline.tracking import read_metrics
 
@@ -31,15 +31,23 @@ def test_billion_parameter_detector_zero3(shapes_root, tmp_path):
         "train.ds_config=ds_configs/zero3_lowmem_fp32.json", "schedule.max_iters=2", "train.ckpt_every_iters=1",
         "model.norm=per_gpu", "optim.name=sgd", "optim.momentum=0"]  # no optimizer state: fits 24 GB
     run_dir = tmp_path / "run"
-    # 1) train 2 iterations with a checkpoint after each, then 2) predictions of the partitioned engine
-    run_distributed(_zero3_worker, 2, overrides, str(tmp_path))
+    # glibc keeps freed tensors of < 32 MiB in its heap, and ZeRO-3's flattening and gathering free
+    # many: with its default dynamic threshold the ranks' resident memory grows to ~3x what is live
+    # (measured on ViT-L, docs/MEMORY.md). A fixed 1 MiB mmap threshold returns them; the spawned
+    # ranks inherit it.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2**20))
+    # 1) train 2 iterations with a checkpoint after each, then 2) predictions of the partitioned
+    # engine, in fresh processes: DeepSpeed keeps the finished training engine alive, and two
+    # engines of this size do not fit 24 GB
+    run_distributed(_train_worker, 2, overrides, str(tmp_path))
+    run_distributed(_zero3_predict_worker, 2, overrides, str(tmp_path))
     params = json.loads((run_dir / "model.json").read_text())["parameters"]
     print(f"detector parameters: {params:,}")
     assert params >= 1_000_000_000
     first = {r["iteration"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
     # 3) resume from iteration 1: iteration 2 is redone and must give the same loss
     (run_dir / "checkpoints/latest").write_text("iter_00000001")
-    run_distributed(_resume_worker_once, 2, overrides + ["train.resume=true"], str(tmp_path))
+    run_distributed(_train_worker, 2, overrides + ["train.resume=true"], str(tmp_path))
     again = {r["iteration"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
     assert again[2] == pytest.approx(first[2], rel=1e-4)
     # 4) the consolidated fp32 export predicts what the engine predicted
@@ -53,7 +61,7 @@ def test_billion_parameter_detector_zero3(shapes_root, tmp_path):
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-3)
 
 
-def _resume_worker_once(rank: int, world: int, overrides: list, out: str) -> None:
+def _train_worker(rank: int, world: int, overrides: list, out: str) -> None:
     from pipeline.config import load_config
     from pipeline.trainer import run
 

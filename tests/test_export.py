@@ -12,19 +12,24 @@ from conftest import run_distributed, tiny_overrides
 
 
 def _zero3_worker(rank: int, world: int, overrides: list, out: str) -> None:
-    from pipeline import engine as eng
+    """Train, then predict with the partitioned model rebuilt from the checkpoint."""
     from pipeline.config import load_config
     from pipeline.trainer import run
 
-    cfg = load_config(None, overrides)
-    run(cfg)
-    import gc
+    run(load_config(None, overrides))
+    _zero3_predict_worker(rank, world, overrides, out)
 
-    gc.collect()  # free the training engine before building the second one
-    # Predictions of the trained, partitioned model: rebuild the engine from the checkpoint.
+
+def _zero3_predict_worker(rank: int, world: int, overrides: list, out: str) -> None:
+    """Predictions of the trained, partitioned model: a fresh engine loads the checkpoint.
+    (In its own processes for big models: DeepSpeed keeps a finished engine alive.)"""
     from models.detector import build_detector
+    from pipeline import engine as eng
+    from pipeline.config import load_config
     from pipeline.optim import build_optimizer, build_param_groups
 
+    cfg = load_config(None, overrides)
+    eng.init_distributed()
     ds = eng.fill_ds_config(eng.load_ds_config(cfg.train.ds_config), cfg, world)
     with eng.model_init_context(ds, True):
         model = build_detector(cfg.model, 3, cfg.data.min_size, cfg.data.max_size)

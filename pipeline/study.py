@@ -1,0 +1,264 @@
+"""Scaling studies: a YAML grid of training runs, its status on disk, and its results.
+
+A study file names a base experiment config, fixed overrides and a grid; every point of the
+grid is one ordinary training run (``launch/train.py``, same schema) in
+``<output_dir>/<study>/<point>/``. ``launch/study.py`` runs or plans the points; this module
+expands the grid, keeps the status file and turns finished run directories into a CSV, a
+Markdown table and plots.
+
+Grid axes take a list of values. Shorthand axes map a value to config overrides:
+
+    batch: [2x4, 2x8x2]        ranks x micro-batch [x gradient accumulation]
+    optimizer: [sgd, agvm_sgd] optim.name
+    norm: [per_gpu, cgbn, cgbn:2, frozen, group_norm]   model.norm (cgbn:K = BN groups of K ranks)
+    backbone: [resnet18, vit_giant_patch14_dinov2]      model.backbone
+    zero: [0, 3]               train.ds_config = ds_configs/zero<N>_<precision>.json (precision: fixed key)
+    lr_scaling: [linear, sqrt, none]
+
+Any dotted config key is an axis too (``schedule.warmup_iters: [0, 50]``), and an axis may be
+a mapping of labels to override sets, for values that move several keys together:
+
+    method:
+      sgd: {optim.name: sgd, schedule.warmup_iters: 0, model.norm: per_gpu}
+      agvm: {optim.name: agvm_sgd}
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from pipeline.config import REPO_ROOT, ConfigError, load_config
+
+SHORTHAND = ("batch", "optimizer", "norm", "backbone", "zero", "lr_scaling")
+_STUDY_KEYS = {"name", "config", "fixed", "grid", "precision", "mode", "output_dir", "plots", "measure_iters"}
+STATUS_FILE = "study_status.json"
+
+
+@dataclass
+class Point:
+    """One run of the study: its name, axis labels, launch size and config overrides."""
+
+    name: str
+    labels: dict[str, str]
+    ranks: int
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def override_args(self) -> list[str]:
+        return [f"{k}={_yaml_value(v)}" for k, v in self.overrides.items()]
+
+
+@dataclass
+class Study:
+    name: str
+    config: Optional[Path]
+    points: list[Point]
+    output_dir: Path
+    mode: str = "train"  # or "model_size"
+    plots: dict = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def root(self) -> Path:
+        return self.output_dir / self.name
+
+    def run_dir(self, point: Point) -> Path:
+        return self.root / point.name
+
+
+def _yaml_value(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _label(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9_.:-]+", "-", str(value))
+
+
+def parse_batch(text: str, where: str) -> tuple[int, int, int]:
+    """'RxM' or 'RxMxA' -> (ranks, micro-batch, accumulation)."""
+    parts = str(text).lower().split("x")
+    if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"{where}: batch {text!r} is not RANKSxMICRO or RANKSxMICROxACCUM (e.g. 2x8 or 2x8x2)")
+    ranks, micro, accum = (int(p) for p in parts + ["1"] * (3 - len(parts)))
+    return ranks, micro, accum
+
+
+def _shorthand(axis: str, value: Any, precision: str, where: str) -> tuple[dict[str, Any], int | None]:
+    """Config overrides (and ranks, for the batch axis) of one shorthand axis value."""
+    if axis == "batch":
+        ranks, micro, accum = parse_batch(value, where)
+        return {"train.micro_batch": micro, "train.grad_accum": accum}, ranks
+    if axis == "optimizer":
+        return {"optim.name": value}, None
+    if axis == "norm":
+        kind, _, group = str(value).partition(":")
+        out = {"model.norm": kind}
+        if group:
+            out["model.bn_group"] = int(group) if group.isdigit() else group
+        return out, None
+    if axis == "backbone":
+        return {"model.backbone": value}, None
+    if axis == "zero":
+        path = Path("ds_configs") / f"zero{value}_{precision}.json"
+        if not (REPO_ROOT / path).is_file():
+            raise ConfigError(f"{where}: zero={value} with precision {precision}: {path} does not exist")
+        return {"train.ds_config": str(path)}, None
+    return {"optim.lr_scaling": value}, None  # lr_scaling
+
+
+def _axis_values(axis: str, spec: Any, precision: str, where: str) -> list[tuple[str, dict, int | None]]:
+    """[(label, overrides, ranks or None)] for one grid axis."""
+    if isinstance(spec, dict):  # labelled override sets
+        out = []
+        for label, overrides in spec.items():
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"{where}.{label}: expected a mapping of config keys to values")
+            overrides = dict(overrides)
+            ranks = overrides.pop("ranks", None)
+            out.append((_label(label), overrides, ranks))
+        return out
+    if not isinstance(spec, list) or not spec:
+        raise ConfigError(f"{where}: an axis takes a non-empty list of values or a mapping of labels to overrides")
+    if axis in SHORTHAND:
+        return [(_label(v), *_shorthand(axis, v, precision, where)) for v in spec]
+    if "." not in axis:
+        raise ConfigError(f"{where}: unknown axis {axis!r}; use one of {', '.join(SHORTHAND)}, "
+                          "a dotted config key (e.g. schedule.warmup_iters) or a mapping of labels to overrides")
+    return [(_label(v), {axis: v}, None) for v in spec]
+
+
+def load_study(path: Path, output_dir: Optional[Path] = None) -> Study:
+    """Read a study file and expand its grid; every point's config is validated now, not mid-study."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"study file {path} is not valid YAML: {err}") from None
+    unknown = set(spec) - _STUDY_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; a study has {sorted(_STUDY_KEYS)}")
+    if not spec.get("name") or not spec.get("grid"):
+        raise ConfigError(f"{path}: a study needs a name and a grid (see pipeline/study.py)")
+    config = Path(spec["config"]) if spec.get("config") else None
+    precision, fixed = spec.get("precision", "fp32"), dict(spec.get("fixed") or {})
+    fixed_ranks = fixed.pop("ranks", 1)
+    axes = [[(axis, *v) for v in _axis_values(axis, values, precision, f"{path}: grid.{axis}")]
+            for axis, values in spec["grid"].items()]
+    points = []
+    for combo in itertools.product(*axes):
+        overrides, ranks, labels = dict(fixed), fixed_ranks, {}
+        for axis, label, extra, axis_ranks in combo:
+            overrides.update(extra)
+            labels[axis] = label
+            ranks = axis_ranks or ranks
+        points.append(Point("__".join(labels.values()), labels, int(ranks), overrides))
+    study = Study(spec["name"], config, points, Path(output_dir or spec.get("output_dir", "runs")),
+                  spec.get("mode", "train"), spec.get("plots") or {}, str(path))
+    if study.mode not in ("train", "model_size"):
+        raise ConfigError(f"{path}: mode={study.mode!r}; use train or model_size")
+    for p in points:  # a typo fails here, before hours of earlier points have run
+        load_config(config, p.override_args() + [f"train.run_name={p.name}"])
+    return study
+
+
+# ---- status on disk: what has run, what failed ----
+
+def read_status(study: Study) -> dict[str, dict]:
+    path = study.root / STATUS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_status(study: Study, status: dict[str, dict]) -> None:
+    study.root.mkdir(parents=True, exist_ok=True)
+    tmp = study.root / (STATUS_FILE + ".tmp")
+    tmp.write_text(json.dumps(status, indent=2))
+    tmp.replace(study.root / STATUS_FILE)  # atomic: a crash never leaves half a status file
+
+
+def run_summary(run_dir: Path) -> Optional[dict]:
+    path = run_dir / "run_summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Finished means a result: trained to the end, or diverged (a result of the study too)."""
+    s = run_summary(run_dir)
+    return s is not None and (s["diverged"] or s["iterations"] >= s["total_iterations"])
+
+
+# ---- results ----
+
+def _agvm_summary(run_dir: Path) -> dict[str, float]:
+    """Final mu and median Phi per module, from the run's AGVM records."""
+    from statistics import median
+
+    from pipeline.plots import agvm_series
+
+    series = agvm_series(run_dir)
+    out = {f"mu_final/{m}": round(v[-1], 4) for m, (_, v) in series["mu"].items() if v}
+    out.update({f"phi_median/{m}": round(median(v), 5) for m, (_, v) in series["phi"].items() if v})
+    return out
+
+
+def collect_rows(study: Study) -> list[dict]:
+    """One row per point: labels, launch size, status and the run's results."""
+    status, rows = read_status(study), []
+    for p in study.points:
+        run_dir = study.run_dir(p)
+        s = run_summary(run_dir) or {}
+        st = status.get(p.name, {})
+        metrics = s.get("metrics") or {}
+        row = {"point": p.name, **p.labels, "ranks": p.ranks,
+               "micro_batch": p.overrides.get("train.micro_batch"), "grad_accum": p.overrides.get("train.grad_accum", 1),
+               "global_batch": s.get("global_batch"),
+               "status": st.get("status", "diverged" if s.get("diverged") else ("done" if s else "pending")),
+               "attempts": st.get("attempts", 0), "AP": metrics.get("bbox/AP"), "AP50": metrics.get("bbox/AP50"),
+               "iterations": s.get("iterations"), "wall_s": st.get("wall_s"), "train_s": s.get("train_seconds"),
+               "images_per_s": s.get("images_per_s"), "peak_mem_gib": s.get("peak_mem_gib"),
+               "diverged": s.get("diverged"), "parameters": _parameters(run_dir)}
+        row.update(_agvm_summary(run_dir) if (run_dir / "metrics.jsonl").is_file() else {})
+        rows.append(row)
+    return rows
+
+
+def _parameters(run_dir: Path) -> Optional[int]:
+    path = run_dir / "model.json"
+    return json.loads(path.read_text())["parameters"] if path.is_file() else None
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    cols = [c for c in columns if any(r.get(c) is not None for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def series_key(row: dict, axes: list[str], exclude: str) -> str:
+    """The label of a row's curve: its labels on every axis but ``exclude``."""
+    return " / ".join(row[a] for a in axes if a != exclude) or "all"

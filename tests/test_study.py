@@ -1,0 +1,132 @@
+"""Scaling studies: grid expansion, the cluster plan, and real runs through launch/study.py
+(deepspeed launcher subprocesses): results, resume, a failing point reported and not lost."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, tiny_overrides
+from pipeline.config import ConfigError
+from pipeline.study import load_study, read_status
+
+sys.path.insert(0, str(REPO / "launch"))
+import study as study_cli  # noqa: E402  (launch/study.py)
+
+
+def _write(tmp_path, spec: dict):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_grid_expands_as_declared(tmp_path):
+    spec = {"name": "s", "precision": "fp32", "fixed": {"schedule.epochs": 2},
+            "grid": {"batch": ["2x4", "1x8x2"], "optimizer": ["sgd", "agvm_sgd"], "zero": [0, 3],
+                     "schedule.warmup_iters": [0, 50],
+                     "bn": {"frozen": {"model.norm": "frozen"}, "cgbn2": {"model.norm": "cgbn", "model.bn_group": 2}}}}
+    study = load_study(_write(tmp_path, spec), tmp_path / "out")
+    assert len(study.points) == 2 * 2 * 2 * 2 * 2
+    names = [p.name for p in study.points]
+    assert len(set(names)) == len(names)
+    by_name = {p.name: p for p in study.points}
+    p = by_name["1x8x2__agvm_sgd__3__50__cgbn2"]
+    assert p.ranks == 1
+    assert p.overrides == {"schedule.epochs": 2, "train.micro_batch": 8, "train.grad_accum": 2,
+                           "optim.name": "agvm_sgd", "train.ds_config": "ds_configs/zero3_fp32.json",
+                           "schedule.warmup_iters": 50, "model.norm": "cgbn", "model.bn_group": 2}
+    assert by_name["2x4__sgd__0__0__frozen"].ranks == 2
+    assert study.run_dir(p) == tmp_path / "out/s/1x8x2__agvm_sgd__3__50__cgbn2"
+
+
+@pytest.mark.parametrize("grid, words", [
+    ({"batch": ["2x"]}, ["grid.batch", "RANKSxMICRO"]),
+    ({"colour": ["red"]}, ["unknown axis", "colour"]),
+    ({"zero": [7]}, ["zero7_fp32.json", "does not exist"]),
+    ({"optimizer": ["adam_typo"]}, ["optim.name"]),  # every point's config is validated up front
+])
+def test_bad_study_names_the_axis(tmp_path, grid, words):
+    path = _write(tmp_path, {"name": "s", "grid": grid})
+    with pytest.raises(ConfigError) as err:
+        load_study(path)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_cluster_plan_has_one_command_per_point(tmp_path):
+    spec = {"name": "big", "grid": {"batch": ["8x2", "16x2", "64x2"]}}
+    study = load_study(_write(tmp_path, spec), tmp_path / "out")
+    plan = study_cli.write_plan(study, REPO / "launch/hostfile.example", gpus_per_node=8)
+    commands = [ln for ln in plan.read_text().splitlines() if ln.startswith("deepspeed ")]
+    assert len(commands) == 3
+    assert "--num_nodes 1 --num_gpus 8 " in commands[0]
+    assert "--num_nodes 2 --num_gpus 8 " in commands[1]
+    assert "--num_nodes 8 --num_gpus 8 " in commands[2]
+    assert all("tracking.group=big" in c and "train.run_name=" in c for c in commands)
+    bad = load_study(_write(tmp_path, {"name": "b", "grid": {"batch": ["12x2"]}}), tmp_path / "out")
+    with pytest.raises(ConfigError, match="whole nodes"):
+        study_cli.write_plan(bad, REPO / "launch/hostfile.example", gpus_per_node=8)
+
+
+def _tiny_fixed(shapes_root, tmp_path) -> dict:
+    fixed = {}
+    for item in tiny_overrides(shapes_root, tmp_path, "faster_rcnn"):
+        key, value = item.split("=", 1)
+        if not key.startswith("train.output_dir") and not key.startswith("train.run_name"):
+            fixed[key] = yaml.safe_load(value)
+    fixed["train.evaluate"] = True
+    return fixed
+
+
+def test_two_point_study_runs_resumes_and_reports(shapes_root, tmp_path):
+    """Two real points (plain SGD, AGVM-SGD with micro-batch halves): CSV, table, plots; a second
+    invocation runs nothing again."""
+    fixed = _tiny_fixed(shapes_root, tmp_path)
+    spec = {"name": "tiny", "fixed": fixed,
+            "grid": {"batch": ["1x2x2"], "optimizer": ["sgd", "agvm_sgd"]}}
+    path = _write(tmp_path, spec)
+    out = tmp_path / "runs"
+    assert study_cli.main([str(path), "--output-dir", str(out)]) == 0
+    root = out / "tiny"
+    rows = list(csv.DictReader((root / "results.csv").open()))
+    assert [r["point"] for r in rows] == ["1x2x2__sgd", "1x2x2__agvm_sgd"]
+    for row in rows:
+        assert row["status"] == "done" and row["iterations"] == "4" and row["global_batch"] == "4"
+        assert 0.0 <= float(row["AP50"]) <= 1.0 and float(row["images_per_s"]) > 0
+        assert float(row["peak_mem_gib"]) > 0
+    assert "mu_final/backbone" in rows[1] and rows[1]["mu_final/backbone"]
+    for name in ("results.md", "ap_vs_batch.png", "time_vs_batch.png", "agvm_phi_mu.png"):
+        assert (root / name).is_file(), name
+    assert "| 1x2x2__agvm_sgd |" in (root / "results.md").read_text()
+    logs = {p.name: (root / f"{p.name}.log").read_text().count("### ") for p in load_study(path, out).points}
+    assert study_cli.main([str(path), "--output-dir", str(out)]) == 0  # resume: both finished
+    again = {p.name: (root / f"{p.name}.log").read_text().count("### ") for p in load_study(path, out).points}
+    assert again == logs == {"1x2x2__sgd": 1, "1x2x2__agvm_sgd": 1}
+
+
+def test_failing_point_is_retried_once_then_reported(shapes_root, tmp_path):
+    """A point that crashes (its data are missing) is retried from its checkpoint, marked failed,
+    kept in the results, and the study exits non-zero; the healthy point still runs."""
+    fixed = _tiny_fixed(shapes_root, tmp_path)
+    spec = {"name": "flaky", "fixed": fixed,
+            "grid": {"data": {"ok": {"data.root": str(shapes_root)},
+                              "missing": {"data.root": str(tmp_path / "no_such_dataset")}}}}
+    path = _write(tmp_path, spec)
+    out = tmp_path / "runs"
+    assert study_cli.main([str(path), "--output-dir", str(out)]) == 1
+    study = load_study(path, out)
+    status = read_status(study)
+    assert status["ok"]["status"] == "done" and status["ok"]["attempts"] == 1
+    assert status["missing"]["status"] == "failed" and status["missing"]["attempts"] == 2
+    log = (study.root / "missing.log").read_text()
+    assert log.count("### ") == 2 and "train.resume=true" in log.split("### ")[2]
+    assert "no_such_dataset" in log  # the trainer's error names the missing path
+    rows = {r["point"]: r for r in csv.DictReader((study.root / "results.csv").open())}
+    assert rows["missing"]["status"] == "failed" and rows["ok"]["status"] == "done"
+    # Failed points stay failed on a plain re-run (no silent retries), and run again when asked.
+    assert study_cli.main([str(path), "--output-dir", str(out)]) == 1
+    assert json.loads((study.root / "study_status.json").read_text())["missing"]["attempts"] == 2
