@@ -164,8 +164,10 @@ def _buffers(facts: ModelFacts, ds: dict, world: int) -> float:
         return 0.0
     psi, pb = facts.trainable, ds["param_bytes"]
     if ds["stage"] == 3:
+        # Gathered parameters up to the live + prefetch limits, and the gradient bucket twice:
+        # DeepSpeed flattens the bucket's gradients again for the reduce-scatter.
         live = min(psi, ds["stage3_max_live_parameters"] + ds["stage3_prefetch_bucket_size"])
-        return pb * (live + min(psi, ds["reduce_bucket_size"]))
+        return pb * (live + 2 * min(psi, ds["reduce_bucket_size"]))
     bucket = ds["allgather_bucket_size" if ds["stage"] == 0 else "reduce_bucket_size"]
     return pb * min(psi, bucket)
 

@@ -126,12 +126,15 @@ def _axis_values(axis: str, spec: Any, precision: str, where: str) -> list[tuple
         return out
     if not isinstance(spec, list) or not spec:
         raise ConfigError(f"{where}: an axis takes a non-empty list of values or a mapping of labels to overrides")
+    if axis == "zero":
+        return [(f"zero{v}", *_shorthand(axis, v, precision, where)) for v in spec]
     if axis in SHORTHAND:
         return [(_label(v), *_shorthand(axis, v, precision, where)) for v in spec]
     if "." not in axis:
         raise ConfigError(f"{where}: unknown axis {axis!r}; use one of {', '.join(SHORTHAND)}, "
                           "a dotted config key (e.g. schedule.warmup_iters) or a mapping of labels to overrides")
-    return [(_label(v), {axis: v}, None) for v in spec]
+    key = axis.rsplit(".", 1)[1]  # numbers alone make poor names: warmup_iters50, not 50
+    return [(_label(f"{key}{v}" if isinstance(v, (int, float)) else v), {axis: v}, None) for v in spec]
 
 
 def load_study(path: Path, output_dir: Optional[Path] = None) -> Study:

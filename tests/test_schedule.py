@@ -95,3 +95,11 @@ def test_resolved_schedule_is_a_pure_function_of_config_and_iteration():
     d = a.as_dict()
     assert d["decay_iters"] == [1100, 1400, 1700] and d["decay_factors"] == [0.1, 0.1, 0.5]
     assert d["peak_lr"] == pytest.approx(0.08) and d["warmup_iters"] == 30
+
+
+@pytest.mark.parametrize("rule, expected_peak", [("linear", 0.02 * 64), ("sqrt", 0.02 * 8.0), ("none", 0.02)])
+def test_lr_scaling_rules(rule, expected_peak):
+    """Global batch 1024 against the reference 16 (k = 64): linear x64, square root x8, none x1."""
+    cfg = load_config(None, [f"optim.lr_scaling={rule}", "optim.base_lr=0.02", "optim.reference_batch=16"])
+    sched = build_schedule(cfg.schedule, cfg.optim, global_batch=1024, steps_per_epoch=100)
+    assert sched.peak_lr == pytest.approx(expected_peak)

@@ -20,7 +20,7 @@ import study as study_cli  # noqa: E402  (launch/study.py)
 
 def _write(tmp_path, spec: dict):
     path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
@@ -34,13 +34,13 @@ def test_grid_expands_as_declared(tmp_path):
     names = [p.name for p in study.points]
     assert len(set(names)) == len(names)
     by_name = {p.name: p for p in study.points}
-    p = by_name["1x8x2__agvm_sgd__3__50__cgbn2"]
+    p = by_name["1x8x2__agvm_sgd__zero3__warmup_iters50__cgbn2"]
     assert p.ranks == 1
     assert p.overrides == {"schedule.epochs": 2, "train.micro_batch": 8, "train.grad_accum": 2,
                            "optim.name": "agvm_sgd", "train.ds_config": "ds_configs/zero3_fp32.json",
                            "schedule.warmup_iters": 50, "model.norm": "cgbn", "model.bn_group": 2}
-    assert by_name["2x4__sgd__0__0__frozen"].ranks == 2
-    assert study.run_dir(p) == tmp_path / "out/s/1x8x2__agvm_sgd__3__50__cgbn2"
+    assert by_name["2x4__sgd__zero0__warmup_iters0__frozen"].ranks == 2
+    assert study.run_dir(p) == tmp_path / "out/s/1x8x2__agvm_sgd__zero3__warmup_iters50__cgbn2"
 
 
 @pytest.mark.parametrize("grid, words", [
