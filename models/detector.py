@@ -70,11 +70,14 @@ class BackboneWithNeck(nn.Module):
         self.out_channels = out_channels
         self.strides = strides
         self.levels = levels  # which of the body's outputs feed the neck (None: all)
+        self.nhwc = str(getattr(body, "output_fmt", "NCHW")).endswith("NHWC")  # timm's Swin features
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         features = self.body(images)
         if self.levels is not None:
             features = [features[i] for i in self.levels]
+        if self.nhwc:
+            features = [f.permute(0, 3, 1, 2) for f in features]
         return self.neck(OrderedDict((str(i), f) for i, f in enumerate(features)))
 
 
@@ -87,13 +90,23 @@ def _pretrained_kwargs(cfg: ModelConfig) -> dict:
     return dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(cfg.pretrained)))
 
 
+def _family_kwargs(name: str) -> dict:
+    """Swin (v1) checks the input against its ImageNet size unless told not to; detection images vary."""
+    try:
+        module = timm.models.model_entrypoint(name.split(".")[0]).__module__
+    except (RuntimeError, KeyError):
+        return {}
+    return {"strict_img_size": False} if module.endswith(".swin_transformer") else {}
+
+
 def _create_body(cfg: ModelConfig, out_indices: Optional[tuple[int, ...]]) -> nn.Module:
     """The timm body; all its feature levels when ``out_indices`` is None (selected by stride later)."""
     try:
         if is_plain_vit(cfg.backbone):
             return create_vit_body(cfg.backbone, _pretrained_kwargs(cfg))
         chosen = {} if out_indices is None else {"out_indices": out_indices}
-        return timm.create_model(cfg.backbone, features_only=True, **chosen, **_pretrained_kwargs(cfg))
+        return timm.create_model(cfg.backbone, features_only=True, **chosen, **_family_kwargs(cfg.backbone),
+                                 **_pretrained_kwargs(cfg))
     except RuntimeError as err:  # timm's strict load names the missing/unexpected keys
         raise RuntimeError(f"model.pretrained={cfg.pretrained} does not fit backbone "
                            f"{cfg.backbone!r}: {err}") from None

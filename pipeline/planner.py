@@ -331,9 +331,10 @@ def format_plan(plan: MemoryPlan, probe: ActivationProbe, cfg: ExperimentConfig,
     lines.append(f"activations: {probe.fixed / GIB:.3f} GiB fixed + {probe.per_image / GIB:.3f} GiB per image "
                  f"(probed on {probe.device})")
     if gpu_memory:
-        budget = gpu_memory * GIB * 0.9 - (0 if probe.device == "cpu" else 0.75 * GIB)
-        lines.append(f"largest micro-batch for {gpu_memory:g} GiB per GPU (90% of it, less 0.75 GiB CUDA context): "
-                     f"{plan.max_micro_batch(budget)}")
+        context = 0.0 if probe.device == "cpu" else 0.75  # CPU plans already count the process (runtime)
+        budget = (gpu_memory * 0.9 - context) * GIB
+        lines.append(f"largest micro-batch for {gpu_memory:g} GiB per device (90% of it"
+                     + (f", less {context} GiB of CUDA context" if context else "") + f"): {plan.max_micro_batch(budget)}")
     if measured is not None:
         got = measured["peak_mem_gib"]
         lines.append(f"measured peak ({measured['world_size']} rank(s), {measured['iterations']} steps, "

@@ -61,24 +61,26 @@ def plot_agvm(run_dirs: list[Path], out: Path) -> Path:
 def plot_series(rows: list[dict], x: str, y: str, series: "callable", out: Path, title: str,
                 logx: bool = True, marked: "callable" = None) -> Path | None:
     """One line per ``series(row)`` of ``y`` against ``x``; rows where ``marked(row)`` (e.g. diverged)
-    are drawn as red crosses at the bottom. None when no row has both values."""
-    groups: dict[str, list[tuple[float, float]]] = {}
-    crosses: list[float] = []
+    are crosses at the bottom in their line's colour. None when no row has both values."""
+    lines: dict[str, list[tuple[float, float]]] = {}
+    crosses: dict[str, list[float]] = {}
     for row in rows:
         if row.get(x) is None:
             continue
         if marked is not None and marked(row):
-            crosses.append(row[x])
+            crosses.setdefault(series(row), []).append(row[x])
         elif row.get(y) is not None:
-            groups.setdefault(series(row), []).append((row[x], row[y]))
-    if not groups and not crosses:
+            lines.setdefault(series(row), []).append((row[x], row[y]))
+    if not lines and not crosses:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, points in sorted(groups.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    if crosses:
-        ax.scatter(crosses, [0] * len(crosses), marker="x", color="red", s=60, zorder=3, label="diverged")
+    for k, label in enumerate(sorted(set(lines) | set(crosses))):
+        colour = f"C{k % 10}"
+        points = sorted(lines.get(label, []))
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colour, label=label)
+        if label in crosses:  # side by side, so several diverged series at one x stay visible
+            xs = [v * (1 + 0.04 * k) for v in crosses[label]]
+            ax.scatter(xs, [0] * len(xs), marker="x", color=colour, s=70, zorder=3, label=f"{label}: diverged")
     if logx:
         ax.set_xscale("log", base=2)
     ax.set(title=title, xlabel=x, ylabel=y)

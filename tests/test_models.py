@@ -85,6 +85,23 @@ def test_backbone_channels_come_from_timm_feature_info():
     assert inner == ref.feature_info.channels()
 
 
+@pytest.mark.parametrize("backbone", ["test_convnext", "swin_tiny_patch4_window7_224"])
+def test_four_level_and_nhwc_backbones_feed_the_neck(backbone):
+    """ConvNeXt exposes 4 levels from stride 4 (ResNets 5 from stride 2) and Swin returns NHWC
+    features at any input size: the neck must still get strides 4-32 in NCHW."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(detector="faster_rcnn", backbone=backbone, fpn_channels=32, anchor_scale=4,
+                      rpn_post_nms_train=100, roi_batch_per_image=32, box_head_dim=32)
+    model = build_detector(cfg, num_classes=3, min_size=64, max_size=96)
+    assert model.backbone.strides == [4, 8, 16, 32, 64]
+    features = model.backbone(torch.rand(1, 3, 64, 96))
+    assert [tuple(f.shape[-2:]) for f in features.values()] == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
+    assert all(f.shape[1] == 32 for f in features.values())
+    model.train()
+    losses = model([torch.rand(3, 64, 80) * 255, torch.rand(3, 64, 96) * 255], _targets(False))
+    sum(losses.values()).backward()
+
+
 def test_bad_backbone_and_missing_weights_are_clear(tmp_path):
     with pytest.raises(Exception, match="no_such_net"):
         build_detector(ModelConfig(backbone="no_such_net"), 3, 64, 96)

@@ -130,3 +130,30 @@ def test_failing_point_is_retried_once_then_reported(shapes_root, tmp_path):
     # Failed points stay failed on a plain re-run (no silent retries), and run again when asked.
     assert study_cli.main([str(path), "--output-dir", str(out)]) == 1
     assert json.loads((study.root / "study_status.json").read_text())["missing"]["attempts"] == 2
+
+
+def test_model_size_study_labels_measured_and_estimated_cells(shapes_root, tmp_path, monkeypatch):
+    """Two cells (ZeRO 0 and 3): the one that fits is measured by a real 3-step run; with the
+    budget forced below its estimate, the other is only estimated; both reach the CSV and plot."""
+    import pipeline.model_size as model_size
+
+    fixed = _tiny_fixed(shapes_root, tmp_path)
+    spec = {"name": "sizes", "mode": "model_size", "fixed": fixed, "grid": {"zero": [0, 3]}}
+    path = _write(tmp_path, spec)
+    out = tmp_path / "runs"
+    real_budget = model_size.machine_budget
+    study = load_study(path, out)
+    cells = {}
+    for point, budget in zip(study.points, (real_budget, lambda ranks: 0.0)):  # no room for ZeRO-3
+        monkeypatch.setattr(model_size, "machine_budget", budget)
+        cells[point.name] = model_size.measure_cell(study, point)
+    assert cells["zero0"]["label"] == "measured" and cells["zero0"]["measured_gib"] > 0
+    assert cells["zero3"]["label"] == "estimated" and "measured_gib" not in cells["zero3"]
+    assert cells["zero0"]["parameters"] == cells["zero3"]["parameters"] > 0
+    for name, cell in cells.items():
+        (study.root / name).mkdir(parents=True)
+        (study.root / name / "cell.json").write_text(json.dumps(cell))
+    written = model_size.report_model_size(study)
+    rows = list(csv.DictReader(written["csv"].open()))
+    assert [r["label"] for r in rows] == ["measured", "estimated"]
+    assert written["memory_vs_parameters"].is_file()
