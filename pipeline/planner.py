@@ -216,9 +216,34 @@ def _probe_batch(b: int, size: tuple[int, int], num_classes: int, masks: bool, d
     return images, targets
 
 
-def probe_activations(cfg: ExperimentConfig, num_classes: int, ds: dict, image_size: tuple[int, int],
+def run_probe(cfg: ExperimentConfig, num_classes: int, autocast: bool, image_size: tuple[int, int],
+              probe_size: Optional[tuple[int, int]] = None) -> ActivationProbe:
+    """``probe_activations`` in a fresh process: like a training rank, it starts from a clean heap
+    (a long-lived caller's resident set would inflate the runtime term), and the probe's model
+    is gone with it."""
+    from pipeline.config import dump_config
+
+    with tempfile.TemporaryDirectory(prefix="memprobe-") as tmp:
+        dump_config(cfg, Path(tmp) / "config.yaml")
+        out = Path(tmp) / "probe.json"
+        size = lambda hw: f"{hw[0]}x{hw[1]}"  # noqa: E731
+        cmd = [sys.executable, "-m", "pipeline.planner", "--config", str(Path(tmp) / "config.yaml"),
+               "--probe-child", str(out), "--num-classes", str(num_classes), "--image-size", size(image_size),
+               "--probe-size", size(probe_size or image_size)] + (["--autocast"] if autocast else [])
+        done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+        if done.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"activation probe failed (exit {done.returncode}): {' '.join(cmd)}\n"
+                               f"{done.stderr[-3000:]}")
+        fields = json.loads(out.read_text())
+    fields["image_size"], fields["probe_size"] = tuple(fields["image_size"]), tuple(fields["probe_size"])
+    return ActivationProbe(**fields)
+
+
+def probe_activations(cfg: ExperimentConfig, num_classes: int, autocast: bool, image_size: tuple[int, int],
                       probe_size: Optional[tuple[int, int]] = None) -> ActivationProbe:
-    """Forward + backward of the real model at micro-batches 1 and 2; returns the activation cost."""
+    """Forward + backward of the real model at micro-batches 1 and 2; returns the activation cost.
+    Run it in a fresh process (``run_probe``): the runtime term is this process's resident set."""
+    import pipeline.engine  # noqa: F401  (a training rank has DeepSpeed loaded: count it)
     from models.detector import build_detector
     from pipeline.norm import convert_norms
 
@@ -231,7 +256,6 @@ def probe_activations(cfg: ExperimentConfig, num_classes: int, ds: dict, image_s
                            cfg.data.min_size, max(cfg.data.max_size, max(probe_size))).to(device)
     convert_norms(model, "frozen" if cfg.model.norm == "frozen" else "per_gpu", None, cfg.model.gn_groups)
     model.train()
-    autocast = ds.get("torch_autocast_bf16", False)
     masks = cfg.model.detector == "mask_rcnn"
 
     def step(b: int) -> float:
@@ -249,7 +273,6 @@ def probe_activations(cfg: ExperimentConfig, num_classes: int, ds: dict, image_s
     one, two = step(1), step(2)
     per_image = max(two - one, 0.0)
     scale = (image_size[0] * image_size[1]) / (probe_size[0] * probe_size[1])
-    del model
     return ActivationProbe(fixed=max(one - per_image, 0.0) * scale, per_image=per_image * scale,
                            image_size=image_size, probe_size=probe_size, runtime=runtime, device=device.type)
 
@@ -302,7 +325,7 @@ def build_plan(cfg: ExperimentConfig, world: int, image_size: Optional[tuple[int
     ds["torch_autocast_bf16"] = autocast.get("enabled", False) and autocast.get("dtype", "bfloat16") == "bfloat16"
     num_classes = num_classes or _num_classes(cfg)
     facts = model_facts(cfg, num_classes, ds["stage3_param_persistence_threshold"])
-    probe = probe_activations(cfg, num_classes, ds, image_size or largest_image(cfg), probe_size)
+    probe = run_probe(cfg, num_classes, ds["torch_autocast_bf16"], image_size or largest_image(cfg), probe_size)
     plan = plan_memory(facts, ds, world, cfg.optim.name, cfg.optim.momentum, cfg.train.micro_batch, probe)
     return plan, probe
 
@@ -352,9 +375,17 @@ def main(argv=None) -> int:
     parser.add_argument("--probe-size", type=_size, default=None, help="HxW to probe at, scaled by pixel count")
     parser.add_argument("--measure", action="store_true", help="also run 3 real steps and report the peak")
     parser.add_argument("--json", type=Path, default=None, help="write the plan (and measurement) here")
+    parser.add_argument("--probe-child", type=Path, default=None, help=argparse.SUPPRESS)  # run_probe's process
+    parser.add_argument("--num-classes", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the experiment config")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.probe_child is not None:
+        probe = probe_activations(load_config(args.config, args.overrides), args.num_classes, args.autocast,
+                                  args.image_size, args.probe_size)
+        args.probe_child.write_text(json.dumps(asdict(probe)))
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
         plan, probe = build_plan(cfg, args.world_size, args.image_size, args.probe_size)
