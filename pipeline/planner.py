@@ -221,10 +221,11 @@ def run_probe(cfg: ExperimentConfig, num_classes: int, autocast: bool, image_siz
     """``probe_activations`` in a fresh process: like a training rank, it starts from a clean heap
     (a long-lived caller's resident set would inflate the runtime term), and the probe's model
     is gone with it."""
-    from pipeline.config import dump_config
+    import yaml
 
     with tempfile.TemporaryDirectory(prefix="memprobe-") as tmp:
-        dump_config(cfg, Path(tmp) / "config.yaml")
+        # Only the keys the user set: a resolved MegDet policy would now also "set" its fixed epochs.
+        (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
         out = Path(tmp) / "probe.json"
         size = lambda hw: f"{hw[0]}x{hw[1]}"  # noqa: E731
         cmd = [sys.executable, "-m", "pipeline.planner", "--config", str(Path(tmp) / "config.yaml"),

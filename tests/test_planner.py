@@ -63,3 +63,18 @@ def test_estimate_within_20_percent_of_measured_peak(shapes_root, tmp_path, back
     estimate = plan.total / GIB
     print(f"{backbone} {ds_config}: estimate {estimate:.3f} GiB, measured {measured['peak_mem_gib']:.3f} GiB")
     assert estimate == pytest.approx(measured["peak_mem_gib"], rel=0.20)
+
+
+def test_command_line_plans_the_shipped_default_config(shapes_root, capsys):
+    """`python -m pipeline.planner --config configs/shapes_default.yaml` (MegDet's named policy,
+    whose fixed fields must not leak into the probe's config) on the test dataset."""
+    from conftest import REPO
+    from pipeline.planner import main
+
+    rc = main(["--config", str(REPO / "configs/shapes_default.yaml"), "--world-size", "2", "--gpu-memory", "16",
+               f"data.root={shapes_root}", "data.source=coco", "model.backbone=test_byobnet",
+               "data.min_size=64", "data.max_size=96"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "total per rank" in out and "largest micro-batch for 16 GiB" in out
+    assert "images 96x96" in out or "images 64x96" in out or "images 96x64" in out
