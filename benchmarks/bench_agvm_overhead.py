@@ -82,6 +82,7 @@ def main() -> None:
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of 10 iterations per variant")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results.jsonl")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args()
     info = eng.init_distributed()
     steps = {v: build_variant(args, *v, info) for v in VARIANTS}

@@ -45,7 +45,9 @@ def build_norm_variant(args, norm: str, info):
     torch.manual_seed(0)
     model = build_detector(cfg.model, 80, cfg.data.min_size, cfg.data.max_size).to(info.device)
     group = build_bn_group(cfg.model, args.batch)[0] if norm == "cgbn" else None
-    layers = convert_norms(model, norm, group, cfg.model.gn_groups)
+    convert_norms(model, norm, group, cfg.model.gn_groups)
+    layers = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(m).__name__
+                 for m in model.modules())
     optimizer = build_optimizer(build_param_groups(model, "faster_rcnn", cfg.optim), cfg.optim, 0.01)
     engine = eng.build_engine(model, optimizer, eng.fill_ds_config(eng.load_ds_config(ds_file), cfg, info.world))
     images, targets = synthetic_batch(args.batch, args.height, args.width, info.device, seed=info.rank)
@@ -69,6 +71,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --steps iterations per norm")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results.jsonl")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args()
     args.bn_group = int(args.bn_group) if args.bn_group.isdigit() else args.bn_group
     info = eng.init_distributed()

@@ -118,6 +118,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results.jsonl")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args()
     info = eng.init_distributed()
     device_name = torch.cuda.get_device_name() if info.device.type == "cuda" else platform.processor() or "cpu"
