@@ -106,9 +106,9 @@ class TrainState:
         self.peak_bytes = 0  # max over ranks and log windows
 
 
-def _max_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # gloo and NCCL both take CPU-sized scalars this way
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
 
@@ -148,7 +148,7 @@ def _log_step(state: TrainState, it: int, window: dict, count: int, seconds: flo
     record["train/epoch"] = it / state.schedule.steps_per_epoch
     state.windows.append((images, seconds))
     # Peak per rank (CUDA: allocated tensors; CPU: resident set), the largest rank's.
-    state.peak_bytes = max(state.peak_bytes, _max_over_ranks(peak_memory(state.info.device)))
+    state.peak_bytes = max(state.peak_bytes, _max_over_ranks(peak_memory(state.info.device), state.info.device))
     record["train/peak_mem_gib"] = state.peak_bytes / 2**30
     state.tracker.log(record, step=it)
     if bar is not None:
@@ -185,9 +185,10 @@ def check_ranks_agree(engine, run_dir: Path) -> bool:
     """
     if engine.zero_optimization_stage() == 3:  # partitioned: each parameter exists once
         return True
-    params = [p.detach().double() for p in engine.module.parameters()]
-    params += [b.double() for b in engine.module.buffers() if b.is_floating_point()]
-    mine = torch.stack([torch.stack([p.sum(), p.square().sum()]) for p in params]).cpu()
+    tensors = list(engine.module.parameters()) + [b for b in engine.module.buffers() if b.is_floating_point()]
+    # One float64 copy at a time (not of the whole model), kept on the device: NCCL needs that.
+    mine = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()])
+                        for t in tensors])
     everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
     agree = all(torch.equal(everyone[0], other) for other in everyone[1:])

@@ -102,6 +102,8 @@ def test_two_point_study_runs_resumes_and_reports(shapes_root, tmp_path):
     for name in ("results.md", "ap_vs_batch.png", "time_vs_batch.png", "agvm_phi_mu.png"):
         assert (root / name).is_file(), name
     assert "| 1x2x2__agvm_sgd |" in (root / "results.md").read_text()
+    run_cfg = yaml.safe_load((root / "1x2x2__sgd/config.yaml").read_text())
+    assert run_cfg["tracking"]["group"] == "tiny"  # every point is a W&B run in the study's group
     logs = {p.name: (root / f"{p.name}.log").read_text().count("### ") for p in load_study(path, out).points}
     assert study_cli.main([str(path), "--output-dir", str(out)]) == 0  # resume: both finished
     again = {p.name: (root / f"{p.name}.log").read_text().count("### ") for p in load_study(path, out).points}
