@@ -112,11 +112,13 @@ def test_two_point_study_runs_resumes_and_reports(shapes_root, tmp_path):
 
 def test_failing_point_is_retried_once_then_reported(shapes_root, tmp_path):
     """A point that crashes (its data are missing) is retried from its checkpoint, marked failed,
-    kept in the results, and the study exits non-zero; the healthy point still runs."""
+    kept in the results, and the study exits non-zero; the healthy point still runs, and a point
+    whose loss turns NaN is a result (diverged), not a crash: it is not retried."""
     fixed = _tiny_fixed(shapes_root, tmp_path)
     spec = {"name": "flaky", "fixed": fixed,
             "grid": {"data": {"ok": {"data.root": str(shapes_root)},
-                              "missing": {"data.root": str(tmp_path / "no_such_dataset")}}}}
+                              "missing": {"data.root": str(tmp_path / "no_such_dataset")},
+                              "diverges": {"optim.base_lr": 1.0e6, "schedule.warmup_iters": 0}}}}
     path = _write(tmp_path, spec)
     out = tmp_path / "runs"
     assert study_cli.main([str(path), "--output-dir", str(out)]) == 1
@@ -127,8 +129,10 @@ def test_failing_point_is_retried_once_then_reported(shapes_root, tmp_path):
     log = (study.root / "missing.log").read_text()
     assert log.count("### ") == 2 and "train.resume=true" in log.split("### ")[2]
     assert "no_such_dataset" in log  # the trainer's error names the missing path
+    assert status["diverges"]["status"] == "diverged" and status["diverges"]["attempts"] == 1
     rows = {r["point"]: r for r in csv.DictReader((study.root / "results.csv").open())}
     assert rows["missing"]["status"] == "failed" and rows["ok"]["status"] == "done"
+    assert rows["diverges"]["diverged"] == "True" and rows["diverges"]["AP50"] == ""
     # Failed points stay failed on a plain re-run (no silent retries), and run again when asked.
     assert study_cli.main([str(path), "--output-dir", str(out)]) == 1
     assert json.loads((study.root / "study_status.json").read_text())["missing"]["attempts"] == 2
