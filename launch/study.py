@@ -14,8 +14,8 @@ any point failed. Each point is a W&B run in the group named after the study.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from tqdm import tqdm  # noqa: E402
 
 from pipeline.config import REPO_ROOT, ConfigError  # noqa: E402
-from pipeline.study import (Point, Study, collect_rows, is_finished, load_study, markdown_table,  # noqa: E402
+from pipeline.study import (Point, Study, collect_rows, load_study, markdown_table, point_result,  # noqa: E402
                             read_status, series_key, write_csv, write_status)
 
 MAX_ATTEMPTS = 2  # the first run and one retry from the last checkpoint
@@ -66,8 +66,9 @@ def run_study(study: Study, retry_failed: bool = False) -> list[str]:
     bar = tqdm(study.points, desc=study.name, unit="point")
     for point in bar:
         st = status.setdefault(point.name, {"status": "pending", "attempts": 0})
-        if is_finished(study.run_dir(point)):
-            st["status"] = "diverged" if _diverged(study, point) else "done"
+        result = point_result(study.run_dir(point))
+        if result is not None:
+            st["status"] = result
             continue
         if st["status"] == "failed" and not retry_failed:
             failed.append(point.name)
@@ -82,8 +83,9 @@ def run_study(study: Study, retry_failed: bool = False) -> list[str]:
             rc, seconds = run_point(study, point, resume)
             st["wall_s"] = st.get("wall_s", 0) + seconds
             st["returncode"] = rc
-            if is_finished(study.run_dir(point)):
-                st["status"] = "diverged" if _diverged(study, point) else "done"
+            result = point_result(study.run_dir(point))
+            if result is not None:
+                st["status"] = result
                 break
             st["status"] = "crashed"
             tqdm.write(f"{point.name}: exit {rc} after {seconds:.0f} s "
@@ -94,11 +96,6 @@ def run_study(study: Study, retry_failed: bool = False) -> list[str]:
         write_status(study, status)
     write_status(study, status)
     return failed
-
-
-def _diverged(study: Study, point: Point) -> bool:
-    summary = json.loads((study.run_dir(point) / "run_summary.json").read_text())
-    return bool(summary["diverged"])
 
 
 def write_plan(study: Study, hostfile: Path, gpus_per_node: int) -> Path:
@@ -112,20 +109,14 @@ def write_plan(study: Study, hostfile: Path, gpus_per_node: int) -> Path:
                               f"{gpus_per_node} GPUs; use a multiple of {gpus_per_node}")
         nodes, per_node = max(1, point.ranks // gpus_per_node), min(point.ranks, gpus_per_node)
         cmd = (f"deepspeed --hostfile {hostfile} --num_nodes {nodes} --num_gpus {per_node} "
-               + " ".join(_quote(a) for a in train_args(study, point)))
-        done = is_finished(study.run_dir(point))
+               + " ".join(shlex.quote(a) for a in train_args(study, point)))
+        done = point_result(study.run_dir(point)) is not None
         lines.append(("# done: " if done else "") + cmd + " train.resume=true")
     path = study.root / "launch_plan.sh"
     study.root.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o755)
     return path
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 def report(study: Study) -> dict[str, Path]:

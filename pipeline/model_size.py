@@ -38,11 +38,12 @@ def measure_cell(study: Study, point: Point, iters: int = 3) -> dict:
     """Estimate one cell, and measure it when the estimate fits this machine."""
     cfg = load_config(study.config, point.override_args())
     plan, probe = build_plan(cfg, point.ranks)
+    budget = machine_budget(point.ranks)
     cell = {"point": point.name, **point.labels, "ranks": point.ranks, "parameters": plan.facts.parameters,
             "zero": point.labels.get("zero", plan.stage), "estimate_gib": plan.total / GIB,
-            "budget_gib": machine_budget(point.ranks) / GIB, "label": "estimated",
+            "budget_gib": budget / GIB, "label": "estimated",
             "components_gib": {k: v / GIB for k, v in plan.device.items()}}
-    if plan.total < machine_budget(point.ranks):
+    if plan.total < budget:
         summary = measure_peak(study.config, point.override_args(), point.ranks, iters)
         cell.update(measured_gib=summary["peak_mem_gib"], images_per_s=summary["images_per_s"],
                     device=summary["device"], label="measured",

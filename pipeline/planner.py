@@ -30,7 +30,6 @@ config and world size and prints the measured peak beside the estimate.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import math
@@ -45,7 +44,7 @@ from typing import Optional
 import torch
 
 from pipeline.config import REPO_ROOT, ConfigError, ExperimentConfig, load_config
-from pipeline.memory import current_memory, peak_memory, reset_peak_memory
+from pipeline.memory import CPU_MMAP_THRESHOLD, current_memory, peak_memory, pin_mmap_threshold, reset_peak_memory
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -55,7 +54,6 @@ _DS_DEFAULTS = {"allgather_bucket_size": 5e8, "reduce_bucket_size": 5e8, "stage3
                 "sub_group_size": 1e9}
 # Optimizer state bytes per parameter (fp32), besides the master copy.
 _STATE_BYTES = {"sgd": 4, "agvm_sgd": 4, "lars": 4, "adamw": 8, "agvm_adamw": 8, "lamb": 8}
-CPU_MMAP_THRESHOLD = 2**20
 
 
 @dataclass
@@ -65,7 +63,6 @@ class ModelFacts:
     parameters: int
     trainable: int
     small_trainable: int  # trainable parameters in tensors below ZeRO-3's persistence threshold
-    largest_tensor: int
 
 
 @dataclass
@@ -125,8 +122,7 @@ def model_facts(cfg: ExperimentConfig, num_classes: int, persistence_threshold: 
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     return ModelFacts(parameters=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable),
-                      small_trainable=sum(p.numel() for p in trainable if p.numel() < persistence_threshold),
-                      largest_tensor=max(p.numel() for p in params))
+                      small_trainable=sum(p.numel() for p in trainable if p.numel() < persistence_threshold))
 
 
 def plan_memory(facts: ModelFacts, ds: dict, world: int, optimizer: str, momentum: float, micro_batch: int,
@@ -174,15 +170,6 @@ def _buffers(facts: ModelFacts, ds: dict, world: int) -> float:
 
 # ---- the activation probe ----
 
-def pin_mmap_threshold(threshold: int = CPU_MMAP_THRESHOLD) -> None:
-    """Make glibc return freed tensors >= ``threshold`` to the kernel at once, so the resident set
-    measures live memory. (It costs speed: only for probes and measurements, never training.)"""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD; a fixed value stops its drift
-    except (OSError, AttributeError):
-        pass
-
-
 def largest_image(cfg: ExperimentConfig) -> tuple[int, int]:
     """The largest (padded) training image after the loader's resize; (min_size, max_size) when the
     annotations are not there yet (the worst case the resize rule allows)."""
@@ -227,10 +214,9 @@ def run_probe(cfg: ExperimentConfig, num_classes: int, autocast: bool, image_siz
         # Only the keys the user set: a resolved MegDet policy would now also "set" its fixed epochs.
         (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
         out = Path(tmp) / "probe.json"
-        size = lambda hw: f"{hw[0]}x{hw[1]}"  # noqa: E731
         cmd = [sys.executable, "-m", "pipeline.planner", "--config", str(Path(tmp) / "config.yaml"),
-               "--probe-child", str(out), "--num-classes", str(num_classes), "--image-size", size(image_size),
-               "--probe-size", size(probe_size or image_size)] + (["--autocast"] if autocast else [])
+               "--probe-child", str(out), "--num-classes", str(num_classes), "--image-size", _hw(image_size),
+               "--probe-size", _hw(probe_size or image_size)] + (["--autocast"] if autocast else [])
         done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
         if done.returncode != 0 or not out.is_file():
             raise RuntimeError(f"activation probe failed (exit {done.returncode}): {' '.join(cmd)}\n"
@@ -283,9 +269,11 @@ def probe_activations(cfg: ExperimentConfig, num_classes: int, autocast: bool, i
 def measure_peak(config: Optional[Path], overrides: list[str], world: int, iters: int = 3) -> dict:
     """Run ``iters`` real training steps with ``world`` ranks through the deepspeed launcher and
     return the run summary (``peak_mem_gib`` is the largest rank's peak)."""
+    from pipeline.engine import free_port  # imports DeepSpeed: only when a run is measured
+
     with tempfile.TemporaryDirectory(prefix="memprobe-") as out:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
-               "--master_port", str(_free_port()), str(REPO_ROOT / "launch/train.py")]
+               "--master_port", str(free_port()), str(REPO_ROOT / "launch/train.py")]
         if config is not None:
             cmd += ["--config", str(config)]
         cmd += list(overrides) + [
@@ -302,13 +290,11 @@ def measure_peak(config: Optional[Path], overrides: list[str], world: int, iters
         return json.loads(summary.read_text())
 
 
-def _free_port() -> int:
-    from pipeline.engine import free_port
-
-    return free_port()
-
-
 # ---- the command line ----
+
+def _hw(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
 
 def _size(text: str) -> tuple[int, int]:
     h, _, w = text.lower().partition("x")

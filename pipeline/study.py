@@ -192,10 +192,14 @@ def run_summary(run_dir: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def is_finished(run_dir: Path) -> bool:
-    """Finished means a result: trained to the end, or diverged (a result of the study too)."""
+def point_result(run_dir: Path) -> Optional[str]:
+    """"done" (trained to the end), "diverged" (a result of the study too) or None (not finished)."""
     s = run_summary(run_dir)
-    return s is not None and (s["diverged"] or s["iterations"] >= s["total_iterations"])
+    if s is None:
+        return None
+    if s["diverged"]:
+        return "diverged"
+    return "done" if s["iterations"] >= s["total_iterations"] else None
 
 
 # ---- results ----

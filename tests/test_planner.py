@@ -17,7 +17,7 @@ def test_model_state_matches_zero_paper_figure_1(stage, paper_gb):
     """ZeRO (Rajbhandari et al., 2020), Figure 1: a 7.5B-parameter model, 64 ranks, mixed-precision
     Adam (K = 12) needs 120 / 31.4 / 16.6 / 1.9 GB of model state per rank at stages 0-3."""
     psi = 7_500_000_000
-    facts = ModelFacts(parameters=psi, trainable=psi, small_trainable=0, largest_tensor=1)
+    facts = ModelFacts(parameters=psi, trainable=psi, small_trainable=0)
     ds = ds_settings({"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}})
     none = ActivationProbe(0.0, 0.0, (1, 1), (1, 1), 0.0, "cpu")
     plan = plan_memory(facts, ds, world=64, optimizer="adamw", momentum=0.9, micro_batch=1, probe=none)
@@ -26,7 +26,7 @@ def test_model_state_matches_zero_paper_figure_1(stage, paper_gb):
 
 
 def test_offload_moves_optimizer_state_to_the_host():
-    facts = ModelFacts(parameters=10**9, trainable=10**9, small_trainable=0, largest_tensor=1)
+    facts = ModelFacts(parameters=10**9, trainable=10**9, small_trainable=0)
     none = ActivationProbe(0.0, 0.0, (1, 1), (1, 1), 0.0, "cpu")
     ds = ds_settings({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}})
     plan = plan_memory(facts, ds, world=4, optimizer="adamw", momentum=0.9, micro_batch=1, probe=none)
@@ -35,7 +35,7 @@ def test_offload_moves_optimizer_state_to_the_host():
 
 
 def test_max_micro_batch_is_the_largest_that_fits():
-    facts = ModelFacts(parameters=10**8, trainable=10**8, small_trainable=0, largest_tensor=1)
+    facts = ModelFacts(parameters=10**8, trainable=10**8, small_trainable=0)
     probe = ActivationProbe(fixed=1 * GIB, per_image=2 * GIB, image_size=(1, 1), probe_size=(1, 1),
                             runtime=0.0, device="cuda")
     ds = ds_settings({"zero_optimization": {"stage": 0}})
