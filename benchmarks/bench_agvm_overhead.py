@@ -15,61 +15,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from bench_vs_torchvision import _commit, synthetic_batch, time_steps  # noqa: E402
-from models.detector import build_detector  # noqa: E402
-from pipeline import engine as eng  # noqa: E402
-from pipeline.agvm import AGVMMonitor, modules_of  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.optim import build_optimizer, build_param_groups  # noqa: E402
+from common import REPO, RESULTS, pipeline_step, row_label, time_steps
+from pipeline.engine import init_distributed
 
 VARIANTS = [("sgd", None), ("agvm_sgd", 10), ("agvm_sgd", 1)]
 
 
 def build_variant(args, name: str, tau, info):
     accum = 2 if info.world == 1 else 1
-    ds_file = REPO / f"ds_configs/zero{args.zero}_{args.precision}.json"
-    cfg = load_config(None, [
-        "model.detector=faster_rcnn", f"model.backbone={args.backbone}", f"data.min_size={args.height}",
-        f"data.max_size={max(args.height, args.width)}", f"train.micro_batch={args.batch}",
-        f"train.grad_accum={accum}", f"train.ds_config={ds_file}", f"optim.name={name}",
-        f"agvm.tau={tau or 10}", "agvm.start_iter=0", "agvm.clip_norm=0"])
-    torch.manual_seed(0)
-    model = build_detector(cfg.model, 80, cfg.data.min_size, cfg.data.max_size).to(info.device)
-    groups = build_param_groups(model, "faster_rcnn", cfg.optim)
-    monitor = None
-    if tau is not None:
-        monitor = AGVMMonitor(cfg.agvm, modules_of(groups), info.world, info.rank, accum, start_iter=0)
-    optimizer = build_optimizer(groups, cfg.optim, 0.01, monitor)
-    engine = eng.build_engine(model, optimizer, eng.fill_ds_config(eng.load_ds_config(ds_file), cfg, info.world))
-    if monitor is not None:
-        monitor.attach(engine)
-    images, targets = synthetic_batch(args.batch, args.height, args.width, info.device, seed=info.rank)
-
-    def step():
-        for micro in range(accum):
-            losses = engine(images, targets)
-            if monitor is not None:
-                monitor.before_backward(micro)
-            engine.backward(sum(losses.values()))
-            if monitor is not None and micro == accum - 1:
-                monitor.before_step()
-            engine.step()
-        if monitor is not None:
-            monitor.after_step()
-
-    return step
+    return pipeline_step([
+        "model.detector=faster_rcnn", f"model.backbone={args.backbone}", "model.norm=per_gpu",
+        f"data.min_size={args.height}", f"data.max_size={max(args.height, args.width)}",
+        f"train.micro_batch={args.batch}", f"train.grad_accum={accum}",
+        f"train.ds_config={REPO}/ds_configs/zero{args.zero}_{args.precision}.json", f"optim.name={name}",
+        f"agvm.tau={tau or 10}", "agvm.start_iter=0", "agvm.clip_norm=0"], info, args.batch, args.height, args.width)[1]
 
 
 def main() -> None:
@@ -81,10 +45,10 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of 10 iterations per variant")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks/results.jsonl")
+    p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args()
-    info = eng.init_distributed()
+    info = init_distributed()
     steps = {v: build_variant(args, *v, info) for v in VARIANTS}
     for step in steps.values():  # warm-up: allocator, first estimates, DeepSpeed's lazy state
         time_steps(step, info.device, 0, 2)
@@ -93,12 +57,10 @@ def main() -> None:
         for v, step in steps.items():
             times[v].append(time_steps(step, info.device, 0, 10))
     base = statistics.median(times[VARIANTS[0]])
-    device_name = torch.cuda.get_device_name() if info.device.type == "cuda" else platform.processor() or "cpu"
     rows = []
     for (name, tau), ts in times.items():
         med = statistics.median(ts)
-        rows.append({"bench": "agvm_overhead", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "commit": _commit(), "device": device_name, "ranks": info.world,
+        rows.append({"bench": "agvm_overhead", **row_label(info.device), "ranks": info.world,
                      "threads": torch.get_num_threads(), "backbone": args.backbone, "size": [args.height, args.width],
                      "batch": args.batch, "precision": args.precision, "zero": args.zero, "optimizer": name,
                      "tau": tau, "s_per_iter": round(med, 4), "spread": [round(t, 4) for t in ts],

@@ -7,6 +7,8 @@
 
 Overrides use dotted keys of the experiment schema (pipeline/config.py), e.g.
 ``optim.base_lr=0.01 schedule.epochs=24 train.ds_config=ds_configs/zero2_bf16.json``.
+The whole experiment is validated for the launch's world size before any process group forms.
+Exit status: 0 done, 2 configuration or data error (retrying cannot help), 3 diverged.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
+from pipeline.config import ConfigError, load_config
+from pipeline.data import DataError
+from pipeline.validate import validate
 
-from pipeline.config import ConfigError, load_config  # noqa: E402
-from pipeline.data import DataError  # noqa: E402
+EXIT_CONFIG, EXIT_DIVERGED = 2, 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,6 +35,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def launch_shape(env=os.environ) -> tuple[int, int]:
+    """(world size, ranks per machine) as the launcher set them (deepspeed: LOCAL_SIZE; torchrun:
+    LOCAL_WORLD_SIZE); one process of its own without a launcher."""
+    world = int(env.get("WORLD_SIZE", 1))
+    return world, int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
@@ -41,19 +51,20 @@ def main(argv=None) -> int:
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
+        validate(cfg, *launch_shape())
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     from pipeline.trainer import run  # heavy imports (deepspeed) only after the config is valid
 
     try:
         metrics = run(cfg)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except FloatingPointError as err:  # diverged: run_summary.json in the run directory says so
         print(f"error: {err}", file=sys.stderr)
-        return 3
+        return EXIT_DIVERGED
     finally:
         import torch.distributed as dist
 

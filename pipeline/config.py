@@ -4,8 +4,9 @@ Every concern (model, data, optim, schedule, train, tracking) has its own pydant
 model; unknown keys and bad values are rejected at start-up with the dotted field
 name and, where it helps, the fix. The resolved config is written into the run
 directory and handed to W&B as is. Engine settings (ZeRO stage, precision,
-offload) live in ``ds_configs/*.json``; batch sizes and the optimizer live here
-and are filled into the DeepSpeed dict in one place (``pipeline.engine``).
+offload) live in ``ds_configs/*.json``; batch sizes and gradient clipping live here
+and are filled into the DeepSpeed dict in one place (``pipeline.engine.fill_ds_config``);
+the optimizer is built from ``optim`` as a torch optimizer and handed to DeepSpeed as is.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,8 +160,19 @@ class AGVMConfig(_Section):
         return self
 
 
+def resolve_repo_path(path: Path) -> Path:
+    """A relative path names a file in the working directory if there is one, else in the repository
+    (the ds_config presets): ``ds_configs/zero2_fp32.json`` means the same from any directory."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path.resolve() if path.exists() else path
+    return REPO_ROOT / path
+
+
 class TrainConfig(_Section):
-    ds_config: Path = Path("ds_configs/zero0_fp32.json")
+    ds_config: Path = Field(Path("ds_configs/zero0_fp32.json"), validate_default=True,
+                            description="engine settings (ZeRO stage, precision, offload); relative paths fall "
+                                        "back to the repository, so the presets resolve from any directory")
     micro_batch: int = Field(2, gt=0, description="images per GPU per forward")
     zero_init: bool = Field(True, description="under ZeRO-3, build the model already partitioned (deepspeed.zero.Init)")
     grad_accum: int = Field(1, gt=0)
@@ -174,6 +186,11 @@ class TrainConfig(_Section):
     evaluate: bool = Field(True, description="COCO evaluation at the end; false for memory probes and smoke runs")
     final_checkpoint: bool = Field(True, description="save a checkpoint at the end; false for memory probes")
     progress: bool = True
+
+    @field_validator("ds_config")
+    @classmethod
+    def _resolve_ds_config(cls, path: Path) -> Path:
+        return resolve_repo_path(path)
 
     @property
     def run_dir(self) -> Path:

@@ -2,7 +2,9 @@
 
 Everything an image goes through before the model happens here, in DataLoader
 workers: JPEG decode, resize by shorter side with a cap on the longer side,
-horizontal flip. The model's own transform then only normalises and pads.
+horizontal flip. In training the model's own transform then only normalises and pads
+(its resize is switched off, ``models.detector``); at inference it resizes again to the
+same sizes, an identity up to rounding, and maps boxes back to the loader's image size.
 
 Augmentation randomness is a pure function of (seed, epoch, image index), not of
 worker or rank, so a resumed run sees exactly the batches an uninterrupted run

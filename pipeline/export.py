@@ -19,17 +19,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from models.detector import build_detector, count_parameters
+from models.detector import count_parameters
+from pipeline.build import build_model
 from pipeline.config import ExperimentConfig, load_config
-from pipeline.norm import convert_norms
 
 
 def _fresh_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
-    model = build_detector(cfg.model, num_classes, cfg.data.min_size, cfg.data.max_size)
-    # Frozen BN and GroupNorm change the state dict's layout; cross-GPU BN keeps torch BN's.
-    if cfg.model.norm in ("frozen", "group_norm"):
-        convert_norms(model, cfg.model.norm, gn_groups=cfg.model.gn_groups)
-    return model
+    # No pretrained weights: every weight comes from the export, so its file alone rebuilds the model.
+    return build_model(cfg, num_classes, pretrained=False)
 
 
 def consolidated_state_dict(run_dir: Path, tag: Optional[str] = None) -> dict[str, torch.Tensor]:

@@ -4,7 +4,13 @@ Groups carry a ``module`` key (backbone, neck, rpn_head, ...) because AGVM
 (Xue et al., 2022) sets a learning rate per module; weight-decay exemptions
 (norm layers and biases, when ``optim.norm_weight_decay`` is set) split a module
 into sub-groups that keep its name. Which parameters skip weight decay is
-decided here, by module type, never by name matching inside ``step``.
+decided here, when the groups are built, never inside ``step``: every parameter of a
+norm layer, every ``bias``, and any other tensor of at most one dimension (such as
+layer-scale gammas).
+
+The client optimizer is one of torch's or timm's, handed to DeepSpeed as is. AGVM's
+optimizers (agvm_sgd, agvm_adamw) are torch's SGD and AdamW: the modulation is a
+per-module lr that the train step (``pipeline.step``) sets before every step.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import torch
 from torch import nn
 
 from models.detector import module_parameters
-from pipeline.agvm import AGVMAdamW, AGVMSGD
 from pipeline.config import ConfigError, OptimConfig
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -51,25 +56,18 @@ WHOLE_PARAMETER_OPTIMIZERS = ("lars", "lamb")
 def check_zero_support(name: str, zero_stage: int, source: str = "train.ds_config") -> None:
     if zero_stage >= 1 and name in WHOLE_PARAMETER_OPTIMIZERS:
         raise ConfigError(
-            f"optim.name={name} needs whole parameter tensors (per-tensor trust ratios), but {source} uses ZeRO stage {zero_stage}, which hands the optimizer flat "
-            f"partitions; use a zero0_* ds_config, or optim.name=sgd/adamw/agvm_sgd with ZeRO 1-3")
+            f"optim.name={name} needs whole parameter tensors (per-tensor trust ratios), but {source} uses ZeRO "
+            f"stage {zero_stage}, which hands the optimizer flat partitions; use a zero0_* ds_config, or "
+            "optim.name=sgd/adamw/agvm_sgd/agvm_adamw with ZeRO 1-3")
 
 
-def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float, agvm=None) -> torch.optim.Optimizer:
-    """The client optimizer over ``groups``; lr is set every step by the schedule.
-
-    ``agvm`` (a ``pipeline.agvm.AGVMMonitor``) is required for the agvm_* optimizers.
-    """
-    if cfg.name == "sgd":
+def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """The client optimizer over ``groups``; each group's lr is set every step by the train step."""
+    if cfg.name in ("sgd", "agvm_sgd"):
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
+    if cfg.name in ("adamw", "agvm_adamw"):
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if cfg.name == "agvm_sgd":
-        return AGVMSGD(groups, agvm, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                       weight_decay=cfg.weight_decay)
-    if cfg.name == "agvm_adamw":
-        return AGVMAdamW(groups, agvm, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "lars":  # timm's LARS: trust ratio per tensor, SGD momentum on top
         return timm.optim.Lars(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)

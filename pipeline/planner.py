@@ -112,13 +112,10 @@ def ds_settings(ds_config: dict) -> dict:
 
 def model_facts(cfg: ExperimentConfig, num_classes: int, persistence_threshold: float = 1e5) -> ModelFacts:
     """Count the configured detector's parameters on the meta device (instant, no memory)."""
-    from models.detector import build_detector
-    from pipeline.norm import convert_norms
+    from pipeline.build import build_model
 
     with torch.device("meta"):
-        model = build_detector(cfg.model.model_copy(update={"pretrained": None}), num_classes,
-                               cfg.data.min_size, cfg.data.max_size)
-        convert_norms(model, "frozen" if cfg.model.norm == "frozen" else "per_gpu", None, cfg.model.gn_groups)
+        model = build_model(cfg, num_classes, pretrained=False)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     return ModelFacts(parameters=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable),
@@ -230,18 +227,16 @@ def probe_activations(cfg: ExperimentConfig, num_classes: int, autocast: bool, i
                       probe_size: Optional[tuple[int, int]] = None) -> ActivationProbe:
     """Forward + backward of the real model at micro-batches 1 and 2; returns the activation cost.
     Run it in a fresh process (``run_probe``): the runtime term is this process's resident set."""
-    import pipeline.engine  # noqa: F401  (a training rank has DeepSpeed loaded: count it)
-    from models.detector import build_detector
-    from pipeline.norm import convert_norms
+    from pipeline.build import build_model  # imports DeepSpeed, as a training rank has: counted in runtime
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         pin_mmap_threshold()
     probe_size = probe_size or image_size
     runtime = current_memory(device) if device.type == "cpu" else 0.0
-    model = build_detector(cfg.model.model_copy(update={"pretrained": None}), num_classes,
-                           cfg.data.min_size, max(cfg.data.max_size, max(probe_size))).to(device)
-    convert_norms(model, "frozen" if cfg.model.norm == "frozen" else "per_gpu", None, cfg.model.gn_groups)
+    # The probe's images may be larger than data.max_size: the model must not shrink them.
+    sized = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_size": max(cfg.data.max_size, *probe_size)})})
+    model = build_model(sized, num_classes, pretrained=False).to(device)  # cgbn without a group: torch's BN
     model.train()
     masks = cfg.model.detector == "mask_rcnn"
 
@@ -304,7 +299,7 @@ def _size(text: str) -> tuple[int, int]:
 def build_plan(cfg: ExperimentConfig, world: int, image_size: Optional[tuple[int, int]] = None,
                probe_size: Optional[tuple[int, int]] = None, num_classes: Optional[int] = None) -> tuple[MemoryPlan, ActivationProbe]:
     """Facts, probe and plan for an experiment config at ``world`` ranks."""
-    from pipeline.engine import load_ds_config
+    from pipeline.ds_config import load_ds_config
 
     raw = load_ds_config(cfg.train.ds_config)
     ds = ds_settings(raw)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from pipeline.engine import free_port
+from pipeline.synthetic import make_dataset
 
-from pipeline.engine import free_port  # noqa: E402
-from pipeline.synthetic import make_dataset  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 torch.set_num_threads(1)
 TINY_BACKBONE = "test_byobnet"  # timm's 0.2M-parameter test network

@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, run_distributed
-from pipeline.agvm import AGVMMonitor, HalfGradients, modules_of, phi_from_sums
+from conftest import run_distributed
+from pipeline.agvm import AGVM, check_halves, phi_from_sums
 from pipeline.config import ConfigError, load_config
 from pipeline.optim import build_optimizer, build_param_groups, check_zero_support
 
@@ -56,7 +56,10 @@ def _batch(it: int, rank: int, micro: int):
 
 def _overrides(opt: str, stage: int, accum: int) -> list[str]:
     # Iteration 0 is in the clipping window before AGVM starts; estimates at iterations 1 and 2.
+    # A constant lr (no warmup, no batch scaling): the reference multiplies LR by mu alone.
     return [f"optim.name={opt}", "optim.weight_decay=1e-3", "optim.momentum=0.9", f"agvm.start_iter={START}",
+            f"optim.base_lr={LR}", "optim.lr_scaling=none", "schedule.policy=constant", "schedule.warmup_iters=0",
+            f"schedule.max_iters={ITERS}",
             "agvm.tau=1", "agvm.clip_before=1", f"agvm.clip_norm={CLIP}", f"train.micro_batch={MICRO}",
             f"train.grad_accum={accum}",
             f"train.ds_config=ds_configs/zero{stage}_fp32.json"]
@@ -76,33 +79,21 @@ def _full_params(engine, stage: int) -> dict[str, list[float]]:
 
 
 def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str) -> None:
-    from pipeline import engine as eng
+    from pipeline.build import build_training
+    from pipeline.engine import init_distributed
 
-    info = eng.init_distributed()
+    info = init_distributed()
     for opt, stage in cases:
         cfg = load_config(None, _overrides(opt, stage, accum))
-        model = _model()
-        groups = build_param_groups(model, "faster_rcnn", cfg.optim)
-        monitor = AGVMMonitor(cfg.agvm, modules_of(groups), info.world, info.rank, accum, start_iter=0)
-        optimizer = build_optimizer(groups, cfg.optim, LR, monitor)
-        ds = eng.fill_ds_config(eng.load_ds_config(REPO / cfg.train.ds_config), cfg, info.world)
-        engine = eng.build_engine(model, optimizer, ds)
-        monitor.attach(engine)
+        training = build_training(cfg, info, data=False, model=_model())
         record = []
         for it in range(ITERS):
-            for micro in range(accum):
-                eng.set_lr(engine, [LR] * len(engine.optimizer.param_groups))
-                losses = engine(*_batch(it, rank, micro))
-                monitor.before_backward(micro)
-                engine.backward(sum(losses.values()))
-                if micro == accum - 1:
-                    monitor.before_step()
-                engine.step()
-            monitor.after_step()
-            record.append({"phi": monitor.phi, "mu": monitor.mu, "params": _full_params(engine, stage)})
+            training.step(iter([_batch(it, rank, micro) for micro in range(accum)]))
+            agvm = training.agvm
+            record.append({"phi": agvm.phi, "mu": agvm.mu, "params": _full_params(training.engine, stage)})
         if rank == 0:
             Path(out_dir, f"{opt}_zero{stage}.json").write_text(json.dumps(record))
-        engine.destroy()
+        training.engine.destroy()
 
 
 def _reference(opt: str, world: int, accum: int) -> list[dict]:
@@ -203,7 +194,12 @@ def test_phi_identity_equals_cosine_of_halves():
 
 def test_one_rank_without_accumulation_is_refused():
     with pytest.raises(ConfigError, match="grad_accum >= 2"):
-        HalfGradients({"backbone": [nn.Parameter(torch.zeros(2))]}, world=1, rank=0, accum=1)
+        check_halves(world=1, accum=1)
+    check_halves(world=1, accum=2)
+    check_halves(world=2, accum=1)
+    cfg = load_config(None, []).agvm
+    with pytest.raises(ConfigError, match="grad_accum >= 2"):
+        AGVM(cfg, {"backbone": [nn.Parameter(torch.zeros(2))]}, world=1, rank=0, accum=1, warmup_iters=0)
 
 
 @pytest.mark.parametrize("name", ["lars", "lamb"])
@@ -295,10 +291,10 @@ def test_plot_command_draws_phi_and_mu(tmp_path):
 def test_non_finite_phi_keeps_mu():
     cfg = load_config(None, ["agvm.alpha=0.5"]).agvm
     p = [nn.Parameter(torch.zeros(2))]
-    monitor = AGVMMonitor(cfg, {"backbone": p, "neck": [nn.Parameter(torch.zeros(2))]}, world=2, rank=0,
-                          accum=1, start_iter=0)
-    monitor.update({"backbone": 0.4, "neck": 0.1})
-    assert monitor.mu["neck"] == pytest.approx(0.5 + 0.5 * math.sqrt((0.4 + 1e-6) / (0.1 + 1e-6)))
-    kept = dict(monitor.mu)
-    monitor.update({"backbone": float("nan"), "neck": 0.1})
-    assert monitor.mu == kept and math.isnan(monitor.phi["backbone"]) and monitor.estimates == 2
+    agvm = AGVM(cfg, {"backbone": p, "neck": [nn.Parameter(torch.zeros(2))]}, world=2, rank=0, accum=1,
+                warmup_iters=0)
+    agvm.update({"backbone": 0.4, "neck": 0.1}, it=0)
+    assert agvm.mu["neck"] == pytest.approx(0.5 + 0.5 * math.sqrt((0.4 + 1e-6) / (0.1 + 1e-6)))
+    kept = dict(agvm.mu)
+    agvm.update({"backbone": float("nan"), "neck": 0.1}, it=1)
+    assert agvm.mu == kept and math.isnan(agvm.phi["backbone"]) and agvm.estimates == 2

@@ -1,9 +1,10 @@
 """The DeepSpeed engine in real 2-process gloo runs, ZeRO 0-3, against plain torch.
 
-Independent truth: the same model trained without DeepSpeed, in one process, with
-the gradients of every rank's (and micro-step's) batch averaged by hand and a
-plain ``torch.optim.SGD`` step. RetinaNet is used because its loss has no
-sampling randomness, so both sides see exactly the same computation.
+The run is built and stepped as training builds and steps it (``build_training`` and its
+train step). Independent truth: the same model trained without DeepSpeed, in one process,
+with the gradients of every rank's (and micro-step's) batch averaged by hand, the warmup lr
+written out by hand and a plain ``torch.optim.SGD`` step. RetinaNet is used because its loss
+has no sampling randomness, so both sides see exactly the same computation.
 """
 
 from __future__ import annotations
@@ -13,12 +14,24 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import REPO, TINY_BACKBONE, run_distributed
+from conftest import TINY_BACKBONE, run_distributed
 from models.detector import build_detector
+from pipeline.build import build_training
 from pipeline.config import ConfigError, ModelConfig, load_config
-from pipeline.engine import build_engine, fill_ds_config, init_distributed, set_lr
+from pipeline.ds_config import fill_ds_config, load_ds_config
+from pipeline.engine import init_distributed
 
-LRS = (0.01, 0.03, 0.005)  # changed every step: checks set_lr reaches the optimizer under each stage
+# MegDet's linear warmup over the 3 steps, from 0.25 x 0.02: the lr changes every step, which checks
+# that the train step's lr reaches the optimizer under each stage.
+LRS = tuple(0.02 * (0.25 + 0.75 * it / 3) for it in range(3))
+SCHEDULE = ["optim.base_lr=0.02", "optim.lr_scaling=none", "optim.momentum=0.9", "optim.weight_decay=1e-4",
+            "schedule.policy=constant", "schedule.max_iters=3", "schedule.warmup_iters=3",
+            "schedule.warmup_factor=0.25"]
+# Built outside zero.Init: under it, timm's post-construction weight init never reaches the partitioned
+# parameters, so the initial weights would differ from the plain-torch reference's.
+MODEL = ["model.detector=retinanet", f"model.backbone={TINY_BACKBONE}", "model.fpn_channels=16",
+         "model.anchor_scale=4", "model.norm=per_gpu", "data.min_size=64", "data.max_size=96", "train.seed=0",
+         "train.zero_init=false"]
 
 
 def _batch(rank: int, step: int, micro: int, size: int = 2):
@@ -59,32 +72,25 @@ def _reference(world: int, accum: int) -> list[torch.Tensor]:
 
 
 def _train_with_deepspeed(rank: int, world: int, preset: str, accum: int, result_file: str) -> None:
-    from pipeline.engine import load_ds_config
+    info = init_distributed()
+    cfg = load_config(None, MODEL + SCHEDULE + ["train.micro_batch=2", f"train.grad_accum={accum}",
+                                                f"train.ds_config=ds_configs/{preset}.json"])
+    training = build_training(cfg, info, data=False, num_classes=3)
+    for step in range(len(LRS)):
+        training.step(iter([_batch(rank, step, micro) for micro in range(accum)]))
+    assert training.step.iteration == len(LRS)
+    params = list(training.engine.module.parameters())
+    if training.engine.zero_optimization_stage() == 3:
+        from pipeline.ds_internals import gathered
 
-    init_distributed()
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=LRS[0], momentum=0.9, weight_decay=1e-4)
-    cfg = load_config(None, ["train.micro_batch=2", f"train.grad_accum={accum}"])
-    ds = load_ds_config(REPO / f"ds_configs/{preset}.json")
-    stage = ds["zero_optimization"].get("stage", 0) if "zero_optimization" in ds else 0
-    engine = build_engine(model, opt, fill_ds_config(ds, cfg, world))
-    for step, lr in enumerate(LRS):
-        set_lr(engine, [lr])
-        for micro in range(accum):
-            engine.backward(sum(engine(*_batch(rank, step, micro)).values()))
-            engine.step()
-    params = list(engine.module.parameters())
-    if stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params):
+        with gathered(params):
             final = [p.detach().clone() for p in params]
     else:
         final = [p.detach().clone() for p in params]
-    gathered = [None] * world
-    dist.all_gather_object(gathered, final)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, final)
     if rank == 0:
-        torch.save(gathered, result_file)
+        torch.save(everyone, result_file)
 
 
 @pytest.mark.parametrize("preset,accum", [("zero0_fp32", 1), ("zero1_fp32", 1), ("zero2_fp32", 1), ("zero3_fp32", 1),
@@ -115,8 +121,6 @@ def test_ds_config_batch_contradiction_is_refused():
 
 
 def test_ds_config_optimizer_section_is_refused(tmp_path):
-    from pipeline.engine import load_ds_config
-
     bad = tmp_path / "ds.json"
     bad.write_text('{"optimizer": {"type": "Adam"}}')
     with pytest.raises(ConfigError, match=r"ds.json has an 'optimizer' section.*remove it"):

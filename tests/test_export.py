@@ -21,30 +21,26 @@ def _zero3_worker(rank: int, world: int, overrides: list, out: str) -> None:
 
 
 def _zero3_predict_worker(rank: int, world: int, overrides: list, out: str) -> None:
-    """Predictions of the trained, partitioned model: a fresh engine loads the checkpoint.
+    """Predictions of the trained, partitioned model: a fresh run loads the checkpoint.
     (In its own processes for big models: DeepSpeed keeps a finished engine alive.)"""
-    from models.detector import build_detector
     from pipeline import engine as eng
+    from pipeline.build import build_training
     from pipeline.config import load_config
-    from pipeline.optim import build_optimizer, build_param_groups
+    from pipeline.ds_internals import full_numel, is_partitioned
 
     cfg = load_config(None, overrides)
-    eng.init_distributed()
-    ds = eng.fill_ds_config(eng.load_ds_config(cfg.train.ds_config), cfg, world)
-    with eng.model_init_context(ds, True):
-        model = build_detector(cfg.model, 3, cfg.data.min_size, cfg.data.max_size)
-    assert all(hasattr(p, "ds_id") for p in model.parameters()), "zero.Init must partition at construction"
-    engine = eng.build_engine(model, build_optimizer(build_param_groups(model, cfg.model.detector, cfg.optim),
-                                                     cfg.optim, 0.01), ds)
-    eng.load_checkpoint(engine, cfg.train.run_dir / "checkpoints")
-    engine.module.eval()
+    training = build_training(cfg, eng.init_distributed(), data=False, num_classes=3)
+    assert all(is_partitioned(p) for p in training.engine.module.parameters()), \
+        "zero.Init must partition at construction"
+    eng.load_checkpoint(training.engine, cfg.train.run_dir / "checkpoints")
+    training.engine.module.eval()
     g = torch.Generator().manual_seed(5)
     images = [torch.rand(3, 64, 80, generator=g) * 255, torch.rand(3, 72, 64, generator=g) * 255]
     with torch.no_grad():
-        preds = engine.module(images)
+        preds = training.engine.module(images)
     if rank == 0:
         torch.save({"images": images, "preds": preds}, Path(out) / "zero3_preds.pt")
-    numel = sum(p.ds_numel for p in engine.module.parameters())  # full sizes, without gathering
+    numel = sum(full_numel(p) for p in training.engine.module.parameters())  # full sizes, without gathering
     if rank == 0:
         Path(out, "numel.json").write_text(json.dumps(numel))
 

@@ -88,10 +88,19 @@ def test_named_policy_refuses_its_fixed_fields():
         load_config(None, ["schedule.policy=long", "schedule.milestones=[3, 4]"])
 
 
+def _megdet_long_by_hand(it: int, peak: float, warmup: int, factor: float) -> float:
+    """MegDet's long policy at 100 iterations per epoch, written out: linear warmup from factor x peak,
+    x0.1 at epoch 11, x0.1 at 14, x0.5 at 17."""
+    warm = factor + (1 - factor) * it / warmup if it < warmup else 1.0
+    decay = 1.0 if it < 1100 else 0.1 if it < 1400 else 0.01 if it < 1700 else 0.005
+    return peak * warm * decay
+
+
 def test_resolved_schedule_is_a_pure_function_of_config_and_iteration():
     a = _schedule(64, 100, "schedule.policy=long", "schedule.warmup_iters=30")
-    b = _schedule(64, 100, "schedule.policy=long", "schedule.warmup_iters=30")
-    assert [a.lr(i) for i in range(0, 1800, 7)] == [b.lr(i) for i in range(0, 1800, 7)]
+    for i in list(range(0, 1800, 7)) + [29, 30, 1099, 1100, 1399, 1400, 1699, 1700, 1799]:
+        assert a.lr(i) == pytest.approx(_megdet_long_by_hand(i, 0.08, 30, 0.001), rel=1e-12), i
+    assert a.lr(500) == a.lr(500) == _schedule(64, 100, "schedule.policy=long", "schedule.warmup_iters=30").lr(500)
     d = a.as_dict()
     assert d["decay_iters"] == [1100, 1400, 1700] and d["decay_factors"] == [0.1, 0.1, 0.5]
     assert d["peak_lr"] == pytest.approx(0.08) and d["warmup_iters"] == 30

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 
 import pytest
 import yaml
 
+import pipeline.study_runner as study_cli  # launch/study.py's logic
 from conftest import REPO, tiny_overrides
 from pipeline.config import ConfigError
 from pipeline.study import load_study, read_status
-
-sys.path.insert(0, str(REPO / "launch"))
-import study as study_cli  # noqa: E402  (launch/study.py)
+from pipeline.tracking import read_metrics
 
 
 def _write(tmp_path, spec: dict):
@@ -96,8 +94,16 @@ def test_two_point_study_runs_resumes_and_reports(shapes_root, tmp_path):
     assert [r["point"] for r in rows] == ["1x2x2__sgd", "1x2x2__agvm_sgd"]
     for row in rows:
         assert row["status"] == "done" and row["iterations"] == "4" and row["global_batch"] == "4"
-        assert 0.0 <= float(row["AP50"]) <= 1.0 and float(row["images_per_s"]) > 0
-        assert float(row["peak_mem_gib"]) > 0
+        run_dir = root / row["point"]
+        evaluated = json.loads((run_dir / "eval_metrics.json").read_text())
+        assert float(row["AP50"]) == evaluated["bbox/AP50"] and float(row["AP"]) == evaluated["bbox/AP"]
+        # Throughput from the per-window log records (one iteration of 4 images each, the first
+        # window holds start-up costs and is left out): total images / total seconds.
+        windows = [r["train/images_per_s"] for r in read_metrics(run_dir) if "train/images_per_s" in r][1:]
+        assert len(windows) == 3
+        assert float(row["images_per_s"]) == pytest.approx(4 * len(windows) / sum(4 / ips for ips in windows),
+                                                           rel=1e-9)
+        assert 0.1 < float(row["peak_mem_gib"]) < 24  # a resident set: more than torch alone, less than the machine
     assert "mu_final/backbone" in rows[1] and rows[1]["mu_final/backbone"]
     for name in ("results.md", "ap_vs_batch.png", "time_vs_batch.png", "agvm_phi_mu.png"):
         assert (root / name).is_file(), name
@@ -110,14 +116,45 @@ def test_two_point_study_runs_resumes_and_reports(shapes_root, tmp_path):
     assert again == logs == {"1x2x2__sgd": 1, "1x2x2__agvm_sgd": 1}
 
 
+def test_bad_point_stops_the_study_before_anything_runs(shapes_root, tmp_path):
+    """Validation of every point for its launch shape comes first: a missing dataset, or AGVM on one
+    rank without accumulation, fail the study with exit status 2, naming the point and the key,
+    before the healthy point has started."""
+    fixed = _tiny_fixed(shapes_root, tmp_path)
+    spec = {"name": "bad", "fixed": fixed,
+            "grid": {"case": {"ok": {"data.root": str(shapes_root)},
+                              "missing": {"data.root": str(tmp_path / "no_such_dataset")},
+                              "one_half": {"optim.name": "agvm_sgd", "train.grad_accum": 1}}}}
+    path = _write(tmp_path, spec)
+    out = tmp_path / "runs"
+    with pytest.raises(ConfigError) as err:
+        study_cli.validate_points(load_study(path, out))
+    message = str(err.value)
+    assert "2 of 3 points cannot run" in message
+    assert "point missing" in message and "data.train_ann" in message and "no_such_dataset" in message
+    assert "point one_half" in message and "train.grad_accum >= 2" in message and "point ok" not in message
+    assert study_cli.main([str(path), "--output-dir", str(out)]) == 2
+    assert not (out / "bad").exists(), "nothing may start when a point is invalid"
+
+
 def test_failing_point_is_retried_once_then_reported(shapes_root, tmp_path):
-    """A point that crashes (its data are missing) is retried from its checkpoint, marked failed,
-    kept in the results, and the study exits non-zero; the healthy point still runs, and a point
-    whose loss turns NaN is a result (diverged), not a crash: it is not retried."""
+    """A point that crashes (DeepSpeed refuses its engine settings) is retried from its checkpoint,
+    marked failed, kept in the results, and the study exits non-zero; a point whose data turn out
+    bad (exit status 2) is not retried; the healthy point still runs, and a point whose loss turns
+    NaN is a result (diverged), not a crash: it is not retried."""
+    broken = tmp_path / "broken_data"
+    (broken / "annotations").mkdir(parents=True)
+    for part in ("train", "val"):
+        (broken / part).symlink_to(shapes_root / part)
+    (broken / "annotations/instances_train.json").write_text('{"images": [')  # truncated: not JSON
+    (broken / "annotations/instances_val.json").write_text((shapes_root / "annotations/instances_val.json").read_text())
+    crashing = tmp_path / "stage7.json"
+    crashing.write_text('{"zero_optimization": {"stage": 7}}')
     fixed = _tiny_fixed(shapes_root, tmp_path)
     spec = {"name": "flaky", "fixed": fixed,
             "grid": {"data": {"ok": {"data.root": str(shapes_root)},
-                              "missing": {"data.root": str(tmp_path / "no_such_dataset")},
+                              "crash": {"train.ds_config": str(crashing)},
+                              "bad_data": {"data.root": str(broken)},
                               "diverges": {"optim.base_lr": 1.0e6, "schedule.warmup_iters": 0}}}}
     path = _write(tmp_path, spec)
     out = tmp_path / "runs"
@@ -125,17 +162,19 @@ def test_failing_point_is_retried_once_then_reported(shapes_root, tmp_path):
     study = load_study(path, out)
     status = read_status(study)
     assert status["ok"]["status"] == "done" and status["ok"]["attempts"] == 1
-    assert status["missing"]["status"] == "failed" and status["missing"]["attempts"] == 2
-    log = (study.root / "missing.log").read_text()
+    assert status["crash"]["status"] == "failed" and status["crash"]["attempts"] == 2
+    log = (study.root / "crash.log").read_text()
     assert log.count("### ") == 2 and "train.resume=true" in log.split("### ")[2]
-    assert "no_such_dataset" in log  # the trainer's error names the missing path
+    assert status["bad_data"]["status"] == "failed" and status["bad_data"]["attempts"] == 1
+    assert status["bad_data"]["returncode"] == 2
+    assert "instances_train.json is not valid JSON" in (study.root / "bad_data.log").read_text()
     assert status["diverges"]["status"] == "diverged" and status["diverges"]["attempts"] == 1
     rows = {r["point"]: r for r in csv.DictReader((study.root / "results.csv").open())}
-    assert rows["missing"]["status"] == "failed" and rows["ok"]["status"] == "done"
+    assert rows["crash"]["status"] == "failed" and rows["ok"]["status"] == "done"
     assert rows["diverges"]["diverged"] == "True" and rows["diverges"]["AP50"] == ""
     # Failed points stay failed on a plain re-run (no silent retries), and run again when asked.
     assert study_cli.main([str(path), "--output-dir", str(out)]) == 1
-    assert json.loads((study.root / "study_status.json").read_text())["missing"]["attempts"] == 2
+    assert json.loads((study.root / "study_status.json").read_text())["crash"]["attempts"] == 2
 
 
 def test_model_size_study_labels_measured_and_estimated_cells(shapes_root, tmp_path, monkeypatch):

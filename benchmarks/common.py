@@ -1,0 +1,68 @@
+"""What every benchmark shares: synthetic batches, timing, and how a result row is labelled."""
+
+from __future__ import annotations
+
+import itertools
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from pipeline.build import build_training
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks/results.jsonl"
+
+
+def synthetic_batch(batch: int, h: int, w: int, device: torch.device, seed: int = 0):
+    """``batch`` random images with 3-12 random boxes each, labels from COCO's 80 classes."""
+    g = torch.Generator().manual_seed(seed)
+    images = [(torch.rand(3, h, w, generator=g) * 255).to(device) for _ in range(batch)]
+    targets = []
+    for _ in range(batch):
+        n = int(torch.randint(3, 13, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+        wh = 16 + torch.rand(n, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3])
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                        "labels": torch.randint(1, 81, (n,), generator=g).to(device)})
+    return images, targets
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step, device: torch.device, warmup: int, steps: int) -> float:
+    """Seconds per step after ``warmup`` untimed steps (synchronised at the ends only)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - tic) / steps
+
+
+def row_label(device: torch.device) -> dict:
+    """Date, commit and device of a result row."""
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit, "device": name}
+
+
+def pipeline_step(overrides: list[str], info, batch: int, height: int, width: int):
+    """Our detector built and stepped as a training run is (``build_training`` and its train step),
+    fed one fixed synthetic batch; returns the run and its step function."""
+    cfg = load_config(None, overrides + ["schedule.max_iters=1000", "schedule.warmup_iters=0"])
+    training = build_training(cfg, info, data=False, num_classes=80)
+    batches = itertools.repeat(synthetic_batch(batch, height, width, info.device, seed=info.rank))
+    return training, lambda: training.step(batches)

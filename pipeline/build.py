@@ -1,0 +1,157 @@
+"""Building things one way for every caller: the model, the data, and a whole training run.
+
+``build_model`` is the only place that turns the experiment's ``model`` section into a module
+(backbone, BatchNorm replacement, pretrained weights, activation checkpointing, ZeRO-3
+partitioning at construction): the trainer, the export, the planner's probe and the benchmarks
+all call it. ``build_training`` assembles a run (data, schedule, param groups, optimizer, AGVM,
+DeepSpeed engine) and returns a ``Training``, what the loop needs; the trainer, the tests and
+the benchmarks all step through its ``step``.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from models.detector import build_detector, count_parameters
+from pipeline import engine as eng
+from pipeline.agvm import AGVM, modules_of
+from pipeline.config import ExperimentConfig
+from pipeline.data import CocoDetection, build_datasets, build_loaders
+from pipeline.ds_config import engine_config, zero_stage
+from pipeline.ds_internals import gathered
+from pipeline.memory import current_memory, release_free_heap
+from pipeline.norm import build_bn_group, convert_norms
+from pipeline.optim import build_optimizer, build_param_groups, check_zero_support
+from pipeline.schedule import Schedule, build_schedule
+from pipeline.step import TrainStep
+from pipeline.synthetic import make_dataset
+
+log = logging.getLogger("pipeline")
+
+
+def log_dist(msg: str, *args) -> None:
+    """Log on rank 0 only (every rank runs the same code)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.info(msg, *args)
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int, *, pretrained: bool = True, bn_group=None,
+                ds_config: Optional[dict] = None) -> nn.Module:
+    """The configured detector, for any purpose.
+
+    Every BatchNorm becomes ``cfg.model.norm``; cross-GPU BN computes its statistics over
+    ``bn_group`` (None: this process's batch only, which is torch's BN: inference, probes).
+    ``pretrained`` loads ``model.pretrained`` (training); export and probes pass False, since
+    their weights come from elsewhere or do not matter. With ``ds_config`` at ZeRO-3 and
+    ``train.zero_init``, the model is built already partitioned (``deepspeed.zero.Init``).
+    Activation checkpointing follows ``model.activation_checkpointing``.
+    """
+    model_cfg = cfg.model if pretrained else cfg.model.model_copy(update={"pretrained": None})
+    with eng.model_init_context(ds_config, cfg.train.zero_init) if ds_config else nullcontext():
+        model = build_detector(model_cfg, num_classes, cfg.data.min_size, cfg.data.max_size)
+    bn_params = [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 for p in m.parameters(recurse=False)]
+    with gathered(bn_params):  # built under zero.Init: the converter copies the full values
+        count = convert_norms(model, cfg.model.norm, bn_group, cfg.model.gn_groups)
+    log_dist("norm: %s in place of %d BatchNorm layers", cfg.model.norm, count)
+    return model
+
+
+@dataclass
+class TrainData:
+    """The datasets and this rank's loaders."""
+
+    train_set: CocoDetection
+    val_set: CocoDetection
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+    @property
+    def num_classes(self) -> int:
+        return self.train_set.num_classes
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_loader.batch_sampler.steps_per_epoch
+
+
+def build_data(cfg: ExperimentConfig, info: eng.DistInfo) -> TrainData:
+    """Write the embedded dataset if the config asks for it (rank 0), then datasets and loaders."""
+    d = cfg.data
+    if d.source == "synthetic" and info.rank == 0:
+        make_dataset(d.root, num_train=d.synthetic_train, num_val=d.synthetic_val, seed=0)
+    dist.barrier()
+    train_set, val_set = build_datasets(d, cfg.model.detector == "mask_rcnn")
+    train_loader, val_loader = build_loaders(d, train_set, val_set, cfg.train.micro_batch, cfg.train.grad_accum,
+                                             info.world, info.rank, cfg.train.seed)
+    return TrainData(train_set, val_set, train_loader, val_loader)
+
+
+@dataclass
+class Training:
+    """What the training loop needs, built once by ``build_training``."""
+
+    engine: object  # deepspeed.DeepSpeedEngine
+    step: TrainStep
+    schedule: Schedule
+    ds_config: dict
+    data: Optional[TrainData]
+    agvm: Optional[AGVM]
+
+
+def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = True, model: Optional[nn.Module] = None,
+                   num_classes: Optional[int] = None) -> Training:
+    """Assemble a run: data, model, schedule, param groups, optimizer, AGVM, engine, train step.
+
+    ``data=False`` is for callers that feed their own batches (tests, benchmarks): no loaders, and
+    the schedule counts one iteration per epoch (give ``schedule.max_iters``). The model is built
+    from the config (``num_classes`` from the data, or given), or passed in as ``model``.
+    """
+    train_data = build_data(cfg, info) if data else None
+    ds_config = engine_config(cfg, info.world)
+    check_zero_support(cfg.optim.name, zero_stage(ds_config), str(cfg.train.ds_config))
+    if model is None:
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = build_model(cfg, train_data.num_classes if train_data else num_classes,
+                            bn_group=_bn_group(cfg), ds_config=ds_config).to(info.device)
+        release_free_heap()  # zero.Init's construction buffers
+        log_dist("model: %s %s, %s parameters; rank 0 holds %.2f GiB", cfg.model.detector, cfg.model.backbone,
+                 f"{count_parameters(model):,}", current_memory(info.device) / 2**30)
+    torch.manual_seed(cfg.train.seed + info.rank)  # RoI/anchor sampling differs per rank
+    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * info.world
+    schedule = build_schedule(cfg.schedule, cfg.optim, global_batch, train_data.steps_per_epoch if data else 1)
+    groups = build_param_groups(model, cfg.model.detector, cfg.optim)
+    agvm = None
+    if cfg.optim.name.startswith("agvm"):  # before initialize: its gradient tap must run before ZeRO's hooks
+        adamw = (cfg.optim.betas[1], cfg.optim.eps) if cfg.optim.name == "agvm_adamw" else None
+        agvm = AGVM(cfg.agvm, modules_of(groups), info.world, info.rank, cfg.train.grad_accum,
+                    schedule.warmup_iters, adamw)
+        log_dist("AGVM: modules %s, halves by %s, tau %d, modulation from iteration %d%s", list(agvm.mu),
+                 "ranks" if agvm.tap.by_ranks else "micro-batches", cfg.agvm.tau, agvm.start,
+                 f" to {cfg.agvm.stop_iter}" if cfg.agvm.stop_iter else "")
+    engine = eng.build_engine(model, build_optimizer(groups, cfg.optim, schedule.lr(0)), ds_config)
+    release_free_heap()  # ZeRO's flattening copies are freed: give them back before training
+    log_dist("engine: ZeRO stage %d; rank 0 holds %.2f GiB", zero_stage(ds_config),
+             current_memory(info.device) / 2**30)
+    step = TrainStep(engine, schedule, cfg.train.grad_accum, agvm)
+    return Training(engine, step, schedule, ds_config, train_data, agvm)
+
+
+def _bn_group(cfg: ExperimentConfig):
+    """This rank's cross-GPU BN group (every rank creates every group), logged once."""
+    if cfg.model.norm != "cgbn":
+        return None
+    group, layout = build_bn_group(cfg.model, cfg.train.micro_batch)
+    sizes = sorted({len(g) for g in layout})
+    log_dist("norm: cgbn; %d BN group(s) of %s rank(s) = %s images each: %s", len(layout),
+             "/".join(map(str, sizes)), "/".join(str(n * cfg.train.micro_batch) for n in sizes),
+             layout if len(layout) <= 16 else f"{layout[:4]} ...")
+    return group

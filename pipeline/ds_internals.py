@@ -1,0 +1,122 @@
+"""Every read and write of a private DeepSpeed attribute, in one place.
+
+DeepSpeed has no public API for a few things this pipeline needs: changing gradient clipping
+between steps (AGVM's clipping window), reading one parameter's optimizer state out of ZeRO's
+flat partitions (AGVM-AdamW), a partitioned parameter's full size, and loading checkpoint
+shards memory-mapped. Each function below names the DeepSpeed behaviour it relies on;
+``tests/test_ds_internals.py`` fails when one of them stops working, and ``check_version``
+refuses a DeepSpeed outside the range they were written and tested against. DeepSpeed
+itself is imported only where it is used, so the config checks stay free of it.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version as installed_version
+
+import torch
+from packaging.version import Version
+
+# The DeepSpeed releases this module was written and tested against: [low, high).
+TESTED_RANGE = ("0.19", "0.20")
+
+
+def check_version(version: str | None = None) -> None:
+    """Raise when the installed DeepSpeed is outside ``TESTED_RANGE``: the private attributes
+    below may have moved, and a silently wrong clip or optimizer state is worse than a stop."""
+    version = version or installed_version("deepspeed")
+    low, high = TESTED_RANGE
+    if not Version(low) <= Version(version) < Version(high):
+        raise RuntimeError(
+            f"DeepSpeed {version} is installed, but pipeline/ds_internals.py was written and tested against "
+            f"DeepSpeed >={low},<{high}: install that range (pip install 'deepspeed>={low},<{high}'), or re-check "
+            f"each function of pipeline/ds_internals.py against {version}, run tests/test_ds_internals.py and "
+            "widen TESTED_RANGE")
+
+
+# ---- ZeRO-3 partitioned parameters ----
+
+def full_numel(param: torch.nn.Parameter) -> int:
+    """Elements of the whole parameter; ZeRO-3 keeps the full size in ``ds_numel`` once
+    ``zero.Init`` has partitioned it (``numel()`` is then 0 or the local shard)."""
+    return getattr(param, "ds_numel", param.numel())
+
+
+def is_partitioned(param: torch.nn.Parameter) -> bool:
+    """True for a ZeRO-3 parameter (``zero.Init`` gives each one a ``ds_id``)."""
+    return hasattr(param, "ds_id")
+
+
+def gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
+    """Full values of (possibly ZeRO-3-partitioned) parameters inside the context; read-only unless
+    ``modifier_rank`` is given (that rank's changes are then scattered back to every shard)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank,
+                                             enabled=any(is_partitioned(p) for p in params))
+
+
+# ---- the client optimizer behind the engine ----
+
+def client_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer handed to ``deepspeed.initialize``: ``engine.optimizer`` at fp32 ZeRO-0,
+    otherwise the ``optimizer`` attribute of DeepSpeed's wrapper (ZeRO 1-3, BF16_Optimizer)."""
+    wrapper = engine.optimizer
+    return wrapper.optimizer if hasattr(wrapper, "optimizer") else wrapper
+
+
+def set_gradient_clipping(engine, max_norm: float) -> None:
+    """Change the engine's global-norm gradient clipping between steps (0 = off).
+
+    Relies on: ZeRO-0 reads ``engine._config.gradient_clipping`` (through
+    ``engine.gradient_clipping()``) at every step; the ZeRO 1-3 optimizers copy it once, at
+    initialize, into their own ``clip_grad`` and read that at every step. Both are set, so the
+    norm stays the engine's own, over all partitions.
+    """
+    engine._config.gradient_clipping = max_norm
+    if hasattr(engine.optimizer, "clip_grad"):
+        engine.optimizer.clip_grad = max_norm
+
+
+def full_optimizer_state(engine, params: list[torch.nn.Parameter], key: str) -> list[torch.Tensor]:
+    """Each parameter's whole optimizer state ``key`` (e.g. AdamW's ``exp_avg_sq``), flat fp32, in
+    ``params`` order; zeros before the first step. A collective under ZeRO >= 1: every rank calls it.
+
+    Relies on: ZeRO 1/2 link their per-parameter views of the client optimizer's state lazily, once,
+    right after the first parameter group's first step, when the other groups have no state yet
+    (``_hp_optimizer_states_linked``); ``safe_get_full_optimizer_state`` then raises for every
+    parameter outside group 0. Re-linking once every group has stepped fixes it.
+    """
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    client = client_optimizer(engine)
+    if not client.state:  # no step taken yet: the state is zero, as for a fresh optimizer
+        return [torch.zeros(full_numel(p), device=p.device) for p in params]
+    if client is engine.optimizer:  # plain torch: the state is keyed by the parameters themselves
+        return [client.state[p][key].reshape(-1).float() for p in params]
+    wrapper = engine.optimizer
+    if getattr(wrapper, "_hp_optimizer_states_linked", None) is not None:
+        wrapper._hp_optimizer_states_linked = False
+        wrapper._lazy_init_hp_params_optimizer_state()
+    return [safe_get_full_optimizer_state(p, key).reshape(-1).float() for p in params]
+
+
+# ---- checkpoints ----
+
+def load_checkpoints_memory_mapped(engine) -> bool:
+    """Read checkpoint shards memory-mapped (``torch.load(mmap=True)``) instead of into a second
+    in-RAM copy beside the live engine (2.3 GB per rank for the 1.1B-parameter detector's fp32
+    partition). Returns whether it applies.
+
+    Relies on: ``engine.checkpoint_engine`` is DeepSpeed's ``TorchCheckpointEngine`` whose ``load``
+    is a plain ``torch.load`` of each file, and which writes zip-format files (its
+    ``zipfile_serialization``, on by default), the format mmap needs.
+    """
+    ce = engine.checkpoint_engine
+    if type(ce).__name__ != "TorchCheckpointEngine" or not getattr(ce, "zipfile_serialization", False):
+        return False
+
+    def load(path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+
+    ce.load = load
+    return True
