@@ -33,6 +33,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from models.checkpointing import enable_activation_checkpointing
 from models.vit import SimpleFeaturePyramid, ViTBody, create_vit_body, is_plain_vit
 from pipeline.config import ModelConfig
+from pipeline.ds_internals import full_numel
 
 # ImageNet statistics, in the 0-255 range because images reach the model as uint8-valued floats.
 IMAGE_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
@@ -190,7 +191,7 @@ def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: 
 
 def count_parameters(model: nn.Module) -> int:
     """All parameters, trainable or not, counting ZeRO-3-partitioned ones at their full size."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return sum(full_numel(p) for p in model.parameters())
 
 
 def module_parameters(model: nn.Module, detector: str,

@@ -164,9 +164,10 @@ def resolve_repo_path(path: Path) -> Path:
     """A relative path names a file in the working directory if there is one, else in the repository
     (the ds_config presets): ``ds_configs/zero2_fp32.json`` means the same from any directory."""
     path = Path(path)
-    if path.is_absolute() or path.exists():
-        return path.resolve() if path.exists() else path
-    return REPO_ROOT / path
+    if path.exists():
+        return path.resolve()
+    in_repo = REPO_ROOT / path
+    return in_repo if not path.is_absolute() and in_repo.exists() else path  # else: the error names it as given
 
 
 class TrainConfig(_Section):
@@ -260,7 +261,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     tree: dict = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
+        path = resolve_repo_path(Path(path))  # configs/... means the repository's from any directory
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")

@@ -46,13 +46,11 @@ def is_partitioned(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 
 
-def gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
-    """Full values of (possibly ZeRO-3-partitioned) parameters inside the context; read-only unless
-    ``modifier_rank`` is given (that rank's changes are then scattered back to every shard)."""
+def gathered(params: list[torch.nn.Parameter]):
+    """Full values of (possibly ZeRO-3-partitioned) parameters inside the context, read-only."""
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank,
-                                             enabled=any(is_partitioned(p) for p in params))
+    return deepspeed.zero.GatheredParameters(params, enabled=any(is_partitioned(p) for p in params))
 
 
 # ---- the client optimizer behind the engine ----

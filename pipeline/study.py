@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import yaml
 
-from pipeline.config import REPO_ROOT, ConfigError, load_config
+from pipeline.config import REPO_ROOT, ConfigError, load_config, resolve_repo_path
 
 SHORTHAND = ("batch", "optimizer", "norm", "backbone", "zero", "lr_scaling")
 _STUDY_KEYS = {"name", "config", "fixed", "grid", "precision", "mode", "output_dir", "plots", "measure_iters"}
@@ -151,7 +151,7 @@ def load_study(path: Path, output_dir: Optional[Path] = None) -> Study:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; a study has {sorted(_STUDY_KEYS)}")
     if not spec.get("name") or not spec.get("grid"):
         raise ConfigError(f"{path}: a study needs a name and a grid (see pipeline/study.py)")
-    config = Path(spec["config"]) if spec.get("config") else None
+    config = resolve_repo_path(Path(spec["config"])) if spec.get("config") else None
     precision, fixed = spec.get("precision", "fp32"), dict(spec.get("fixed") or {})
     fixed_ranks = fixed.pop("ranks", 1)
     axes = [[(axis, *v) for v in _axis_values(axis, values, precision, f"{path}: grid.{axis}")]

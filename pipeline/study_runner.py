@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import REPO_ROOT, ConfigError, load_config
+from pipeline.config import REPO_ROOT, ConfigError, load_config, resolve_repo_path
 from pipeline.study import (Point, Study, collect_rows, load_study, markdown_table, point_result, read_status,
                             series_key, write_csv, write_status)
 from pipeline.validate import validate
@@ -122,6 +122,7 @@ def run_study(study: Study, retry_failed: bool = False) -> list[str]:
 
 def write_plan(study: Study, hostfile: Path, gpus_per_node: int) -> Path:
     """launch_plan.sh: one ``deepspeed --hostfile`` command per point, finished points commented out."""
+    hostfile = resolve_repo_path(hostfile).resolve()  # the plan cds into the repository first
     lines = ["#!/usr/bin/env bash", f"# Study {study.name} ({study.source}): one command per point.",
              "# Run them in order (or hand them to your scheduler); then: "
              f"python launch/study.py {study.source} --report", "set -x", f"cd {REPO_ROOT}"]
