@@ -62,3 +62,27 @@ def test_zero3_export_loads_and_predicts_the_same(shapes_root, tmp_path):
     for got, want in zip(preds, ref["preds"]):
         for key in ("boxes", "scores", "labels"):
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-4)
+
+
+def test_export_rebuilds_without_the_pretrained_file(tmp_path):
+    """The exported file alone rebuilds the model: the backbone weights the run started from
+    (model.pretrained) may be gone since, and are not read again."""
+    from conftest import TINY_BACKBONE
+    from pipeline.build import build_model
+    from pipeline.config import load_config
+    from pipeline.export import load_exported
+
+    weights = tmp_path / "backbone.pth"
+    cfg = load_config(None, ["model.detector=retinanet", f"model.backbone={TINY_BACKBONE}", "model.fpn_channels=16",
+                             "model.norm=frozen", f"model.pretrained={weights}"])
+    torch.manual_seed(3)
+    model = build_model(cfg, 3, pretrained=False).eval()
+    blob = tmp_path / "model_fp32.pt"
+    torch.save({"model": model.state_dict(), "num_classes": 3, "config": cfg.model_dump(mode="json")}, blob)
+    assert not weights.exists()
+    rebuilt = load_exported(blob)
+    images = [torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(0)) * 255]
+    with torch.no_grad():
+        want, got = model(images), rebuilt(images)
+    for key in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(got[0][key], want[0][key])

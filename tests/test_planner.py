@@ -52,9 +52,13 @@ def test_max_micro_batch_is_the_largest_that_fits():
     ("vit_base_patch16_224", "ds_configs/zero0_fp32.json"),
     ("vit_base_patch16_224", "ds_configs/zero3_fp32.json"),
 ])
-def test_estimate_within_20_percent_of_measured_peak(shapes_root, tmp_path, backbone, ds_config):
+def test_estimate_within_measured_error_of_peak(shapes_root, tmp_path, backbone, ds_config):
     """Two models x two ZeRO stages, 2 ranks on CPU: the plan (model state by formula, activations
-    by probe) against the largest rank's peak resident memory over 3 real training steps."""
+    by probe) against the largest rank's peak resident memory over 3 real training steps.
+
+    Measured on two CPU machines (docs/RESULTS.md, 2026-11-23 and 2026-12-01): the estimate ran
+    1.2-7.9% below the peak, never above (the probe process lacks what a training rank adds:
+    process group, comm op, dataset). The bounds allow 2 points of margin below and 3 above."""
     overrides = tiny_overrides(shapes_root, tmp_path, "faster_rcnn") + [
         f"model.backbone={backbone}", f"train.ds_config={ds_config}", "model.norm=per_gpu"]
     cfg = load_config(None, overrides)
@@ -62,7 +66,8 @@ def test_estimate_within_20_percent_of_measured_peak(shapes_root, tmp_path, back
     measured = measure_peak(None, overrides, world=2)
     estimate = plan.total / GIB
     print(f"{backbone} {ds_config}: estimate {estimate:.3f} GiB, measured {measured['peak_mem_gib']:.3f} GiB")
-    assert estimate == pytest.approx(measured["peak_mem_gib"], rel=0.20)
+    error = (estimate - measured["peak_mem_gib"]) / measured["peak_mem_gib"]
+    assert -0.10 <= error <= 0.03, f"estimate {100 * error:+.1f}% off the measured peak"
 
 
 def test_command_line_plans_the_shipped_default_config(shapes_root, capsys):
