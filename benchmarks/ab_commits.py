@@ -1,13 +1,13 @@
 """A/B of two commits on README command 1's training run, alternating on the same machine.
 
-    python benchmarks/ab_commits.py OLD [NEW] [--rounds 2] [-- key=value ...]
+    python benchmarks/ab_commits.py OLD [NEW] [--rounds 2] [--overrides key=value ...]
 
 Checks both commits out into temporary worktrees and runs ``launch/train.py --config
 configs/shapes_default.yaml`` of each in turn (A B A B ...), each importing its own code
 (``PYTHONPATH``), on one shared copy of the embedded dataset. Alternating makes drift in the
 machine's speed hit both alike. Prints wall seconds, training img/s (``run_summary.json``,
 start-up window left out) and AP per run, and appends the rows to benchmarks/results.jsonl.
-Overrides after ``--`` shorten the run (e.g. ``schedule.max_iters=100 train.evaluate=false``).
+``--overrides`` shorten the run (e.g. ``schedule.max_iters=100 train.evaluate=false``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("new", nargs="?", default="HEAD")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results.jsonl")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("--overrides", nargs="*", default=[], help="key=value overrides for both sides")
     args = p.parse_args()
     commits = {name: _git("rev-parse", "--short", ref) for name, ref in (("old", args.old), ("new", args.new))}
     rows = []

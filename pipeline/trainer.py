@@ -43,11 +43,10 @@ def archive_previous_run(run_dir: Path, rank: int) -> None:
 
 def device_batches(loader, device: torch.device):
     """The loader's (images, targets) micro-batches, copied to ``device`` (pinned memory: asynchronous)."""
-    for images, targets in loader:
-        images = [im.to(device, non_blocking=True).float() for im in images]
-        targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                   for t in targets]
-        yield images, targets
+    for images, targets in loader:  # the copies are not kept here: autograd frees them after backward
+        yield ([im.to(device, non_blocking=True).float() for im in images],
+               [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                for t in targets])
 
 
 def _reduce_window(window: dict[str, torch.Tensor], count: int) -> dict[str, float]:
