@@ -79,6 +79,10 @@ def _full_params(engine, stage: int) -> dict[str, list[float]]:
 
 
 def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str) -> None:
+    import gc
+
+    import torch.distributed as dist
+
     from pipeline.build import build_training
     from pipeline.engine import init_distributed
 
@@ -93,7 +97,12 @@ def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str) -> 
             record.append({"phi": agvm.phi, "mu": agvm.mu, "params": _full_params(training.engine, stage)})
         if rank == 0:
             Path(out_dir, f"{opt}_zero{stage}.json").write_text(json.dumps(record))
+        # Tear the engine down on every rank before any rank starts the next one's collectives.
+        dist.barrier()
         training.engine.destroy()
+        del training
+        gc.collect()
+        dist.barrier()
 
 
 def _reference(opt: str, world: int, accum: int) -> list[dict]:
