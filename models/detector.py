@@ -16,6 +16,10 @@ every trainable parameter must belong to exactly one named module. The names
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import logging
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
@@ -32,7 +36,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from models.checkpointing import enable_activation_checkpointing
 from models.vit import SimpleFeaturePyramid, ViTBody, create_vit_body, is_plain_vit
-from pipeline.config import ModelConfig
+from pipeline.config import ConfigError, ModelConfig
 from pipeline.ds_internals import full_numel
 
 # ImageNet statistics, in the 0-255 range because images reach the model as uint8-valued floats.
@@ -82,6 +86,15 @@ class BackboneWithNeck(nn.Module):
         return self.neck(OrderedDict((str(i), f) for i, f in enumerate(features)))
 
 
+def check_backbone_name(name: str) -> None:
+    """Raise ConfigError when timm has no model ``name``, suggesting the closest names it has."""
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"close names: {', '.join(close)}" if close else "timm.list_models('*pattern*') lists them"
+    raise ConfigError(f"model.backbone={name!r}: timm {timm.__version__} has no model of that name; {hint}")
+
+
 def _pretrained_kwargs(cfg: ModelConfig) -> dict:
     if cfg.pretrained is None:
         return {}
@@ -89,6 +102,46 @@ def _pretrained_kwargs(cfg: ModelConfig) -> dict:
         raise FileNotFoundError(
             f"model.pretrained: {cfg.pretrained} does not exist (weights load only from a local file)")
     return dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(cfg.pretrained)))
+
+
+class _MissingKeys(logging.Handler):
+    """Collects the keys timm reports missing from a pretrained file.
+
+    timm loads a backbone for features (or without its classifier) non-strictly and reports missing
+    keys only as an INFO log line, so a file of another architecture would load nothing, silently."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.keys: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.match(r"Missing keys \((.*)\) discovered", record.getMessage())
+        if found:
+            self.keys += found.group(1).split(", ")
+
+
+@contextlib.contextmanager
+def _strict_pretrained_load(cfg: ModelConfig):
+    """Raise when the pretrained file leaves backbone parameters (other than the classifier) unloaded."""
+    if cfg.pretrained is None:
+        yield
+        return
+    logger, handler = logging.getLogger("timm.models._builder"), _MissingKeys()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.backbone.split(".")[0])
+    classifier = getattr(pretrained_cfg, "classifier", None) or "head"
+    prefixes = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
+    missing = [k for k in handler.keys if not k.startswith(prefixes)]
+    if missing:
+        raise RuntimeError(f"{len(missing)} backbone tensor(s) are not in the file, e.g. {missing[:5]}; it was "
+                           "saved from another architecture or with other key names")
 
 
 def _family_kwargs(name: str) -> dict:
@@ -102,12 +155,14 @@ def _family_kwargs(name: str) -> dict:
 
 def _create_body(cfg: ModelConfig, out_indices: Optional[tuple[int, ...]]) -> nn.Module:
     """The timm body; all its feature levels when ``out_indices`` is None (selected by stride later)."""
+    check_backbone_name(cfg.backbone)
     try:
-        if is_plain_vit(cfg.backbone):
-            return create_vit_body(cfg.backbone, _pretrained_kwargs(cfg))
-        chosen = {} if out_indices is None else {"out_indices": out_indices}
-        return timm.create_model(cfg.backbone, features_only=True, **chosen, **_family_kwargs(cfg.backbone),
-                                 **_pretrained_kwargs(cfg))
+        with _strict_pretrained_load(cfg):
+            if is_plain_vit(cfg.backbone):
+                return create_vit_body(cfg.backbone, _pretrained_kwargs(cfg))
+            chosen = {} if out_indices is None else {"out_indices": out_indices}
+            return timm.create_model(cfg.backbone, features_only=True, **chosen, **_family_kwargs(cfg.backbone),
+                                     **_pretrained_kwargs(cfg))
     except RuntimeError as err:  # timm's strict load names the missing/unexpected keys
         raise RuntimeError(f"model.pretrained={cfg.pretrained} does not fit backbone "
                            f"{cfg.backbone!r}: {err}") from None

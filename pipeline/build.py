@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 from models.detector import build_detector, count_parameters
 from pipeline import engine as eng
 from pipeline.agvm import AGVM, modules_of
-from pipeline.config import ExperimentConfig
+from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.data import CocoDetection, build_datasets, build_loaders
 from pipeline.ds_config import engine_config, zero_stage
-from pipeline.ds_internals import gathered
+from pipeline.ds_internals import full_numel, gathered
 from pipeline.memory import current_memory, release_free_heap
 from pipeline.norm import build_bn_group, convert_norms
 from pipeline.optim import build_optimizer, build_param_groups, check_zero_support
@@ -51,11 +51,14 @@ def build_model(cfg: ExperimentConfig, num_classes: int, *, pretrained: bool = T
     ``bn_group`` (None: this process's batch only, which is torch's BN: inference, probes).
     ``pretrained`` loads ``model.pretrained`` (training); export and probes pass False, since
     their weights come from elsewhere or do not matter. With ``ds_config`` at ZeRO-3 and
-    ``train.zero_init``, the model is built already partitioned (``deepspeed.zero.Init``).
+    ``train.zero_init``, the model is built already partitioned (``deepspeed.zero.Init``), with
+    the values of an unpartitioned build (``_partitioned_detector``).
     Activation checkpointing follows ``model.activation_checkpointing``.
     """
     model_cfg = cfg.model if pretrained else cfg.model.model_copy(update={"pretrained": None})
-    with eng.model_init_context(ds_config, cfg.train.zero_init) if ds_config else nullcontext():
+    if ds_config and cfg.train.zero_init and zero_stage(ds_config) == 3:
+        model = _partitioned_detector(model_cfg, num_classes, cfg, ds_config)
+    else:
         model = build_detector(model_cfg, num_classes, cfg.data.min_size, cfg.data.max_size)
     bn_params = [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                  for p in m.parameters(recurse=False)]
@@ -63,6 +66,64 @@ def build_model(cfg: ExperimentConfig, num_classes: int, *, pretrained: bool = T
         count = convert_norms(model, cfg.model.norm, bn_group, cfg.model.gn_groups)
     log_dist("norm: %s in place of %d BatchNorm layers", cfg.model.norm, count)
     return model
+
+
+def _partitioned_detector(model_cfg, num_classes: int, cfg: ExperimentConfig, ds_config: dict) -> nn.Module:
+    """The detector built under ``zero.Init``, holding the values of an ordinary build.
+
+    Under ``zero.Init`` each submodule's parameters are partitioned as soon as that submodule is
+    constructed, so whatever a parent writes into them afterwards is lost: timm's and
+    torchvision's weight init (RetinaNet's prior bias, zero-init residual BN) and any pretrained
+    load (timm's checkpoint filters, e.g. a ViT's ``pos_embed`` resampling, read the full shapes).
+    So rank 0 also builds the model ordinarily, on the CPU (its host memory holds one fp32 copy for
+    the time of the build; no GPU ever holds the whole model), and its values are scattered into
+    the partitioned one, a bounded chunk of parameters at a time.
+    """
+    size = (cfg.data.min_size, cfg.data.max_size)
+    source, error = None, [None]
+    if dist.get_rank() == 0:
+        state = torch.random.get_rng_state()
+        try:
+            source = build_detector(model_cfg, num_classes, *size)
+        except (ConfigError, RuntimeError, ValueError, OSError) as err:  # e.g. a file that does not fit
+            error = [err]
+        torch.random.set_rng_state(state)  # the partitioned build sees the RNG an ordinary build would
+    dist.broadcast_object_list(error, src=0)  # every rank stops with rank 0's message, none waits forever
+    if error[0] is not None:
+        raise error[0]
+    with eng.model_init_context(ds_config, True):
+        model = build_detector(model_cfg.model_copy(update={"pretrained": None}), num_classes, *size)
+    scatter_from_rank0(model, source)
+    return model
+
+
+def scatter_from_rank0(model: nn.Module, source: Optional[nn.Module], chunk_elements: int = 2**27) -> None:
+    """Copy rank 0's ``source`` (same architecture, not partitioned) into ``model`` on every rank.
+
+    Parameters go through ``GatheredParameters(modifier_rank=0)``, which re-partitions rank 0's
+    values on exit; buffers (never partitioned) are broadcast. A collective: every rank calls it
+    (``source`` is None except on rank 0).
+    """
+    import deepspeed
+
+    values = dict(source.named_parameters()) if source is not None else {}
+    chunk, elements = [], 0
+    params = list(model.named_parameters())
+    for i, (name, param) in enumerate(params):
+        chunk.append((name, param))
+        elements += full_numel(param)
+        if elements >= chunk_elements or i == len(params) - 1:
+            with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=0):
+                if source is not None:
+                    with torch.no_grad():
+                        for n, p in chunk:
+                            p.copy_(values[n])
+            chunk, elements = [], 0
+    buffers = dict(source.named_buffers()) if source is not None else {}
+    for name, buf in model.named_buffers():
+        if source is not None:
+            buf.copy_(buffers[name])
+        dist.broadcast(buf, src=0)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from models.detector import MODULE_PREFIXES
+from models.detector import MODULE_PREFIXES, check_backbone_name
 from pipeline.agvm import check_halves
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.ds_config import engine_config, zero_stage
@@ -35,6 +35,7 @@ def validate(cfg: ExperimentConfig, world: int, ranks_per_node: int) -> None:
             errors.append(str(err))
 
     check(lambda: _check_engine(cfg, world))
+    check(lambda: check_backbone_name(cfg.model.backbone))
     if cfg.optim.name.startswith("agvm"):
         check(lambda: check_halves(world, cfg.train.grad_accum))
         modules = MODULE_PREFIXES[cfg.model.detector]

@@ -7,7 +7,8 @@ import torch
 
 from conftest import TINY_BACKBONE
 from models.detector import MODULE_PREFIXES, build_detector, module_parameters
-from pipeline.config import ModelConfig
+from pipeline.config import ConfigError, ModelConfig, load_config
+from pipeline.validate import validate
 
 DETECTORS = ["faster_rcnn", "mask_rcnn", "retinanet", "fcos"]
 
@@ -107,3 +108,12 @@ def test_bad_backbone_and_missing_weights_are_clear(tmp_path):
         build_detector(ModelConfig(backbone="no_such_net"), 3, 64, 96)
     with pytest.raises(FileNotFoundError, match="model.pretrained.*does not exist"):
         build_detector(ModelConfig(backbone=TINY_BACKBONE, pretrained=tmp_path / "none.pth"), 3, 64, 96)
+
+
+def test_unknown_backbone_names_the_key_and_close_names():
+    """A typo in model.backbone names the key and timm's closest names, before and at build time."""
+    with pytest.raises(ConfigError, match=r"model.backbone='resnet_50': timm .* has no model of that name; "
+                                          r"close names: resnet50"):
+        build_detector(ModelConfig(backbone="resnet_50"), 3, 64, 96)
+    with pytest.raises(ConfigError, match=r"model.backbone='resnet_50'"):
+        validate(load_config(None, ["model.backbone=resnet_50"]), world=1, ranks_per_node=1)
