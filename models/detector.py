@@ -211,6 +211,10 @@ def _anchors(cfg: ModelConfig, strides: list[int]) -> AnchorGenerator:
     return AnchorGenerator(tuple((cfg.anchor_scale * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
 
 
+def _score_thresh(cfg: ModelConfig, key: str) -> dict:
+    return {} if cfg.score_thresh is None else {key: cfg.score_thresh}
+
+
 def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: int) -> nn.Module:
     """Build the configured detector for ``num_classes`` foreground classes (labels 1..num_classes)."""
     if cfg.detector == "fcos" and cfg.fpn_channels % 32:
@@ -225,7 +229,7 @@ def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: 
     if cfg.detector in ("retinanet", "fcos"):
         cls = RetinaNet if cfg.detector == "retinanet" else FCOS
         return cls(backbone, num_classes + 1, anchor_generator=anchors,
-                   detections_per_img=cfg.detections_per_img, **common)
+                   detections_per_img=cfg.detections_per_img, **_score_thresh(cfg, "score_thresh"), **common)
     levels = [str(i) for i in range(len(backbone.strides) - 1)]  # the max-pool level feeds the RPN only
     box_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=cfg.roi_sampling_ratio)
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, cfg.box_head_dim)
@@ -236,7 +240,7 @@ def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: 
                   rpn_pre_nms_top_n_test=cfg.rpn_post_nms_test,
                   rpn_post_nms_top_n_test=cfg.rpn_post_nms_test,
                   box_batch_size_per_image=cfg.roi_batch_per_image,
-                  box_detections_per_img=cfg.detections_per_img, **common)
+                  box_detections_per_img=cfg.detections_per_img, **_score_thresh(cfg, "box_score_thresh"), **common)
     if cfg.detector == "mask_rcnn":
         mask_pool = MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=cfg.roi_sampling_ratio)
         mask_predictor = MaskRCNNPredictor(256, 256, num_classes + 1)  # torchvision's mask head is 256 wide

@@ -38,6 +38,8 @@ class ModelConfig(_Section):
     out_indices: Optional[tuple[int, ...]] = None
     anchor_scale: float = Field(8.0, gt=0, description="anchor side = anchor_scale x level stride")
     detections_per_img: int = Field(100, gt=0)
+    score_thresh: Optional[float] = Field(None, ge=0, lt=1, description="detections scoring below this are dropped "
+                                          "at inference (None: torchvision's default per detector, 0.05; FCOS 0.2)")
     # R-CNN head sizes (torchvision's defaults); smaller values make CPU runs fast.
     rpn_pre_nms_train: int = Field(2000, gt=0, description="top-scoring anchors per level before the RPN's NMS")
     rpn_post_nms_train: int = Field(2000, gt=0, description="proposals per image kept for the RoI head")

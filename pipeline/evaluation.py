@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
@@ -43,15 +45,36 @@ def to_coco_results(output: dict, target: dict, label_to_cat: list[int], orig_hw
 @torch.no_grad()
 def predict(model, loader: Iterable, coco_gt: COCO, label_to_cat: list[int], device: torch.device,
             progress: bool = False) -> list[dict]:
-    """Run the model over this rank's loader; return its COCO result dicts."""
-    results = []
+    """Run the model over this rank's loader; return its COCO result dicts.
+
+    Every rank runs as many forwards as the rank with the most batches: a validation set that does
+    not divide evenly (COCO's 5,000 images on 64 ranks) gives some ranks one batch more, and under
+    ZeRO-3 every forward gathers parameters, a collective, so a rank that stopped early would leave
+    the others waiting (NCCL: a hang) or mismatch the next collective (gloo: abort). The extra
+    forwards repeat this rank's last batch and their outputs are dropped.
+    """
+    forwards = _most_batches(len(loader), device)  # before any forward: it is itself a collective
+    results, images = [], None
     for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
         images = [im.to(device, non_blocking=True).float() for im in images]
         outputs = model(images)
         for out, tgt in zip(outputs, targets):
             info = coco_gt.imgs[tgt["image_id"]]
             results += to_coco_results(out, tgt, label_to_cat, (info["height"], info["width"]))
+    if images is None:  # this rank had no image at all (fewer images than ranks)
+        images = [torch.zeros(3, 64, 64, device=device)]
+    for _ in range(forwards - len(loader)):
+        model(images)
     return results
+
+
+def _most_batches(mine: int, device: torch.device) -> int:
+    """The largest number of evaluation batches on any rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mine
+    most = torch.tensor([mine], device=device)  # NCCL reduces device tensors only
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most)
 
 
 def gather_to_rank0(results: list[dict]) -> Optional[list[dict]]:
@@ -93,8 +116,13 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], iou_types: Iterable[str] =
     return metrics
 
 
-def evaluate(model, loader, dataset, device: torch.device, with_masks: bool, progress: bool = False) -> dict:
-    """Distributed COCO evaluation of ``model`` on ``dataset``; metrics on rank 0, {} elsewhere."""
+def evaluate(model, loader, dataset, device: torch.device, with_masks: bool, progress: bool = False,
+             detections_file: Optional[Path] = None) -> dict:
+    """Distributed COCO evaluation of ``model`` on ``dataset``; metrics on rank 0, {} elsewhere.
+
+    ``detections_file``: rank 0 also writes every detection there, as a COCO results JSON
+    (``COCO.loadRes`` reads it back; masks as RLE).
+    """
     was_training = model.training
     model.eval()
     results = predict(model, loader, dataset.coco, dataset.cat_ids, device, progress)
@@ -102,5 +130,7 @@ def evaluate(model, loader, dataset, device: torch.device, with_masks: bool, pro
     results = gather_to_rank0(results)
     if results is None:
         return {}
+    if detections_file is not None:
+        detections_file.write_text(json.dumps(results))
     iou_types = ("bbox", "segm") if with_masks else ("bbox",)
     return coco_evaluate(dataset.coco, results, iou_types, img_ids=list(dataset.ids))

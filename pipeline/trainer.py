@@ -104,10 +104,12 @@ def save_checkpoint(state: TrainState, it: int) -> None:
     eng.save_checkpoint(state.engine, state.ckpt_dir, it, client)
 
 
-def run_evaluation(state: TrainState, it: int) -> dict:
+def run_evaluation(state: TrainState, it: int, final: bool = False) -> dict:
+    """COCO evaluation at iteration ``it``; the final one also keeps its detections (``eval_detections.json``)."""
     sync_running_stats(state.engine.module)  # every rank evaluates with the same BN statistics
     metrics = evaluate(state.engine, state.data.val_loader, state.data.val_set, state.info.device,
-                       state.cfg.model.detector == "mask_rcnn", progress=state.progress)
+                       state.cfg.model.detector == "mask_rcnn", progress=state.progress,
+                       detections_file=state.cfg.train.run_dir / "eval_detections.json" if final else None)
     if metrics:
         state.tracker.log({f"val/{k}": v for k, v in metrics.items()}, step=it)
         log_dist("iter %d: bbox AP %.4f AP50 %.4f", it, metrics["bbox/AP"], metrics["bbox/AP50"])
@@ -210,7 +212,7 @@ def train_loop(state: TrainState) -> dict:
         save_checkpoint(state, it)
     if not cfg.train.evaluate:
         return metrics
-    return run_evaluation(state, it) or metrics
+    return run_evaluation(state, it, final=True) or metrics
 
 
 def resume(cfg: ExperimentConfig, info: eng.DistInfo, training: Training) -> None:

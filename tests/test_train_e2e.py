@@ -64,7 +64,7 @@ def test_deepspeed_launcher_two_ranks_zero2(shapes_root, tmp_path):
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch/train.py"),
            *tiny_overrides(shapes_root, tmp_path, "retinanet"), "train.ds_config=ds_configs/zero2_fp32.json",
-           "schedule.max_iters=3"]
+           "schedule.max_iters=3", "model.score_thresh=0", "model.detections_per_img=20"]
     proc = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     run_dir = tmp_path / "run"
@@ -74,14 +74,45 @@ def test_deepspeed_launcher_two_ranks_zero2(shapes_root, tmp_path):
     assert ds_config["train_batch_size"] == 4 and ds_config["zero_optimization"]["stage"] == 2
     assert (run_dir / "checkpoints/latest").read_text().strip() == "iter_00000003"
     metrics = json.loads((run_dir / "eval_metrics.json").read_text())
-    want = _coco_stats_of_export(run_dir, shapes_root)
+    want, want_dets = _coco_stats_of_export(run_dir, shapes_root)
     got = [metrics[f"bbox/{name}"] for name in STAT_NAMES]
     assert got == pytest.approx(want, abs=1e-6), "2 ranks' sharded, gathered evaluation != COCOeval on one process"
+    _assert_same_detections(json.loads((run_dir / "eval_detections.json").read_text()), want_dets)
 
 
-def _coco_stats_of_export(run_dir: Path, root: Path, world: int = 2) -> list[float]:
+# ZeRO-3 releasing every parameter after use, as a billion-parameter model does: each forward
+# gathers, so ranks must run the same number of forwards.
+RELEASING_ZERO3 = {"zero_optimization": {"stage": 3, "stage3_max_reuse_distance": 0, "stage3_max_live_parameters": 0,
+                                         "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0}}
+
+
+def test_zero3_evaluation_of_an_odd_validation_set(tmp_path):
+    """9 validation images on 2 ranks at micro-batch 2: rank 0 runs 3 forwards, rank 1 2 and a padding
+    one. Without the padding, gloo aborts on mismatched collectives (NCCL would hang)."""
+    from pipeline.synthetic import make_dataset
+
+    root = tmp_path / "data"
+    make_dataset(root, num_train=8, num_val=9, seed=0, min_side=64, max_side=96)
+    ds_config = tmp_path / "zero3_release.json"
+    ds_config.write_text(json.dumps(RELEASING_ZERO3))
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch/train.py"),
+           *tiny_overrides(root, tmp_path, "retinanet"), f"train.ds_config={ds_config}", "schedule.max_iters=2",
+           "model.score_thresh=0", "model.detections_per_img=20"]
+    proc = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=420)  # a hang fails
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    run_dir = tmp_path / "run"
+    metrics = json.loads((run_dir / "eval_metrics.json").read_text())
+    want, want_dets = _coco_stats_of_export(run_dir, root)
+    got = [metrics[f"bbox/{name}"] for name in STAT_NAMES]
+    assert got == pytest.approx(want, abs=1e-6), "2 ranks' padded evaluation != COCOeval on one process"
+    _assert_same_detections(json.loads((run_dir / "eval_detections.json").read_text()), want_dets)
+
+
+def _coco_stats_of_export(run_dir: Path, root: Path, world: int = 2) -> tuple[list[float], list[dict]]:
     """The independent score: the run's final weights (consolidated export) predict every validation
-    image in one process, and pycocotools' COCOeval itself scores the detections."""
+    image in one process, and pycocotools' COCOeval itself scores the detections. Returns COCOeval's
+    stats and the detections."""
     import contextlib
     import io
 
@@ -110,14 +141,24 @@ def _coco_stats_of_export(run_dir: Path, root: Path, world: int = 2) -> list[flo
             for (_, target), out in zip(items, outputs):
                 dets += _as_coco(out, target, val.cat_ids)
     if not dets:  # loadRes cannot take an empty list: no detections score 0 everywhere
-        return [0.0] * len(STAT_NAMES)
+        return [0.0] * len(STAT_NAMES), dets
     with contextlib.redirect_stdout(io.StringIO()):
-        ev = COCOeval(coco, coco.loadRes(dets), "bbox")
+        ev = COCOeval(coco, coco.loadRes([dict(d) for d in dets]), "bbox")
         ev.params.imgIds = list(val.ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return [float(v) for v in ev.stats]
+    return [float(v) for v in ev.stats], dets
+
+
+def _assert_same_detections(got: list[dict], want: list[dict]) -> None:
+    """The run's detections (every image once, no padding) against the independent ones."""
+    def key(d):
+        return d["image_id"], -d["score"]
+    got, want = sorted(got, key=key), sorted(want, key=key)
+    assert want, "no detections: the comparison would be vacuous"
+    assert [(d["image_id"], d["category_id"]) for d in got] == [(d["image_id"], d["category_id"]) for d in want]
+    assert [d["bbox"] + [d["score"]] for d in got] == [pytest.approx(d["bbox"] + [d["score"]], abs=1e-3) for d in want]
 
 
 def _as_coco(out: dict, target: dict, cat_ids: list[int]) -> list[dict]:
