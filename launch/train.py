@@ -4,10 +4,13 @@
     deepspeed --num_gpus 8 launch/train.py --config configs/coco_r50_fpn.yaml train.micro_batch=2
     deepspeed --hostfile launch/hostfile.example launch/train.py --config ...
     torchrun --nproc_per_node 2 launch/train.py --config ...
+    srun python launch/train.py --config ...  (one task per GPU; see launch/slurm.sbatch)
+    mpirun -np 16 -x MASTER_ADDR=node1 -x MASTER_PORT=29500 python launch/train.py --config ...
 
 Overrides use dotted keys of the experiment schema (pipeline/config.py), e.g.
 ``optim.base_lr=0.01 schedule.epochs=24 train.ds_config=ds_configs/zero2_bf16.json``.
-The whole experiment is validated for the launch's world size before any process group forms.
+The launcher's variables (pipeline/launcher.py) and the whole experiment, for the launch's world size,
+are validated before any process group forms.
 Exit status: 0 done, 2 configuration or data error (retrying cannot help), 3 diverged.
 """
 
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data import DataError
+from pipeline.launcher import mpi4py_importable, resolve
 from pipeline.validate import validate
 
 EXIT_CONFIG, EXIT_DIVERGED = 2, 3
@@ -35,23 +39,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def launch_shape(env=os.environ) -> tuple[int, int]:
-    """(world size, ranks per machine) as the launcher set them (deepspeed: LOCAL_SIZE; torchrun:
-    LOCAL_WORLD_SIZE); one process of its own without a launcher."""
-    world = int(env.get("WORLD_SIZE", 1))
-    return world, int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
-                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        launch = resolve(os.environ, mpi4py=mpi4py_importable())
+    except ConfigError as err:  # before logging: every rank prints its own reason
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(level=logging.INFO if launch.rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{launch.rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
-        validate(cfg, *launch_shape())
+        validate(cfg, launch.world, launch.local_world)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -11,7 +11,6 @@ the benchmarks all step through its ``step``.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 

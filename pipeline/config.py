@@ -182,7 +182,11 @@ class TrainConfig(_Section):
     seed: int = 0
     output_dir: Path = Path("runs")
     run_name: str = "default"
-    resume: bool = Field(False, description="continue from the latest checkpoint in the run directory")
+    resume: bool = Field(False, description="continue from the newest complete checkpoint in the run directory")
+    resume_from: Optional[str] = Field(None, description="resume from this checkpoint tag (e.g. iter_00001000) "
+                                       "instead of the newest; implies resume")
+    keep_checkpoints: int = Field(3, ge=1, description="complete checkpoints kept; older ones are deleted once a "
+                                  "newer one is complete (never the one 'latest' names)")
     log_every: int = Field(10, gt=0)
     eval_every_epochs: float = Field(1.0, ge=0, description="0 = only at the end")
     ckpt_every_iters: int = Field(500, ge=0, description="0 = only at the end")
@@ -194,6 +198,13 @@ class TrainConfig(_Section):
     @classmethod
     def _resolve_ds_config(cls, path: Path) -> Path:
         return resolve_repo_path(path)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resume_from_implies_resume(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("resume_from") is not None:
+            data = dict(data, resume=True)
+        return data
 
     @property
     def run_dir(self) -> Path:

@@ -10,9 +10,10 @@ two per-channel sums so that every rank's input gradient equals that of BN over 
 group's concatenated batch. Counts travel with the sums, so uneven and empty
 per-rank batches are weighted correctly.
 
-BN groups stay inside one machine in the paper; ``bn_group_layout`` derives the
-machines from the launcher's environment (``deepspeed --hostfile`` sets CROSS_RANK
-per host, torchrun sets GROUP_RANK). ``convert_norms`` swaps every BatchNorm of a
+BN groups stay inside one machine in the paper; ``build_bn_group`` gathers every rank's
+machine as its launcher says (``pipeline.launcher``: CROSS_RANK from deepspeed, GROUP_RANK
+from torchrun, SLURM_NODEID from srun, rank // local size under mpirun) and checks the
+layout before ``bn_group_layout`` groups the ranks. ``convert_norms`` swaps every BatchNorm of a
 model for the configured kind before ``deepspeed.initialize``; ``sync_running_stats``
 averages running statistics over all ranks before evaluation and checkpointing, so
 rank 0's checkpoint does not hold only its own group's view.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pipeline.config import ConfigError, ModelConfig
+from pipeline.launcher import check_node_layout, joined, resolve
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +149,6 @@ class CrossGPUBatchNormAct(CrossGPUBatchNorm):
 
 # --------------------------------------------------------------------------- groups
 
-def node_id_from_env(env: Mapping[str, str]) -> int:
-    """The index of this rank's machine, from the launcher's environment.
-
-    deepspeed's launcher sets CROSS_RANK (its --node_rank); torchrun sets GROUP_RANK;
-    otherwise ranks are assumed to fill machines of LOCAL_SIZE / LOCAL_WORLD_SIZE in order.
-    """
-    for key in ("CROSS_RANK", "GROUP_RANK"):
-        if key in env:
-            return int(env[key])
-    local = env.get("LOCAL_SIZE", env.get("LOCAL_WORLD_SIZE"))
-    return int(env.get("RANK", 0)) // int(local) if local else 0
-
-
 def bn_group_layout(spec: Union[str, int], node_of_rank: list[int], micro_batch: int,
                     bn_images: Optional[int] = None) -> list[list[int]]:
     """Partition ranks into BN groups.
@@ -203,9 +192,12 @@ def build_bn_group(cfg: ModelConfig, micro_batch: int):
     Returns (process group or None for a one-rank group, the layout).
     """
     world, rank = dist.get_world_size(), dist.get_rank()
-    node_of_rank: list[int] = [0] * world
-    dist.all_gather_object(node_of_rank, node_id_from_env(os.environ))
-    layout = bn_group_layout(cfg.bn_group, node_of_rank, micro_batch, cfg.bn_images)
+    # The job init_distributed joined; a group formed by hand (tests) is read from the environment.
+    launch = joined() or resolve(os.environ)
+    placements: list = [None] * world
+    dist.all_gather_object(placements, (launch.node, launch.local_rank, launch.local_world))
+    check_node_layout(placements, launch.launcher)  # every rank raises alike: no rank is left waiting
+    layout = bn_group_layout(cfg.bn_group, [node for node, _, _ in placements], micro_batch, cfg.bn_images)
     mine = None
     for ranks in layout:
         group = dist.new_group(ranks) if len(ranks) > 1 else None

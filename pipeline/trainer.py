@@ -12,15 +12,18 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from models.detector import count_parameters
+from pipeline import checkpoint as ckpt
 from pipeline import engine as eng
 from pipeline.build import Training, build_training, log_dist
 from pipeline.config import ExperimentConfig, dump_config
+from pipeline.ds_config import engine_config, zero_stage
 from pipeline.evaluation import evaluate
 from pipeline.memory import peak_memory, reset_peak_memory
 from pipeline.norm import sync_running_stats
@@ -101,7 +104,8 @@ def save_checkpoint(state: TrainState, it: int) -> None:
     client = {"schedule": state.schedule.describe()}
     if state.training.agvm is not None:  # identical on every rank: mu is a function of all ranks' gradients
         client["agvm"] = state.training.agvm.state_dict()
-    eng.save_checkpoint(state.engine, state.ckpt_dir, it, client)
+    shape = ckpt.launch_shape(state.cfg, state.info.world, state.engine.zero_optimization_stage())
+    ckpt.save(state.engine, state.ckpt_dir, it, client, shape, state.cfg.train.keep_checkpoints)
 
 
 def run_evaluation(state: TrainState, it: int, final: bool = False) -> dict:
@@ -215,17 +219,28 @@ def train_loop(state: TrainState) -> dict:
     return run_evaluation(state, it, final=True) or metrics
 
 
-def resume(cfg: ExperimentConfig, info: eng.DistInfo, training: Training) -> None:
-    """Load the run directory's latest checkpoint (engine, RNG, AGVM) and continue at its iteration."""
+def checkpoint_to_resume(cfg: ExperimentConfig, world: int) -> Optional[str]:
+    """The checkpoint a resumed run loads (``train.resume_from`` or the newest complete one), checked
+    against this launch before anything is built; None for a fresh start."""
+    if not cfg.train.resume:
+        return None
+    ckpt_dir = cfg.train.run_dir / "checkpoints"
+    tag = ckpt.choose(ckpt_dir, cfg.train.resume_from)
+    if tag is None:
+        log_dist("no checkpoint in %s: starting fresh", ckpt_dir)
+        return None
+    ckpt.check_resume_shape(ckpt.saved_shape(ckpt_dir, tag), cfg, world, zero_stage(engine_config(cfg, world)), tag)
+    return tag
+
+
+def resume(cfg: ExperimentConfig, info: eng.DistInfo, training: Training, tag: str) -> None:
+    """Load checkpoint ``tag`` (engine, RNG, AGVM) and continue at its iteration."""
     run_dir = cfg.train.run_dir
-    client_state = eng.load_checkpoint(training.engine, run_dir / "checkpoints")
-    if client_state is None:
-        log_dist("no checkpoint in %s: starting fresh", run_dir / "checkpoints")
-        return
+    client_state = ckpt.load(training.engine, run_dir / "checkpoints", tag)
     training.step.iteration = client_state["iteration"]
     if training.agvm is not None:
         training.agvm.load_state_dict(client_state["agvm"])
-    log_dist("resuming at iteration %d", training.step.iteration)
+    log_dist("resuming at iteration %d from %s", training.step.iteration, run_dir / "checkpoints" / tag)
     if info.rank == 0:  # before the tracker opens the log
         _truncate_log(run_dir, training.step.iteration)
 
@@ -246,9 +261,10 @@ def run(cfg: ExperimentConfig) -> dict:
     validate(cfg, info.world, info.local_world)
     if not cfg.train.resume:
         archive_previous_run(cfg.train.run_dir, info.rank)
+    tag = checkpoint_to_resume(cfg, info.world)
     training = build_training(cfg, info)
-    if cfg.train.resume:
-        resume(cfg, info, training)
+    if tag is not None:
+        resume(cfg, info, training, tag)
     if info.rank == 0:
         write_run_files(cfg, training)
     tracker = Tracker(cfg, cfg.train.run_dir, info.rank, resume=cfg.train.resume)

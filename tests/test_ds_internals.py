@@ -135,7 +135,7 @@ def test_full_optimizer_state_matches_torch_adamw(stage, tmp_path):
 
 
 def _mmap_worker(rank: int, world: int, out: str) -> None:
-    from pipeline import engine as eng
+    from pipeline import checkpoint as ckpt
     from pipeline.engine import init_distributed
 
     init_distributed()
@@ -143,7 +143,7 @@ def _mmap_worker(rank: int, world: int, out: str) -> None:
     engine.backward(engine(_x(0))["loss"])
     engine.step()
     saved = [p.detach().clone() for p in engine.module.parameters()]
-    eng.save_checkpoint(engine, Path(out) / "ckpt", 1, {})
+    ckpt.save(engine, Path(out) / "ckpt", 1, {}, {}, keep=1)
     fresh = _engine(2, "sgd")
     calls = []
     real_load = torch.load
@@ -154,7 +154,7 @@ def _mmap_worker(rank: int, world: int, out: str) -> None:
 
     torch.load = spy  # DeepSpeed's checkpoint engine calls torch.load by module attribute
     try:
-        eng.load_checkpoint(fresh, Path(out) / "ckpt")
+        ckpt.load(fresh, Path(out) / "ckpt", ckpt.tag_of(1))
     finally:
         torch.load = real_load
     loaded = [p.detach().clone() for p in fresh.module.parameters()]

@@ -23,6 +23,7 @@ def _zero3_worker(rank: int, world: int, overrides: list, out: str) -> None:
 def _zero3_predict_worker(rank: int, world: int, overrides: list, out: str) -> None:
     """Predictions of the trained, partitioned model: a fresh run loads the checkpoint.
     (In its own processes for big models: DeepSpeed keeps a finished engine alive.)"""
+    from pipeline import checkpoint as ckpt
     from pipeline import engine as eng
     from pipeline.build import build_training
     from pipeline.config import load_config
@@ -32,7 +33,7 @@ def _zero3_predict_worker(rank: int, world: int, overrides: list, out: str) -> N
     training = build_training(cfg, eng.init_distributed(), data=False, num_classes=3)
     assert all(is_partitioned(p) for p in training.engine.module.parameters()), \
         "zero.Init must partition at construction"
-    eng.load_checkpoint(training.engine, cfg.train.run_dir / "checkpoints")
+    ckpt.load(training.engine, cfg.train.run_dir / "checkpoints", ckpt.choose(cfg.train.run_dir / "checkpoints"))
     training.engine.module.eval()
     g = torch.Generator().manual_seed(5)
     images = [torch.rand(3, 64, 80, generator=g) * 255, torch.rand(3, 72, 64, generator=g) * 255]
@@ -49,7 +50,8 @@ def test_zero3_export_loads_and_predicts_the_same(shapes_root, tmp_path):
     from pipeline.export import load_exported, main
 
     overrides = tiny_overrides(shapes_root, tmp_path, "retinanet") + [
-        "train.ds_config=ds_configs/zero3_fp32.json", "schedule.max_iters=3", "model.detections_per_img=20"]
+        "train.ds_config=ds_configs/zero3_fp32.json", "schedule.max_iters=3", "model.detections_per_img=20",
+        "model.score_thresh=0"]  # after 3 iterations every score is still near the 0.01 prior
     run_distributed(_zero3_worker, 2, overrides, str(tmp_path))
     run_dir = tmp_path / "run"
     assert main([str(run_dir)]) == 0

@@ -18,8 +18,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conftest import REPO, TINY_BACKBONE, run_distributed
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.norm import (CrossGPUBatchNorm, bn_group_layout, build_bn_group, convert_norms, node_id_from_env,
-                           sync_running_stats)
+from pipeline.launcher import resolve
+from pipeline.norm import CrossGPUBatchNorm, bn_group_layout, build_bn_group, convert_norms, sync_running_stats
 
 CHANNELS = 3
 # Per-rank batch sizes: uneven, and rank 2 has no images at all. Groups: {0, 1} and {2, 3}.
@@ -133,7 +133,10 @@ def test_node_groups_from_the_deepspeed_launchers_environment(tmp_path):
                         "--no_local_rank", str(script), str(tmp_path), "x"],
                        check=True, cwd=REPO, capture_output=True, timeout=120)
     envs = [json.loads((tmp_path / f"env{r}").read_text()) for r in range(8)]
-    nodes = [node_id_from_env(env) for env in envs]
+    launches = [resolve(env) for env in envs]
+    assert [(x.launcher, x.rank, x.world, x.local_rank, x.local_world) for x in launches] == \
+        [("deepspeed", r, 8, r % 4, 4) for r in range(8)]
+    nodes = [x.node for x in launches]
     assert bn_group_layout("node", nodes, micro_batch=8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert bn_group_layout("world", nodes, micro_batch=8) == [list(range(8))]
     assert bn_group_layout("none", nodes, micro_batch=8) == [[r] for r in range(8)]
@@ -141,12 +144,6 @@ def test_node_groups_from_the_deepspeed_launchers_environment(tmp_path):
     assert bn_group_layout("node", nodes, micro_batch=8, bn_images=32) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert bn_group_layout("node", nodes, micro_batch=8, bn_images=16) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert bn_group_layout(2, nodes, micro_batch=4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
-
-
-def test_node_id_from_torchrun_and_plain_environments():
-    assert node_id_from_env({"GROUP_RANK": "3", "RANK": "13", "LOCAL_WORLD_SIZE": "4"}) == 3
-    assert node_id_from_env({"RANK": "13", "LOCAL_WORLD_SIZE": "4"}) == 3
-    assert node_id_from_env({"RANK": "5"}) == 0
 
 
 @pytest.mark.parametrize("spec, micro, images, fix", [
