@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -16,9 +17,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline.data import CocoDetection, DataError, ShardedBatchSampler, eval_batches
+from torchvision.transforms.v2 import functional as TF
+
+from pipeline.data import CocoDetection, DataError, ShardedBatchSampler, check_image_files, eval_batches
 
 # pycocotools' decode trips a numpy-2 DeprecationWarning that is not ours.
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
@@ -172,6 +176,99 @@ def test_crowd_annotations_excluded(shapes_root: Path, tmp_path: Path) -> None:
     assert not any(torch.allclose(b, crowd_box, atol=0.5) for b in target["boxes"])
     want = torch.tensor([_xyxy(a["bbox"], target["scale"]) for a in others]).reshape(-1, 4)
     torch.testing.assert_close(target["boxes"], want, atol=0.5, rtol=0)
+
+
+def _edge_case_file(shapes_root: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """The train split's JSON with what the reader must get exactly right: shuffled image and
+    annotation order (targets keep the file's order per image), non-contiguous category ids,
+    fractional coordinates, boxes reaching past each edge (clamped after the resize), a crowd
+    annotation and one with zero width (both left out)."""
+    data = _raw(shapes_root)
+    rng = np.random.default_rng(3)
+    rng.shuffle(data["images"])
+    rng.shuffle(data["annotations"])
+    remap = {1: 7, 2: 3, 3: 11}
+    for c in data["categories"]:
+        c["id"] = remap[c["id"]]
+    size = {im["id"]: (im["width"], im["height"]) for im in data["images"]}
+    for k, a in enumerate(data["annotations"]):
+        a["category_id"] = remap[a["category_id"]]
+        x, y, w, h = a["bbox"]
+        a["bbox"] = [x + 0.3, y + 0.17, w - 0.41 + 0.01 * k, h + 0.23]
+    anns = data["annotations"]
+    W, H = size[anns[0]["image_id"]]
+    anns[0]["bbox"] = [W - 5.25, anns[0]["bbox"][1], 20.5, anns[0]["bbox"][3]]  # past the right edge
+    anns[1]["bbox"] = [-3.5, anns[1]["bbox"][1], anns[1]["bbox"][2] + 3.5, anns[1]["bbox"][3]]  # left
+    W, H = size[anns[2]["image_id"]]
+    anns[2]["bbox"] = [anns[2]["bbox"][0], H - 4.4, anns[2]["bbox"][2], 30.0]  # past the bottom
+    anns[3]["bbox"] = [anns[3]["bbox"][0], -2.0, anns[3]["bbox"][2], anns[3]["bbox"][3] + 2.0]  # top
+    anns[4]["iscrowd"] = 1
+    anns[5]["bbox"][2] = 0.0
+    # every segmentation form pycocotools reads: compressed RLE (the rest), polygons, uncompressed RLE
+    x, y, w, h = anns[6]["bbox"]
+    anns[6]["segmentation"] = [[x, y, x + w, y, x + w / 2, y + h], [x, y + h / 2, x + w / 3, y + h / 2, x, y + h]]
+    rle = anns[7]["segmentation"]
+    flat = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).flatten(order="F")
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))  # run starts, from a 0-run
+    anns[7]["segmentation"] = {"size": rle["size"], "counts": np.diff(np.concatenate([[0], edges])).tolist()}
+    return _write(tmp_path, data), data
+
+
+def _reference_item(coco: COCO, img_id: int, image_dir: Path, flip: bool, with_masks: bool):
+    """What an item must be, computed from pycocotools' own records: the usable annotations
+    of the image in its index order, their boxes in float32 xyxy scaled, clamped to the resized
+    image and mirrored as the loader does; labels from the sorted category ids; masks through
+    ``annToMask`` and a nearest-exact resize."""
+    info = coco.imgs[img_id]
+    w, h = Image.open(image_dir / info["file_name"]).size
+    scale = min(MIN / min(h, w), MAX / max(h, w))
+    nh, nw = round(h * scale), round(w * scale)
+    anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=False))
+            if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    boxes = (boxes * scale).clamp(min=0)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(max=nw)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(max=nh)
+    cat_ids = sorted(coco.getCatIds())
+    labels = torch.tensor([cat_ids.index(a["category_id"]) + 1 for a in anns], dtype=torch.int64)
+    masks = None
+    if with_masks:
+        full = torch.from_numpy(np.stack([coco.annToMask(a) for a in anns])) if anns \
+            else torch.zeros((0, h, w), dtype=torch.uint8)
+        masks = TF.resize(full, [nh, nw], interpolation=TF.InterpolationMode.NEAREST_EXACT)
+    if flip:
+        boxes = torch.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], 1)
+        masks = masks.flip(-1) if with_masks else None
+    return (nh, nw), scale, boxes, labels, masks
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_items_exactly_as_pycocotools_says(shapes_root: Path, tmp_path: Path, flip: bool) -> None:
+    """Bit-exact targets for every item, against pycocotools' own index of the same file."""
+    ann_file, data = _edge_case_file(shapes_root, tmp_path)
+    coco = COCO(str(ann_file))
+    image_dir = _paths(shapes_root)[0]
+    ds = CocoDetection(image_dir, ann_file, MIN, MAX, flip_prob=float(flip), with_masks=True, keep_empty=True)
+    assert ds.ids == sorted(coco.getImgIds())
+    assert ds.cat_ids == [3, 7, 11] and ds.num_classes == 3
+    assert ds.aspect_ratios() == [coco.imgs[i]["width"] / coco.imgs[i]["height"] for i in ds.ids]
+    clamped = 0
+    for i, img_id in enumerate(ds.ids):
+        image, target = ds[(i, 77 + i)]
+        (nh, nw), scale, boxes, labels, masks = _reference_item(coco, img_id, image_dir, flip, True)
+        assert tuple(image.shape) == (3, nh, nw)
+        assert target["image_id"] == img_id and type(target["image_id"]) is int
+        assert target["scale"] == scale
+        assert target["boxes"].dtype == torch.float32 and torch.equal(target["boxes"], boxes)
+        assert torch.equal(target["labels"], labels)
+        assert target["masks"].dtype == torch.uint8 and torch.equal(target["masks"], masks)
+        clamped += int((boxes == 0).sum() + (boxes[:, 0::2] == nw).sum() + (boxes[:, 1::2] == nh).sum())
+    assert clamped >= 4  # the boxes past each edge were clamped (and kept)
+    for k in (6, 7):  # the polygon and uncompressed-RLE masks are not empty
+        ann = data["annotations"][k]
+        assert coco.annToMask(ann).sum() > 0
+    assert ds.skipped_boxes == 1  # the zero-width one
 
 
 # ----------------------------------------------------------------------------- flip
@@ -331,6 +428,94 @@ def test_missing_image_file(copied: tuple[Path, Path]) -> None:
     assert name in str(err.value) and str(ann_file) in str(err.value)
 
 
+def _check_files_worker(rank: int, port: int, good: tuple[Path, Path], damaged: tuple[Path, Path], out: Path) -> None:
+    import torch.distributed as dist
+
+    from pipeline import data
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    checked = []
+    own = data.CocoDetection.missing_files
+
+    def spy(self):
+        checked.append(str(self.ann_file))
+        return own(self)
+
+    data.CocoDetection.missing_files = spy
+    report = {}
+    for name, (image_dir, ann_file) in (("good", good), ("damaged", damaged)):
+        datasets = [data.CocoDetection(image_dir, ann_file, MIN, MAX, check_files=False)]
+        try:
+            data.check_image_files(datasets)
+            report[name] = None
+        except data.DataError as err:
+            report[name] = str(err)
+    report["checked"] = checked
+    (out / f"{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+def test_missing_files_checked_on_rank0_every_rank_fails_alike(shapes_root: Path, copied: tuple[Path, Path],
+                                                                 tmp_path: Path) -> None:
+    """Two ranks: only rank 0 looks at the files; both raise the same DataError naming the file."""
+    import multiprocessing
+
+    from pipeline.engine import free_port
+
+    image_dir, ann_file = copied
+    name = json.loads(ann_file.read_text())["images"][5]["file_name"]
+    (image_dir / name).unlink()
+    ctx = multiprocessing.get_context("fork")  # forked ranks: no second import of torch and the project
+    port = free_port()
+    procs = [ctx.Process(target=_check_files_worker, args=(r, port, _paths(shapes_root), copied, tmp_path))
+             for r in (0, 1)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    for proc in procs:
+        if proc.is_alive():  # a rank waiting for a collective the other never joined
+            proc.kill()
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert r0["good"] is None and r1["good"] is None
+    assert r0["damaged"] == r1["damaged"]
+    assert name in r0["damaged"] and str(ann_file) in r0["damaged"] and str(image_dir) in r0["damaged"]
+    assert len(r0["checked"]) == 2 and r1["checked"] == []
+
+
+def test_file_check_can_be_deferred(copied: tuple[Path, Path]) -> None:
+    image_dir, ann_file = copied
+    names = [im["file_name"] for im in json.loads(ann_file.read_text())["images"]]
+    for name in names[2:9]:
+        (image_dir / name).unlink()
+    (image_dir / names[3]).mkdir()  # a directory is not an image file
+    ds = CocoDetection(image_dir, ann_file, MIN, MAX, check_files=False)
+    assert ds.missing_files() == names[2:9]
+    with pytest.raises(DataError) as err:
+        check_image_files([ds])  # no process group: this process checks and raises
+    assert "7 image file(s)" in str(err.value) and names[2] in str(err.value)
+
+
+def test_training_items_need_no_pycocotools_index(shapes_root: Path, monkeypatch) -> None:
+    """Items come from the dataset's own arrays; COCO's index is built only when asked for
+    (evaluation), and then matches the file; the pickled dataset leaves it behind."""
+    import pickle
+
+    import pipeline.data as data
+    ds = CocoDetection(*_paths(shapes_root), MIN, MAX, with_masks=True)
+    monkeypatch.setattr(data, "load_coco", lambda *a: pytest.fail("items must not build a COCO index"))
+    for i in range(len(ds)):
+        ds[i]
+    monkeypatch.undo()
+    clone = pickle.loads(pickle.dumps(ds))  # what a spawned worker gets
+    coco = ds.coco
+    assert coco is ds.coco and sorted(coco.imgs) == ds.ids
+    assert clone._coco is None and pickle.loads(pickle.dumps(ds))._coco is None
+    for i in (0, len(ds) - 1):
+        (a, ta), (b, tb) = ds[i], clone[i]
+        assert torch.equal(a, b) and all(torch.equal(ta[k], tb[k]) for k in ("boxes", "labels", "masks"))
+
+
 def test_unreadable_jpeg(copied: tuple[Path, Path]) -> None:
     image_dir, ann_file = copied
     name = json.loads(ann_file.read_text())["images"][2]["file_name"]
@@ -371,6 +556,94 @@ def test_negative_width_skipped(shapes_root: Path, tmp_path: Path, caplog) -> No
     want = torch.tensor([_xyxy(a["bbox"], target["scale"]) for a in others]).reshape(-1, 4)
     torch.testing.assert_close(target["boxes"], want, atol=0.5, rtol=0)
     assert (target["boxes"][:, 2:] > target["boxes"][:, :2]).all()
+
+
+def _one_image(tmp_path: Path, boxes: dict, size: tuple[int, int] = (80, 60), json_size=None) -> tuple[Path, Path]:
+    """One WxH JPEG and a COCO file with annotation id -> xywh box (each with a box polygon)."""
+    image_dir = tmp_path / "images"
+    image_dir.mkdir(exist_ok=True)
+    Image.new("RGB", size, (90, 120, 150)).save(image_dir / "a.jpg")
+    w, h = json_size or size
+    anns = [{"id": k, "image_id": 5, "category_id": 1, "bbox": box, "area": 1.0, "iscrowd": 0,
+             "segmentation": [[box[0], box[1], box[0] + box[2], box[1], box[0] + box[2], box[1] + box[3],
+                               box[0], box[1] + box[3]]]} for k, box in boxes.items()]
+    data = {"images": [{"id": 5, "file_name": "a.jpg", "width": w, "height": h}],
+            "categories": [{"id": 1, "name": "thing"}], "annotations": anns}
+    return image_dir, _write(tmp_path, data, "outside.json")
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "pipeline.data" and r.levelno >= logging.WARNING]
+
+
+def _ids_in(msg: str) -> set[int]:
+    return {int(v) for v in re.findall(r"\d+", msg.split("annotation ids")[-1])}
+
+
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_box_outside_image_dropped(tmp_path: Path, caplog, flip: float) -> None:
+    """A box at x == image width has no area in the image: dropped when read, reported once with the
+    file and its id; the item's targets all have positive width and height."""
+    image_dir, ann_file = _one_image(tmp_path, {11: [10.0, 10.0, 20.0, 15.0], 12: [80.0, 5.0, 10.0, 10.0]})
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        ds = CocoDetection(image_dir, ann_file, MIN, MAX, flip_prob=flip, with_masks=True)
+        _, target = ds[0]
+        ds[0]
+    assert ds.skipped_boxes == 1
+    msgs = _warnings(caplog)
+    assert len(msgs) == 1, msgs
+    assert str(ann_file) in msgs[0] and _ids_in(msgs[0]) == {12}
+    boxes = target["boxes"]
+    assert boxes.shape == (1, 4) and target["labels"].tolist() == [1] and len(target["masks"]) == 1
+    assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()
+    scale = target["scale"]
+    want = [10 * scale, 10 * scale, 30 * scale, 25 * scale]
+    if flip:
+        nw = round(80 * scale)
+        want = [nw - want[2], want[1], nw - want[0], want[3]]
+    torch.testing.assert_close(boxes[0], torch.tensor(want), atol=1e-4, rtol=0)
+
+
+def test_no_area_boxes_reported_once_with_at_most_five_ids(tmp_path: Path, caplog) -> None:
+    """Outside on each side, a sliver the resize rounds away, one below float32 resolution:
+    all dropped, counted in one warning that names five of the ids."""
+    # 80x60 at MIN=64: scale 16/15, the resized width round(85.33) = 85, so x in (79.69, 80) vanishes
+    bad = {21: [80.0, 5.0, 10.0, 10.0], 22: [5.0, 60.0, 10.0, 10.0], 23: [-12.0, 5.0, 12.0, 10.0],
+           24: [5.0, -30.0, 10.0, 29.5], 25: [95.0, 70.0, 4.0, 4.0], 26: [79.8, 10.0, 0.2, 10.0],
+           27: [40.0, 10.0, 1e-7, 10.0]}
+    image_dir, ann_file = _one_image(tmp_path, {20: [10.0, 10.0, 20.0, 15.0], **bad})
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        ds = CocoDetection(image_dir, ann_file, MIN, MAX, flip_prob=0.5, keep_empty=False)
+        targets = [ds[(0, seed)][1] for seed in range(4)]
+    assert ds.skipped_boxes == 7
+    msgs = _warnings(caplog)
+    assert len(msgs) == 1, msgs
+    assert str(ann_file) in msgs[0] and " 7 " in msgs[0]
+    assert len(_ids_in(msgs[0])) == 5 and _ids_in(msgs[0]) <= set(bad)
+    for target in targets:
+        assert len(target["boxes"]) == 1
+        assert ((target["boxes"][:, 2:] > target["boxes"][:, :2]).all())
+    # an image left with no usable box at all is dropped like any empty one
+    image_dir, ann_file = _one_image(tmp_path, {31: [80.0, 5.0, 10.0, 10.0]})
+    with pytest.raises(DataError):
+        CocoDetection(image_dir, ann_file, MIN, MAX, keep_empty=False)
+
+
+def test_box_with_no_area_after_resize_never_reaches_a_target(tmp_path: Path, caplog) -> None:
+    """The file's image size disagrees with the JPEG (160 wide in the JSON, 80 in fact): a box inside
+    the JSON's image but outside the real one is dropped at load time's last line of defence, the
+    item, with a single warning."""
+    image_dir, ann_file = _one_image(tmp_path, {41: [10.0, 10.0, 20.0, 15.0], 42: [100.0, 10.0, 20.0, 10.0]},
+                                     json_size=(160, 60))
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        ds = CocoDetection(image_dir, ann_file, MIN, MAX, with_masks=True)
+        assert ds.skipped_boxes == 0
+        targets = [ds[0][1] for _ in range(3)]
+    for target in targets:
+        assert len(target["boxes"]) == len(target["labels"]) == len(target["masks"]) == 1
+        assert (target["boxes"][:, 2:] > target["boxes"][:, :2]).all()
+    msgs = _warnings(caplog)
+    assert len(msgs) == 1 and "a.jpg" in msgs[0], msgs
 
 
 def test_unknown_category(shapes_root: Path, tmp_path: Path) -> None:
