@@ -177,8 +177,7 @@ def child(args) -> None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     else:
-        sys.path.insert(0, str(REPO))
-        from pipeline import data as module
+        from pipeline import data as module  # the installed package (pip install -e .)
     cls = module.CocoDetection
     gc.collect()
     base = _status_mib("VmRSS")

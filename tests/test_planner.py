@@ -46,11 +46,13 @@ def test_max_micro_batch_is_the_largest_that_fits():
         assert plan.max_micro_batch(budget) == budget_images
 
 
+# CI runs one case per model family and per stage; the other two are `-m slow` (2.4 min on the slow
+# CPU machine): run them by hand when the planner's formulas change.
 @pytest.mark.parametrize("backbone, ds_config", [
-    ("resnet101", "ds_configs/zero0_fp32.json"),
+    pytest.param("resnet101", "ds_configs/zero0_fp32.json", marks=pytest.mark.slow),
     ("resnet101", "ds_configs/zero3_fp32.json"),
     ("vit_base_patch16_224", "ds_configs/zero0_fp32.json"),
-    ("vit_base_patch16_224", "ds_configs/zero3_fp32.json"),
+    pytest.param("vit_base_patch16_224", "ds_configs/zero3_fp32.json", marks=pytest.mark.slow),
 ])
 def test_estimate_within_measured_error_of_peak(shapes_root, tmp_path, backbone, ds_config):
     """Two models x two ZeRO stages, 2 ranks on CPU: the plan (model state by formula, activations
