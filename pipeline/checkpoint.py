@@ -192,9 +192,11 @@ def _damaged(ckpt_dir: Path, tag: str, err: Exception) -> CheckpointError:
     before = [t for t in complete_tags(ckpt_dir) if _iteration_of(t) < _iteration_of(tag)]
     way_out = (f"resume from the one before with train.resume_from={before[-1]}" if before
                else "no earlier complete checkpoint exists: start afresh with train.resume=false")
-    what = f"checkpoint file {bad} is damaged" if bad else f"checkpoint {ckpt_dir / tag} could not be read"
-    return CheckpointError(f"{what} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                           f"it was probably cut short by a crash or a full disk. Delete it or {way_out}")
+    reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if bad is None:  # every file is intact: the error is DeepSpeed's own (e.g. another world size)
+        return CheckpointError(f"checkpoint {ckpt_dir / tag} could not be loaded ({reason}); {way_out}")
+    return CheckpointError(f"checkpoint file {bad} is damaged ({reason}); it was probably cut short by a crash "
+                           f"or a full disk. Delete it or {way_out}")
 
 
 def _intact(path: Path) -> bool:
