@@ -28,6 +28,7 @@ from pipeline.ds_config import engine_config, zero_stage
 from pipeline.ds_internals import full_numel, gathered
 from pipeline.memory import current_memory, release_free_heap
 from pipeline.norm import build_bn_group, convert_norms
+from pipeline.reshard import with_universal_load
 from pipeline.optim import build_optimizer, build_param_groups, check_zero_support
 from pipeline.schedule import Schedule, build_schedule
 from pipeline.step import TrainStep
@@ -168,12 +169,13 @@ class Training:
 
 
 def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = True, model: Optional[nn.Module] = None,
-                   num_classes: Optional[int] = None) -> Training:
+                   num_classes: Optional[int] = None, load_universal: bool = False) -> Training:
     """Assemble a run: data, model, schedule, param groups, optimizer, AGVM, engine, train step.
 
     ``data=False`` is for callers that feed their own batches (tests, benchmarks): no loaders, and
     the schedule counts one iteration per epoch (give ``schedule.max_iters``). The model is built
     from the config (``num_classes`` from the data, or given), or passed in as ``model``.
+    ``load_universal``: the engine will load a universal checkpoint (``pipeline.reshard``).
     """
     train_data = build_data(cfg, info) if data else None
     ds_config = engine_config(cfg, info.world)
@@ -197,7 +199,8 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
         log_dist("AGVM: modules %s, halves by %s, tau %d, modulation from iteration %d%s", list(agvm.mu),
                  "ranks" if agvm.tap.by_ranks else "micro-batches", cfg.agvm.tau, agvm.start,
                  f" to {cfg.agvm.stop_iter}" if cfg.agvm.stop_iter else "")
-    engine = eng.build_engine(model, build_optimizer(groups, cfg.optim, schedule.lr(0)), ds_config)
+    engine = eng.build_engine(model, build_optimizer(groups, cfg.optim, schedule.lr(0)),
+                              with_universal_load(ds_config) if load_universal else ds_config)
     release_free_heap()  # ZeRO's flattening copies are freed: give them back before training
     log_dist("engine: ZeRO stage %d; rank 0 holds %.2f GiB", zero_stage(ds_config),
              current_memory(info.device) / 2**30)

@@ -8,7 +8,9 @@ resume therefore picks the newest checkpoint that has the marker, never ``latest
 
 The marker also records the launch shape (ranks, micro-batch, accumulation, ZeRO stage): a run
 resumed on another number of ranks must keep the saved global batch (so the schedule, the lr
-and the data position stay the saved run's), and is refused with the fix when it cannot.
+and the data position stay the saved run's), and is refused with the fix when it cannot. ZeRO-0
+checkpoints load on any number of ranks as they are; ZeRO 1-3 shards go through DeepSpeed's
+universal format first (``pipeline.reshard``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import random
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline import reshard
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.data import DataError
 
@@ -35,6 +39,15 @@ MARKER = "complete.json"
 
 class CheckpointError(DataError):
     """A checkpoint that cannot be resumed; the message names the file and the way out."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run resumes, and whether it loads through the universal format (ZeRO 1-3
+    shards saved by another number of ranks; the engine is then built ``with_universal_load``)."""
+
+    tag: str
+    universal: bool = False
 
 
 def tag_of(iteration: int) -> str:
@@ -146,7 +159,7 @@ def saved_shape(ckpt_dir: Path, tag: str) -> Optional[dict]:
 
 def check_resume_shape(saved: Optional[dict], cfg: ExperimentConfig, world: int, zero_stage: int, tag: str) -> None:
     """Refuse a resume that would change the global batch (and with it the lr and the data position)
-    or that DeepSpeed cannot load; the message gives the fix."""
+    or the ZeRO stage; the message gives the fix."""
     if saved is None:
         return
     now = launch_shape(cfg, world, zero_stage)
@@ -161,22 +174,33 @@ def check_resume_shape(saved: Optional[dict], cfg: ExperimentConfig, world: int,
     if saved["zero_stage"] != zero_stage:
         raise ConfigError(f"checkpoint {tag} was saved under ZeRO stage {saved['zero_stage']}, this run uses "
                           f"stage {zero_stage}: resume with the saved stage (train.ds_config)")
-    if world != saved["world_size"] and zero_stage > 0:
-        raise ConfigError(
-            f"checkpoint {tag} holds ZeRO-{zero_stage} shards of {saved['world_size']} ranks; this run has {world}. "
-            "Resharding a ZeRO 1-3 checkpoint is not supported yet: resume on "
-            f"{saved['world_size']} ranks (or save under ZeRO-0, which loads on any number of ranks)")
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> dict:
+def resume_point(ckpt_dir: Path, tag: str, cfg: ExperimentConfig, world: int, zero_stage: int) -> ResumePoint:
+    """Check checkpoint ``tag`` against this launch and, when its ZeRO shards were saved by another
+    number of ranks, convert it to the universal format (rank 0; a collective)."""
+    saved = saved_shape(ckpt_dir, tag)
+    check_resume_shape(saved, cfg, world, zero_stage, tag)
+    if not reshard.needed(saved, world, zero_stage):
+        return ResumePoint(tag)
+    if dist.get_rank() == 0:
+        log.info("checkpoint %s holds ZeRO-%d shards of %d ranks, this run has %d: resharding through "
+                 "DeepSpeed's universal format", tag, zero_stage, saved["world_size"], world)
+    reshard.prepare(ckpt_dir, tag)
+    return ResumePoint(tag, universal=True)
+
+
+def load(engine, ckpt_dir: Path, tag: str, universal: bool = False) -> dict:
     """Load checkpoint ``tag`` into ``engine`` and this rank's RNG state; returns the client state.
+    ``universal``: from its universal copy (``resume_point`` made it; the engine was built for it).
 
     A damaged file (cut short by a crash or a full disk) is named, with the checkpoint to go back to."""
     try:
-        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        client_state = (reshard.load(engine, ckpt_dir, tag, engine.zero_optimization_stage()) if universal
+                        else engine.load_checkpoint(str(ckpt_dir), tag=tag)[1])
     except Exception as err:  # torch's zip reader, pickle and EOF errors all mean a damaged file here
         raise _damaged(ckpt_dir, tag, err) from None
-    if path is None:
+    if client_state is None:
         raise CheckpointError(f"checkpoint {ckpt_dir / tag} could not be loaded (see DeepSpeed's message above)")
     rng_file = ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():

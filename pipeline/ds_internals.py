@@ -118,3 +118,29 @@ def load_checkpoints_memory_mapped(engine) -> bool:
 
     ce.load = load
     return True
+
+
+def repair_zero3_universal_load(engine, saved_param_groups: list[dict], renames: dict[str, str],
+                                drop: tuple[str, ...]) -> None:
+    """Undo what DeepSpeed's ZeRO-3 universal loader gets wrong, right after ``load_checkpoint``.
+
+    Relies on: ``DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``
+    (0.19.8) (1) stores one and the same ``step`` tensor in every flat sub-group's state, which
+    AdamW increments in place once per group; (2) overwrites every param group's hyper-parameters
+    with the saved group 0's; (3) loads the state files ``exp_avg``/``exp_avg_sq`` only, so any other
+    state arrives under those names (``renames`` maps them back, ``drop`` removes the stand-ins).
+    The client optimizer keeps one param group per saved group, each now holding flat sub-groups.
+    """
+    client = client_optimizer(engine)
+    if len(client.param_groups) != len(saved_param_groups):
+        raise RuntimeError(f"the checkpoint has {len(saved_param_groups)} optimizer param groups, this run "
+                           f"{len(client.param_groups)}: the optimizer config differs from the saved run's")
+    for state in client.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+        for old, new in renames.items():
+            state[new] = state.pop(old)
+        for key in drop:
+            state.pop(key, None)
+    for group, saved in zip(client.param_groups, saved_param_groups):
+        group.update({k: v for k, v in saved.items() if k != "params"})

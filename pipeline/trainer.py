@@ -219,7 +219,7 @@ def train_loop(state: TrainState) -> dict:
     return run_evaluation(state, it, final=True) or metrics
 
 
-def checkpoint_to_resume(cfg: ExperimentConfig, world: int) -> Optional[str]:
+def checkpoint_to_resume(cfg: ExperimentConfig, world: int) -> Optional[ckpt.ResumePoint]:
     """The checkpoint a resumed run loads (``train.resume_from`` or the newest complete one), checked
     against this launch before anything is built; None for a fresh start."""
     if not cfg.train.resume:
@@ -229,18 +229,18 @@ def checkpoint_to_resume(cfg: ExperimentConfig, world: int) -> Optional[str]:
     if tag is None:
         log_dist("no checkpoint in %s: starting fresh", ckpt_dir)
         return None
-    ckpt.check_resume_shape(ckpt.saved_shape(ckpt_dir, tag), cfg, world, zero_stage(engine_config(cfg, world)), tag)
-    return tag
+    return ckpt.resume_point(ckpt_dir, tag, cfg, world, zero_stage(engine_config(cfg, world)))
 
 
-def resume(cfg: ExperimentConfig, info: eng.DistInfo, training: Training, tag: str) -> None:
-    """Load checkpoint ``tag`` (engine, RNG, AGVM) and continue at its iteration."""
+def resume(cfg: ExperimentConfig, info: eng.DistInfo, training: Training, point: ckpt.ResumePoint) -> None:
+    """Load the checkpoint (engine, RNG, AGVM) and continue at its iteration."""
     run_dir = cfg.train.run_dir
-    client_state = ckpt.load(training.engine, run_dir / "checkpoints", tag)
+    client_state = ckpt.load(training.engine, run_dir / "checkpoints", point.tag, point.universal)
     training.step.iteration = client_state["iteration"]
     if training.agvm is not None:
         training.agvm.load_state_dict(client_state["agvm"])
-    log_dist("resuming at iteration %d from %s", training.step.iteration, run_dir / "checkpoints" / tag)
+    log_dist("resuming at iteration %d from %s%s", training.step.iteration, run_dir / "checkpoints" / point.tag,
+             " (resharded)" if point.universal else "")
     if info.rank == 0:  # before the tracker opens the log
         _truncate_log(run_dir, training.step.iteration)
 
@@ -261,10 +261,10 @@ def run(cfg: ExperimentConfig) -> dict:
     validate(cfg, info.world, info.local_world)
     if not cfg.train.resume:
         archive_previous_run(cfg.train.run_dir, info.rank)
-    tag = checkpoint_to_resume(cfg, info.world)
-    training = build_training(cfg, info)
-    if tag is not None:
-        resume(cfg, info, training, tag)
+    point = checkpoint_to_resume(cfg, info.world)
+    training = build_training(cfg, info, load_universal=point is not None and point.universal)
+    if point is not None:
+        resume(cfg, info, training, point)
     if info.rank == 0:
         write_run_files(cfg, training)
     tracker = Tracker(cfg, cfg.train.run_dir, info.rank, resume=cfg.train.resume)

@@ -75,9 +75,9 @@ def test_a_resume_that_changes_the_global_batch_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r"global batch 4 \(2 ranks.*gives 2.*set train.grad_accum=2"):
         ckpt.check_resume_shape(saved, cfg, 1, 0, "iter_00000002")
     ckpt.check_resume_shape(saved, load_config(None, ["train.micro_batch=2", "train.grad_accum=2"]), 1, 0, "t")
-    with pytest.raises(ConfigError, match=r"ZeRO-1 shards of 2 ranks; this run has 1"):
+    with pytest.raises(ConfigError, match=r"saved under ZeRO stage 1, this run uses stage 2"):
         ckpt.check_resume_shape(dict(saved, zero_stage=1),
-                                load_config(None, ["train.micro_batch=2", "train.grad_accum=2"]), 1, 1, "t")
+                                load_config(None, ["train.micro_batch=2", "train.grad_accum=2"]), 1, 2, "t")
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -129,6 +129,28 @@ def test_kill_during_a_save_resumes_from_the_last_complete_checkpoint(shapes_roo
     assert ckpt.complete_tags(ckpts) == ["iter_00000004", "iter_00000006"]  # keep_checkpoints=2 pruned 2
 
 
+def _two_ranks_then_one(root: Path, tmp_path: Path, *common: str) -> tuple[dict, dict, str]:
+    """Train on 2 ranks (micro-batch 2) with a checkpoint at iteration 2, then resume that one on 1 rank
+    with grad_accum 2; returns both runs' losses and the resumed run's log."""
+    run_dir = tmp_path / "run"
+    ref = subprocess.run(_train(root, tmp_path, 2, *common), env=ENV, cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    expected = _losses(run_dir)
+    resumed = subprocess.run(_train(root, tmp_path, 1, *common, "train.grad_accum=2",
+                                    "train.resume_from=iter_00000002"),
+                             env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at iteration 2" in resumed.stderr
+    return expected, _losses(run_dir), resumed.stderr
+
+
+def _assert_continues(got: dict, expected: dict) -> None:
+    assert sorted(got) == [1, 2, 3, 4]
+    for it in (3, 4):
+        assert got[it] == pytest.approx(expected[it], rel=1e-4), (it, got, expected)
+
+
 def test_resume_on_fewer_ranks_continues_the_saved_run(shapes_root, tmp_path):
     """Saved by 2 ranks (ZeRO-0, micro-batch 2), resumed by 1 rank with grad_accum 2: the same global
     batches (aspect grouping off, frozen BN: the same pairs of images per micro-batch), so the same
@@ -136,24 +158,12 @@ def test_resume_on_fewer_ranks_continues_the_saved_run(shapes_root, tmp_path):
     a damaged file is named."""
     run_dir = tmp_path / "run"
     common = ("schedule.max_iters=4", "train.ckpt_every_iters=2", "train.evaluate=false")
-    ref = subprocess.run(_train(shapes_root, tmp_path, 2, *common), env=ENV, cwd=REPO, capture_output=True,
-                         text=True, timeout=600)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    expected = _losses(run_dir)
+    expected, got, _ = _two_ranks_then_one(shapes_root, tmp_path, *common)
+    _assert_continues(got, expected)
 
     refused = subprocess.run(_train(shapes_root, tmp_path, 1, *common, "train.resume=true"), env=ENV, cwd=REPO,
                              capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "set train.grad_accum=2" in refused.stderr, refused.stderr[-3000:]
-
-    resumed = subprocess.run(_train(shapes_root, tmp_path, 1, *common, "train.grad_accum=2",
-                                    "train.resume_from=iter_00000002"),
-                             env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming at iteration 2" in resumed.stderr
-    got = _losses(run_dir)
-    assert sorted(got) == [1, 2, 3, 4]
-    for it in (3, 4):
-        assert got[it] == pytest.approx(expected[it], rel=1e-4), (it, got, expected)
 
     model_file = run_dir / "checkpoints/iter_00000004/mp_rank_00_model_states.pt"
     model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
@@ -162,3 +172,15 @@ def test_resume_on_fewer_ranks_continues_the_saved_run(shapes_root, tmp_path):
     assert damaged.returncode == 2, damaged.stderr[-3000:]
     assert f"checkpoint file {model_file} is damaged" in damaged.stderr
     assert "train.resume_from=iter_00000002" in damaged.stderr and "Traceback" not in damaged.stderr
+
+
+def test_zero3_agvm_resume_on_fewer_ranks_reshards_and_continues_the_saved_run(shapes_root, tmp_path):
+    """The same under ZeRO-3 with AGVM-SGD: the 2-rank shards are converted to DeepSpeed's universal
+    format and loaded by 1 rank; losses (and AGVM's state, which steers them) continue the saved run's.
+    tests/test_reshard.py checks the state itself, for every stage and both optimizer families."""
+    common = ("schedule.max_iters=4", "train.ckpt_every_iters=2", "train.evaluate=false",
+              "train.ds_config=ds_configs/zero3_fp32.json", "optim.name=agvm_sgd", "agvm.tau=1", "agvm.start_iter=1")
+    expected, got, log = _two_ranks_then_one(shapes_root, tmp_path, *common)
+    assert "resharding through DeepSpeed's universal format" in log and "(resharded)" in log
+    _assert_continues(got, expected)
+    assert (tmp_path / "run/checkpoints/iter_00000002/universal/converted.json").is_file()
