@@ -70,6 +70,9 @@ def main(argv=None) -> int:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            from pipeline.ds_internals import release_cpu_allreduce_segment
+
+            release_cpu_allreduce_segment(dist.get_rank())
             dist.destroy_process_group()
     if metrics:
         print(f"final bbox AP {metrics['bbox/AP']:.4f}  AP50 {metrics['bbox/AP50']:.4f}  "

@@ -17,6 +17,17 @@ torch.set_num_threads(1)
 TINY_BACKBONE = "test_byobnet"  # timm's 0.2M-parameter test network
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_shm_segments():
+    """A run killed on purpose (or a failing one) cannot unlink DeepSpeed's CPU all-reduce segments
+    (66 MB of RAM each in /dev/shm); remove the ones this test left."""
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*"
+    before = set(Path("/dev/shm").glob(pattern))
+    yield
+    for segment in set(Path("/dev/shm").glob(pattern)) - before:
+        segment.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
@@ -48,6 +59,9 @@ def _worker(rank: int, world: int, port: int, fn, args) -> None:
         fn(rank, world, *args)
     finally:
         if dist.is_initialized():
+            from pipeline.ds_internals import release_cpu_allreduce_segment
+
+            release_cpu_allreduce_segment(rank)
             dist.destroy_process_group()
 
 
