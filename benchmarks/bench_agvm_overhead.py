@@ -33,7 +33,8 @@ def build_variant(args, name: str, tau, info):
         f"data.min_size={args.height}", f"data.max_size={max(args.height, args.width)}",
         f"train.micro_batch={args.batch}", f"train.grad_accum={accum}",
         f"train.ds_config={REPO}/ds_configs/zero{args.zero}_{args.precision}.json", f"optim.name={name}",
-        f"agvm.tau={tau or 10}", "agvm.start_iter=0", "agvm.clip_norm=0"], info, args.batch, args.height, args.width)[1]
+        f"agvm.tau={tau or 10}", "agvm.start_iter=0", "agvm.clip_norm=0", *args.overrides],
+        info, args.batch, args.height, args.width)[1]
 
 
 def main() -> None:
@@ -46,6 +47,7 @@ def main() -> None:
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of 10 iterations per variant")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("overrides", nargs="*", help="further key=value overrides of the experiment config")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args()
     info = init_distributed()

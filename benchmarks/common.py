@@ -13,23 +13,10 @@ import torch
 
 from pipeline.build import build_training
 from pipeline.config import load_config
+from pipeline.synthetic import synthetic_batch  # noqa: F401  (the benchmarks import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks/results.jsonl"
-
-
-def synthetic_batch(batch: int, h: int, w: int, device: torch.device, seed: int = 0):
-    """``batch`` random images with 3-12 random boxes each, labels from COCO's 80 classes."""
-    g = torch.Generator().manual_seed(seed)
-    images = [(torch.rand(3, h, w, generator=g) * 255).to(device) for _ in range(batch)]
-    targets = []
-    for _ in range(batch):
-        n = int(torch.randint(3, 13, (1,), generator=g))
-        xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
-        wh = 16 + torch.rand(n, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3])
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
-                        "labels": torch.randint(1, 81, (n,), generator=g).to(device)})
-    return images, targets
 
 
 def _sync(device: torch.device) -> None:

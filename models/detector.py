@@ -76,8 +76,11 @@ class BackboneWithNeck(nn.Module):
         self.strides = strides
         self.levels = levels  # which of the body's outputs feed the neck (None: all)
         self.nhwc = str(getattr(body, "output_fmt", "NCHW")).endswith("NHWC")  # timm's Swin features
+        self.channels_last = False  # set by pipeline.build.to_channels_last
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        if self.channels_last:  # torchvision's transform batches (and pads) into a new NCHW tensor
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.body(images)
         if self.levels is not None:
             features = [features[i] for i in self.levels]

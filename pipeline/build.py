@@ -63,7 +63,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int, *, pretrained: bool = T
     bn_params = [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                  for p in m.parameters(recurse=False)]
     with gathered(bn_params):  # built under zero.Init: the converter copies the full values
-        count = convert_norms(model, cfg.model.norm, bn_group, cfg.model.gn_groups)
+        count = convert_norms(model, cfg.model.norm, bn_group, cfg.model.gn_groups, cfg.model.cgbn_impl)
     log_dist("norm: %s in place of %d BatchNorm layers", cfg.model.norm, count)
     return model
 
@@ -177,6 +177,9 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
     from the config (``num_classes`` from the data, or given), or passed in as ``model``.
     ``load_universal``: the engine will load a universal checkpoint (``pipeline.reshard``).
     """
+    if cfg.model.norm == "cgbn" and cfg.model.cgbn_impl == "torch" and info.device.type != "cuda":
+        raise ConfigError("model.cgbn_impl=torch runs nn.SyncBatchNorm's CUDA kernels, and this run is on "
+                          f"{info.device}: use cgbn_impl=auto or ours")
     train_data = build_data(cfg, info) if data else None
     ds_config = engine_config(cfg, info.world)
     check_zero_support(cfg.optim.name, zero_stage(ds_config), str(cfg.train.ds_config))
@@ -187,6 +190,9 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
         release_free_heap()  # zero.Init's construction buffers
         log_dist("model: %s %s, %s parameters; rank 0 holds %.2f GiB", cfg.model.detector, cfg.model.backbone,
                  f"{count_parameters(model):,}", current_memory(info.device) / 2**30)
+    channels_last = use_channels_last(cfg, info.device)
+    if channels_last:
+        feed_channels_last(model)
     torch.manual_seed(cfg.train.seed + info.rank)  # RoI/anchor sampling differs per rank
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * info.world
     schedule = build_schedule(cfg.schedule, cfg.optim, global_batch, train_data.steps_per_epoch if data else 1)
@@ -202,10 +208,36 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
     engine = eng.build_engine(model, build_optimizer(groups, cfg.optim, schedule.lr(0)),
                               with_universal_load(ds_config) if load_universal else ds_config)
     release_free_heap()  # ZeRO's flattening copies are freed: give them back before training
+    if channels_last and zero_stage(ds_config) == 0:
+        weights_to_channels_last(engine)
     log_dist("engine: ZeRO stage %d; rank 0 holds %.2f GiB", zero_stage(ds_config),
              current_memory(info.device) / 2**30)
     step = TrainStep(engine, schedule, cfg.train.grad_accum, agvm)
     return Training(engine, step, schedule, ds_config, train_data, agvm)
+
+
+def use_channels_last(cfg: ExperimentConfig, device: torch.device) -> bool:
+    """``train.channels_last``, whose default (None) means: on CUDA, where convolutions on tensor
+    cores want it; not on CPU, where it buys little."""
+    return device.type == "cuda" if cfg.train.channels_last is None else cfg.train.channels_last
+
+
+def feed_channels_last(model: nn.Module) -> None:
+    """The image batch enters the backbone in channels_last; convolutions, every norm and the FPN's
+    additions keep the layout of their input (tests/test_levers.py); RoIAlign reads its own
+    contiguous copy."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and hasattr(backbone, "channels_last"):
+        backbone.channels_last = True
+
+
+def weights_to_channels_last(engine) -> None:
+    """Convolution weights in channels_last too (ZeRO-0 only, after ``deepspeed.initialize``).
+
+    DeepSpeed's initial broadcast views each parameter as bytes, which a channels_last tensor
+    refuses; ZeRO 1-3 keep parameters as views into flat buffers, which a layout change would
+    detach from the optimizer. There the input alone sets the layout, and cuDNN follows it."""
+    engine.module.to(memory_format=torch.channels_last)  # in place: the optimizer keeps the same Parameters
 
 
 def _bn_group(cfg: ExperimentConfig):

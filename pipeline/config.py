@@ -59,6 +59,9 @@ class ModelConfig(_Section):
     bn_images: Optional[int] = Field(None, gt=0, description="BN size in images (MegDet: 32); overrides bn_group "
                                                               "with bn_images / micro_batch ranks")
     gn_groups: int = Field(32, gt=0, description="groups for norm=group_norm")
+    cgbn_impl: Literal["auto", "ours", "torch"] = Field(
+        "auto", description="cgbn kernels: torch (nn.SyncBatchNorm's fused CUDA kernels), ours (MegDet's two-pass "
+                            "autograd function, any device), auto (torch's on CUDA, ours elsewhere)")
 
     @model_validator(mode="after")
     def _bn_group_positive(self) -> "ModelConfig":
@@ -193,6 +196,8 @@ class TrainConfig(_Section):
     evaluate: bool = Field(True, description="COCO evaluation at the end; false for memory probes and smoke runs")
     final_checkpoint: bool = Field(True, description="save a checkpoint at the end; false for memory probes")
     progress: bool = True
+    channels_last: Optional[bool] = Field(None, description="model and input batch in channels_last memory layout "
+                                          "(faster convolutions on tensor cores); None = on for CUDA, off on CPU")
 
     @field_validator("ds_config")
     @classmethod

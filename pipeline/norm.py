@@ -28,6 +28,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules._functions import SyncBatchNorm as _TorchSyncBatchNorm
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -102,12 +103,18 @@ class CrossGPUBatchNorm(_BatchNorm):
 
     Eval mode, and training without a group, are exactly ``torch.nn.BatchNorm*d``.
     Works for any input rank >= 2 (1d/2d/3d) on CPU (gloo) and CUDA (NCCL).
+
+    ``impl``: "ours" is ``_GroupBatchNorm`` (MegDet's two-pass statistics, any device); "torch" is
+    the fused CUDA kernels behind ``nn.SyncBatchNorm`` (one all-gather of per-rank mean, inverse std
+    and count forward, one all-reduce backward; CUDA only); "auto" takes torch's on CUDA tensors.
+    Both weight uneven and empty per-rank batches by their counts; ours stays the oracle in tests.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, process_group=None):
+                 affine: bool = True, track_running_stats: bool = True, process_group=None, impl: str = "auto"):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.process_group = process_group
+        self.impl = impl
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -116,10 +123,24 @@ class CrossGPUBatchNorm(_BatchNorm):
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.process_group is None:
             return super().forward(x)
+        if self.impl == "torch" or (self.impl == "auto" and x.is_cuda):
+            return self._torch_fused(x)
         y, mean, var, n = _GroupBatchNorm.apply(x, self.weight, self.bias, self.eps, self.process_group)
         if self.track_running_stats:
             self._update_running_stats(mean, var, n)
         return y
+
+    def _torch_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """``nn.SyncBatchNorm``'s training path on this layer's parameters and buffers (it also
+        updates the running statistics)."""
+        momentum = self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative average, as nn.SyncBatchNorm (a host sync; presets use 0.1)
+                momentum = 1.0 / float(self.num_batches_tracked)
+        running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+        return _TorchSyncBatchNorm.apply(x, self.weight, self.bias, *running, self.eps, momentum or 0.0,
+                                         self.process_group, dist.get_world_size(self.process_group))
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
@@ -217,7 +238,7 @@ def _device(bn: _BatchNorm) -> torch.device:
     return bn.weight.device if bn.affine else bn.running_mean.device
 
 
-def _replacement(bn: _BatchNorm, kind: str, group, gn_groups: int) -> nn.Module:
+def _replacement(bn: _BatchNorm, kind: str, group, gn_groups: int, cgbn_impl: str) -> nn.Module:
     c = bn.num_features
     if kind == "frozen":
         new = FrozenBatchNorm2d(c, eps=bn.eps)
@@ -237,7 +258,7 @@ def _replacement(bn: _BatchNorm, kind: str, group, gn_groups: int) -> nn.Module:
             new.bias.copy_(bn.bias.detach())
     else:  # cgbn: same parameters and buffers, so the state dict carries over as is
         kwargs = dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                      track_running_stats=bn.track_running_stats, process_group=group)
+                      track_running_stats=bn.track_running_stats, process_group=group, impl=cgbn_impl)
         new = CrossGPUBatchNormAct(c, bn.drop, bn.act, **kwargs) if _is_norm_act(bn) else \
             CrossGPUBatchNorm(c, **kwargs)
         new.load_state_dict(bn.state_dict())
@@ -248,11 +269,12 @@ def _replacement(bn: _BatchNorm, kind: str, group, gn_groups: int) -> nn.Module:
 
 
 @torch.no_grad()
-def convert_norms(model: nn.Module, kind: str, group=None, gn_groups: int = 32) -> int:
+def convert_norms(model: nn.Module, kind: str, group=None, gn_groups: int = 32, cgbn_impl: str = "auto") -> int:
     """Replace every BatchNorm in ``model`` (backbone and heads) by ``kind``; returns how many.
 
-    ``kind``: "cgbn" (statistics over ``group``), "per_gpu" (leave torch's BN), "frozen"
-    (torchvision's FrozenBatchNorm2d: running stats and affine as buffers), "group_norm".
+    ``kind``: "cgbn" (statistics over ``group``, computed by ``cgbn_impl``), "per_gpu" (leave
+    torch's BN), "frozen" (torchvision's FrozenBatchNorm2d: running stats and affine as buffers),
+    "group_norm".
     Weights and running statistics are copied. Call before ``deepspeed.initialize``.
     """
     if kind == "per_gpu":
@@ -264,7 +286,7 @@ def convert_norms(model: nn.Module, kind: str, group=None, gn_groups: int = 32) 
                 if kind == "frozen" and not isinstance(child, nn.BatchNorm2d):
                     raise ConfigError(f"model.norm=frozen: {type(child).__name__} at {name!r} is not 2d; "
                                       "FrozenBatchNorm2d only replaces BatchNorm2d")
-                setattr(parent, name, _replacement(child, kind, group, gn_groups))
+                setattr(parent, name, _replacement(child, kind, group, gn_groups, cgbn_impl))
                 count += 1
     return count
 

@@ -319,6 +319,15 @@ def _num_classes(cfg: ExperimentConfig) -> int:
     return 80 if cfg.data.source == "coco" else 3
 
 
+_CUDA_CONTEXT_GIB = 0.75
+
+
+def _budget_bytes(gpu_memory: float, probe: ActivationProbe) -> float:
+    """90% of the device, less the CUDA context (CPU plans already count the process as runtime)."""
+    context = 0.0 if probe.device == "cpu" else _CUDA_CONTEXT_GIB
+    return (gpu_memory * 0.9 - context) * GIB
+
+
 def format_plan(plan: MemoryPlan, probe: ActivationProbe, cfg: ExperimentConfig, gpu_memory: Optional[float],
                 measured: Optional[dict] = None) -> str:
     f = plan.facts
@@ -336,8 +345,8 @@ def format_plan(plan: MemoryPlan, probe: ActivationProbe, cfg: ExperimentConfig,
     lines.append(f"activations: {probe.fixed / GIB:.3f} GiB fixed + {probe.per_image / GIB:.3f} GiB per image "
                  f"(probed on {probe.device})")
     if gpu_memory:
-        context = 0.0 if probe.device == "cpu" else 0.75  # CPU plans already count the process (runtime)
-        budget = (gpu_memory * 0.9 - context) * GIB
+        context = _CUDA_CONTEXT_GIB if probe.device != "cpu" else 0.0
+        budget = _budget_bytes(gpu_memory, probe)
         lines.append(f"largest micro-batch for {gpu_memory:g} GiB per device (90% of it"
                      + (f", less {context} GiB of CUDA context" if context else "") + f"): {plan.max_micro_batch(budget)}")
     if measured is not None:
@@ -377,8 +386,9 @@ def main(argv=None) -> int:
     measured = measure_peak(args.config, args.overrides, args.world_size) if args.measure else None
     print(format_plan(plan, probe, cfg, args.gpu_memory, measured))
     if args.json:
+        largest = plan.max_micro_batch(_budget_bytes(args.gpu_memory, probe)) if args.gpu_memory else None
         args.json.write_text(json.dumps({"plan": asdict(plan), "total_gib": plan.total / GIB, "probe": asdict(probe),
-                                         "measured": measured}, indent=2, default=str))
+                                         "max_micro_batch": largest, "measured": measured}, indent=2, default=str))
     return 0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
@@ -231,6 +232,21 @@ def _summary(paths: dict) -> str:
     return "\n".join(lines)
 
 
+def synthetic_batch(batch: int, h: int, w: int, device: torch.device, seed: int = 0, num_classes: int = 80):
+    """``batch`` random images with 3-12 random boxes each (the benchmarks' and tests' fixed batches),
+    labels 1..``num_classes`` (COCO's 80 by default)."""
+    g = torch.Generator().manual_seed(seed)
+    images = [(torch.rand(3, h, w, generator=g) * 255).to(device) for _ in range(batch)]
+    targets = []
+    for _ in range(batch):
+        n = int(torch.randint(3, 13, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+        wh = 16 + torch.rand(n, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3])
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                        "labels": torch.randint(1, num_classes + 1, (n,), generator=g).to(device)})
+    return images, targets
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point."""
     ap = argparse.ArgumentParser(description="Write the synthetic shapes COCO dataset.")
@@ -246,3 +262,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+

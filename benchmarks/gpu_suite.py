@@ -1,0 +1,536 @@
+"""One command for a lent GPU: everything this pipeline needs measured there, in one table.
+
+    python benchmarks/gpu_suite.py OUT_DIR                # on the GPU (README: "Running on GPUs")
+    python benchmarks/gpu_suite.py OUT_DIR --smoke        # the same code paths on CPU, tiny sizes (CI)
+    python benchmarks/gpu_suite.py OUT_DIR --parts b,c    # some parts only
+
+Parts (each in its own process, with its own time limit: a part that fails or runs out of time
+is a row with its error, and the others still run):
+  a  smoke: the default config and R50-FPN, fp32 and bf16, ZeRO 0/2/3: finite losses, first
+     losses equal across stages, no device-placement warnings
+  b  levers vs torchvision's Faster R-CNN at 800x1333 bf16, batch 8 and 16: img/s, ratio, peak
+  c  FLOPs per image, dispatched operators and host syncs per iteration (ours and torchvision's),
+     and the profiler's top 15 operators of the fastest configuration
+  d  AGVM-SGD vs SGD (tau 10 and 1); cross-GPU BN (ours and torch's fused) vs per-GPU BN
+  e  the memory planner on ViT-g Faster R-CNN (ZeRO-3 bf16, checkpointing, 1024x1024), then
+     training at the micro-batch it recommends: estimated vs measured peak
+  f  the data loader alone at 800x1333: img/s by worker count
+  g  pytest -m gpu
+Writes OUT_DIR/suite.md (the table; also printed) and OUT_DIR/suite.json. On CPU every figure is
+a CPU figure, labelled with the device: never read one as a GPU number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+from common import REPO, pipeline_step, row_label, synthetic_batch, time_steps  # noqa: E402
+
+# Part: (title, seconds allowed on a GPU, seconds allowed in --smoke on CPU).
+PARTS = {
+    "a": ("CUDA smoke: losses across precisions and ZeRO stages", 100, 150),
+    "b": ("speed levers vs torchvision's Faster R-CNN", 150, 150),
+    "c": ("FLOPs, operators and host syncs per iteration; profile", 60, 150),
+    "d": ("AGVM and cross-GPU BN costs", 90, 150),
+    "e": ("memory planner on ViT-g, then training at its micro-batch", 150, 200),
+    "f": ("data loader alone", 45, 90),
+    "g": ("pytest -m gpu", 60, 120),
+}
+NOT_BUILT = {"compile": "train.compile (torch.compile of backbone and neck) is not built yet (issue #13)",
+             "sync_free_heads": "sync-free RPN/RoI heads are not built yet (issue #13)",
+             "gpu_decode": "data.decode=gpu (torchvision.io.decode_jpeg on the GPU) is not built yet (issue #13)"}
+
+
+class Sizes:
+    """What a part runs at: the real sizes on a GPU, tiny ones in ``--smoke``."""
+
+    def __init__(self, smoke: bool, batches: list[int] | None = None):
+        self.smoke = smoke
+        self.hw = (64, 64) if smoke else (800, 1333)
+        self.batches = batches or ([2] if smoke else [8, 16])
+        self.r50 = "test_byobnet" if smoke else "resnet50"
+        self.precisions = ["fp32"] if smoke else ["fp32", "bf16"]
+        self.fast_precision = "fp32" if smoke else "bf16"
+        self.iters = 2 if smoke else 30
+        self.warmup, self.timed = (1, 1) if smoke else (3, 10)
+        # torchvision's head sizes on a GPU; on CPU they would dominate the smoke's time
+        self.heads = ["model.rpn_pre_nms_train=200", "model.rpn_post_nms_train=100", "model.roi_batch_per_image=32",
+                      "model.box_head_dim=64", "model.fpn_channels=16"] if smoke else []
+
+
+# ---------------------------------------------------------------------------- shared helpers
+
+def _detector(sizes: "Sizes", backbone: str, batch: int, precision: str, zero: int, *extra: str) -> list[str]:
+    hw = sizes.hw
+    return ["model.detector=faster_rcnn", f"model.backbone={backbone}", "model.norm=cgbn",
+            f"data.min_size={min(hw)}", f"data.max_size={max(hw)}", f"train.micro_batch={batch}",
+            f"train.ds_config={REPO}/ds_configs/zero{zero}_{precision}.json", *sizes.heads, *extra]
+
+
+def _force_bn_group(model: torch.nn.Module) -> int:
+    """Cross-GPU BN over the world group even on one rank, so its kernels and collectives run (one
+    GPU's BN group is otherwise that GPU alone, which is torch's own BN); returns the layer count."""
+    import torch.distributed as dist
+
+    from pipeline.norm import CrossGPUBatchNorm
+
+    layers = [m for m in model.modules() if isinstance(m, CrossGPUBatchNorm)]
+    for m in layers:
+        m.process_group = dist.group.WORLD
+    return len(layers)
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _peak_gib(device: torch.device) -> float:
+    from pipeline.memory import peak_memory
+
+    return round(peak_memory(device) / 2**30, 2)
+
+
+def _reset_peak(device: torch.device) -> None:
+    from pipeline.memory import reset_peak_memory
+
+    reset_peak_memory(device)
+
+
+def _md_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v).replace("|", "/").replace("\n", " ")
+
+
+def _torchvision_step(hw, batch: int, precision: str, device: torch.device, channels_last: bool = False):
+    """torchvision's fasterrcnn_resnet50_fpn trained in plain torch (SGD), as bench_vs_torchvision does."""
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=81, min_size=min(hw),
+                                    max_size=max(hw)).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    images, targets = synthetic_batch(batch, *hw, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def step():
+        with autocast:
+            loss = sum(model(images, targets).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return model, step
+
+
+# ---------------------------------------------------------------------------- the parts
+
+def part_a(sizes: Sizes, info, out_dir: Path) -> dict:
+    """Each config x precision x ZeRO stage trains ``iters`` steps on one fixed batch."""
+    configs = {"default": ["model.backbone=resnet18"],
+               "r50_fpn": [f"model.backbone={sizes.r50}"]}
+    rows = []
+    for name, extra in configs.items():
+        for precision in sizes.precisions:
+            for zero in (0, 2, 3):
+                caught, handler = _warning_catcher()
+                with warnings.catch_warnings(record=True) as w:
+                    warnings.simplefilter("always")
+                    training, step = pipeline_step(
+                        [*_detector(sizes, "resnet18", 2, precision, zero), *extra], info, 2, *sizes.hw)
+                    losses = [float(sum(step().values())) for _ in range(sizes.iters)]
+                logging.getLogger().removeHandler(handler)
+                placement = [str(x.message) for x in w if _about_devices(str(x.message))] + \
+                    [m for m in caught if _about_devices(m)]
+                rows.append({"config": name, "precision": precision, "zero": zero, "first_loss": losses[0],
+                             "last_loss": losses[-1], "finite": all(math.isfinite(x) for x in losses),
+                             "placement_warnings": len(placement), "example": placement[0][:120] if placement else ""})
+                del training, step
+                _release()
+    tolerance = {"fp32": 1e-3, "bf16": 2e-2}
+    for r in rows:
+        ref = next(x for x in rows if x["config"] == r["config"] and x["precision"] == r["precision"] and x["zero"] == 0)
+        r["first_vs_zero0"] = abs(r["first_loss"] / ref["first_loss"] - 1)
+        r["ok"] = r["finite"] and r["first_vs_zero0"] <= tolerance[r["precision"]] and not r["placement_warnings"]
+    note = (f"{sizes.iters} iterations each, micro-batch 2, {sizes.hw[0]}x{sizes.hw[1]}; first losses must agree "
+            f"with ZeRO-0's within {tolerance} (relative)")
+    return {"rows": rows, "note": note, "table": _md_table(rows, ["config", "precision", "zero", "first_loss",
+            "last_loss", "first_vs_zero0", "finite", "placement_warnings", "ok", "example"])}
+
+
+def _warning_catcher():
+    """Collect WARNING log records (DeepSpeed and torch log placement problems there)."""
+    caught: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            caught.append(record.getMessage())
+
+    handler = Catch(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    return caught, handler
+
+
+def _about_devices(message: str) -> bool:
+    text = message.lower()
+    return any(k in text for k in ("device", "cuda:", "cpu tensor", "different devices", "pin_memory"))
+
+
+LEVERS = [  # cumulative: each row adds one lever to the previous one
+    ("plain (NCHW, eager, our cross-GPU BN)", ["train.channels_last=false", "model.cgbn_impl=ours"]),
+    ("+ channels_last", ["train.channels_last=true", "model.cgbn_impl=ours"]),
+    ("+ fused cross-GPU BN", ["train.channels_last=true", "model.cgbn_impl=torch"]),
+]
+
+
+def part_b(sizes: Sizes, info, out_dir: Path) -> dict:
+    rows = []
+    precision = sizes.fast_precision
+    for batch in sizes.batches:
+        _reset_peak(info.device)
+        _, tv = _torchvision_step(sizes.hw, batch, precision, info.device)
+        tv_s = time_steps(tv, info.device, sizes.warmup, sizes.timed)
+        rows.append({"batch": batch, "variant": "torchvision fasterrcnn_resnet50_fpn", "img_s": batch / tv_s,
+                     "ratio": 1.0, "peak_gib": _peak_gib(info.device)})
+        del tv
+        _release()
+        for label, levers in LEVERS:
+            if "model.cgbn_impl=torch" in levers and info.device.type != "cuda":
+                rows.append({"batch": batch, "variant": label, "img_s": "", "note": "CUDA only"})
+                continue
+            _reset_peak(info.device)
+            training, step = pipeline_step(
+                _detector(sizes, sizes.r50, batch, precision, 0, "model.anchor_scale=8", *levers),
+                info, batch, *sizes.hw)
+            layers = _force_bn_group(training.engine.module)
+            s = time_steps(step, info.device, sizes.warmup, sizes.timed)
+            rows.append({"batch": batch, "variant": label, "img_s": batch / s, "ratio": tv_s / s,
+                         "peak_gib": _peak_gib(info.device), "note": f"{layers} BN layers over a 1-rank group"})
+            del training, step
+            _release()
+        rows += [{"batch": batch, "variant": f"+ {k.replace('_', ' ')}", "note": NOT_BUILT[k]}
+                 for k in ("compile", "sync_free_heads")]
+    note = (f"{sizes.hw[0]}x{sizes.hw[1]}, {precision}, ZeRO-0, same synthetic images; {sizes.warmup} warm-up + "
+            f"{sizes.timed} timed steps; ratio = ours / torchvision img/s")
+    return {"rows": rows, "note": note, "table": _md_table(rows, ["batch", "variant", "img_s", "ratio", "peak_gib",
+                                                                    "note"])}
+
+
+def _count_iteration(step, device: torch.device) -> dict:
+    """FLOPs, dispatched aten operators and host syncs of one steady-state iteration."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.host_syncs import HostSyncCounter
+
+    step()  # steady state
+    with FlopCounterMode(display=False) as flops:
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+    ops = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+    with HostSyncCounter() as syncs:
+        step()
+    out = {"gflop": flops.get_total_flops() / 1e9, "aten_ops": ops, "syncs_counted": syncs.total,
+           "syncs_by_package": dict(syncs.by_package())}
+    if device.type == "cuda":
+        out["cuda_syncs"] = _cuda_syncs(step)
+    return out
+
+
+def _cuda_syncs(step) -> int:
+    """Synchronisations torch itself reports during one iteration (``set_sync_debug_mode``)."""
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(x.message).lower() for x in w)
+
+
+def part_c(sizes: Sizes, info, out_dir: Path) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    batch, precision = sizes.batches[0], sizes.fast_precision
+    rows = []
+    _, tv = _torchvision_step(sizes.hw, batch, precision, info.device)
+    rows.append({"model": "torchvision fasterrcnn_resnet50_fpn", **_count_iteration(tv, info.device)})
+    del tv
+    _release()
+    for label, levers in LEVERS:  # the last one built is the fastest configuration, profiled below
+        if "model.cgbn_impl=torch" in levers and info.device.type != "cuda":
+            continue
+        fastest = fastest_label = None
+        _release()
+        training, fastest = pipeline_step(
+            _detector(sizes, sizes.r50, batch, precision, 0, "model.anchor_scale=8", *levers), info, batch, *sizes.hw)
+        _force_bn_group(training.engine.module)
+        rows.append({"model": f"ours: {label}", **_count_iteration(fastest, info.device)})
+        fastest_label = label
+        del training
+    for r in rows:
+        r["gflop_per_image"] = r.pop("gflop") / batch
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if info.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            fastest()
+    key = "self_cuda_time_total" if info.device.type == "cuda" else "self_cpu_time_total"
+    top = prof.key_averages().table(sort_by=key, row_limit=15)
+    (out_dir / "profile_top15.txt").write_text(top)
+    kind = "CUDA" if info.device.type == "cuda" else "CPU (a proxy: counted, nothing waits on a CPU)"
+    note = (f"one steady-state iteration, batch {batch}, {sizes.hw[0]}x{sizes.hw[1]}, {precision}. FLOPs: "
+            f"torch.utils.flop_counter (forward + backward); aten_ops: top-level aten operators dispatched "
+            f"(torch.profiler); syncs_counted: calls that synchronise on CUDA ({kind}), by package; cuda_syncs: "
+            f"torch.cuda.set_sync_debug_mode's reports. Profile of '{fastest_label}', sorted by {key}: "
+            f"profile_top15.txt")
+    table = _md_table(rows, ["model", "gflop_per_image", "aten_ops", "syncs_counted", "syncs_by_package",
+                             "cuda_syncs"])
+    return {"rows": rows, "note": note, "table": table + "\n\n```\n" + top + "\n```"}
+
+
+def part_d(sizes: Sizes, info, out_dir: Path) -> dict:
+    rows = []
+    precision, batch = sizes.fast_precision, 2 if sizes.smoke else 4
+    h, w = sizes.hw
+    agvm_out = out_dir / "agvm_overhead.jsonl"
+    agvm_out.unlink(missing_ok=True)
+    cmd = [sys.executable, str(REPO / "benchmarks/bench_agvm_overhead.py"), "--backbone", sizes.r50, "--height",
+           str(h), "--width", str(w), "--batch", str(batch), "--precision", precision,
+           "--rounds", "1" if sizes.smoke else "3", "--out", str(agvm_out), *sizes.heads]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_child_env())
+    if done.returncode != 0:
+        rows.append({"what": "AGVM overhead", "error": done.stderr.strip().splitlines()[-1][:200] if done.stderr else ""})
+    else:
+        for r in map(json.loads, agvm_out.read_text().splitlines()):
+            rows.append({"what": f"{r['optimizer']} tau {r['tau'] or '-'}", "s_per_iter": r["s_per_iter"],
+                         "overhead_pct": r["overhead_pct"]})
+    variants = [("per-GPU BN", ["model.norm=per_gpu"]), ("cross-GPU BN, ours", ["model.cgbn_impl=ours"])]
+    if info.device.type == "cuda":
+        variants.append(("cross-GPU BN, torch fused", ["model.cgbn_impl=torch"]))
+    steps = {}
+    for label, extra in variants:
+        training, step = pipeline_step(_detector(sizes, sizes.r50, batch, precision, 0, *extra), info, batch, h, w)
+        _force_bn_group(training.engine.module)
+        for _ in range(sizes.warmup):
+            step()
+        steps[label] = step
+    times = {label: [] for label in steps}
+    for _ in range(1 if sizes.smoke else 3):  # interleaved rounds: drift hits every variant alike
+        for label, step in steps.items():
+            times[label].append(time_steps(step, info.device, 0, sizes.timed))
+    base = statistics.median(times["per-GPU BN"])
+    for label, ts in times.items():
+        rows.append({"what": label, "s_per_iter": statistics.median(ts),
+                     "overhead_pct": 100 * (statistics.median(ts) / base - 1)})
+    note = (f"batch {batch} per step, {h}x{w}, {precision}; AGVM: benchmarks/bench_agvm_overhead.py (2 micro-batches "
+            "per step on one GPU); BN: one GPU, the group forced to the world group so the collectives run")
+    return {"rows": rows, "note": note, "table": _md_table(rows, ["what", "s_per_iter", "overhead_pct", "error"])}
+
+
+def part_e(sizes: Sizes, info, out_dir: Path) -> dict:
+    backbone, side = ("test_vit", 32) if sizes.smoke else ("vit_giant_patch14_dinov2", 1024)
+    gpu_memory = 8 if sizes.smoke else round(torch.cuda.get_device_properties(0).total_memory / 2**30)
+    overrides = ["model.detector=faster_rcnn", f"model.backbone={backbone}", "model.activation_checkpointing=true",
+                 "model.norm=frozen", f"train.ds_config={REPO}/ds_configs/zero3_{sizes.fast_precision}.json",
+                 f"data.min_size={side}", f"data.max_size={side}", "data.workers=2", *sizes.heads]
+    plan_json = out_dir / "planner.json"
+    cmd = [sys.executable, "-m", "pipeline.planner", "--world-size", "1", "--gpu-memory", str(gpu_memory),
+           "--image-size", f"{side}x{side}", "--measure", "--json", str(plan_json), *overrides]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_child_env())
+    if done.returncode != 0:
+        raise RuntimeError(f"planner failed: {done.stderr[-1500:]}")
+    plan = json.loads(plan_json.read_text())
+    rows = [{"what": "planner estimate at micro-batch 2", "peak_gib": plan["total_gib"]},
+            {"what": "measured, 3 steps at micro-batch 2", "peak_gib": plan["measured"]["peak_mem_gib"]}]
+    recommended = plan["max_micro_batch"]
+    micro = min(recommended, 2) if sizes.smoke else recommended
+    iters = 2 if sizes.smoke else 20
+    with tempfile.TemporaryDirectory(prefix="suite-e-") as tmp:
+        run = [sys.executable, str(REPO / "launch/train.py"), *overrides, f"train.micro_batch={micro}",
+               f"schedule.max_iters={iters}", "train.log_every=1", "train.evaluate=false", "train.progress=false",
+               "train.final_checkpoint=false", "train.ckpt_every_iters=0", "tracking.wandb_mode=disabled",
+               f"train.output_dir={tmp}", "train.run_name=e"]
+        done = subprocess.run(run, cwd=REPO, capture_output=True, text=True, env=_child_env())
+        if done.returncode != 0:
+            raise RuntimeError(f"training at micro-batch {micro} failed: {done.stderr[-1500:]}")
+        summary = json.loads((Path(tmp) / "e/run_summary.json").read_text())
+    rows.append({"what": f"trained {iters} steps at the recommended micro-batch {recommended}"
+                         + (f" (smoke: {micro})" if micro != recommended else ""),
+                 "peak_gib": summary["peak_mem_gib"], "img_s": summary["images_per_s"], "images_per_step": micro})
+    note = (f"{backbone} Faster R-CNN, ZeRO-3 {sizes.fast_precision}, activation checkpointing, {side}x{side}, "
+            f"{gpu_memory} GiB device; planner: python -m pipeline.planner --measure")
+    return {"rows": rows, "note": note, "table": _md_table(rows, ["what", "peak_gib", "img_s", "images_per_step"])}
+
+
+def part_f(sizes: Sizes, info, out_dir: Path) -> dict:
+    from pipeline.config import load_config
+    from pipeline.data import build_datasets, build_loaders
+    from pipeline.synthetic import make_dataset
+
+    side = (96, 128) if sizes.smoke else (800, 1333)
+    root = out_dir / "loader_images"
+    make_dataset(root, num_train=16 if sizes.smoke else 96, num_val=2, seed=0, min_side=side[0], max_side=side[1])
+    rows = []
+    for workers in ([0, 2] if sizes.smoke else [4, 8, 16]):
+        cfg = load_config(None, [f"data.root={root}", "data.source=coco", f"data.min_size={side[0]}",
+                                 f"data.max_size={side[1]}", f"data.workers={workers}"])
+        train_set, val_set = build_datasets(cfg.data, with_masks=False)
+        loader, _ = build_loaders(cfg.data, train_set, val_set, 2, 1, 1, 0, 0)
+        images, tic, first = 0, None, True
+        for batch_images, _ in loader:
+            if first:  # the workers' start-up is not the loader's rate
+                tic, first = time.perf_counter(), False
+                continue
+            images += len(batch_images)
+        rows.append({"decode": "CPU (PIL), resize in workers", "workers": workers,
+                     "img_s": images / (time.perf_counter() - tic) if images else ""})
+    rows.append({"decode": "GPU (nvjpeg)", "note": NOT_BUILT["gpu_decode"]})
+    note = (f"{len(train_set)} JPEGs of {side[0]}-{side[1]} px, the training loader (resize, flip, collate) alone; "
+            f"{os.cpu_count()} CPU cores on this machine")
+    return {"rows": rows, "note": note, "table": _md_table(rows, ["decode", "workers", "img_s", "note"])}
+
+
+def part_g(sizes: Sizes, info, out_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(REPO / "tests")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_child_env())
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
+    failures = [line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    rows = [{"exit": done.returncode, "summary": summary}] + [{"exit": "", "summary": f} for f in failures]
+    (out_dir / "pytest_gpu.log").write_text(done.stdout + done.stderr)
+    return {"rows": rows, "note": "the tests marked gpu (they skip without CUDA); full log: pytest_gpu.log",
+            "table": _md_table(rows, ["exit", "summary"])}
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # no install needed
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)  # a child forms its own one-process job
+    return env
+
+
+# ---------------------------------------------------------------------------- orchestration
+
+def run_part(key: str, out_dir: Path, smoke: bool, batches: list[int] | None) -> None:
+    """The child process: one part, its result as JSON."""
+    from pipeline.engine import init_distributed
+
+    logging.basicConfig(level=logging.WARNING)
+    info = init_distributed()
+    sizes = Sizes(smoke, batches)
+    tic = time.time()
+    result = globals()[f"part_{key}"](sizes, info, out_dir)
+    result["seconds"] = round(time.time() - tic, 1)
+    (out_dir / f"part_{key}.json").write_text(json.dumps(result, indent=2, default=str))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: the same code paths, in CI")
+    p.add_argument("--parts", default="".join(PARTS), help="which parts, e.g. abc or a,b,c")
+    p.add_argument("--time-scale", type=float, default=1.0, help="multiply every part's time limit")
+    p.add_argument("--batch", type=int, nargs="+", help="batches of parts b and c (default 8 16; smoke 2)")
+    p.add_argument("--cpu", action="store_true", help="the real sizes on a CPU (slow: for CPU proxies, e.g. "
+                                                      "--cpu --parts c --batch 2 --time-scale 30)")
+    p.add_argument("--run-part", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.run_part:
+        run_part(args.run_part, args.out_dir, args.smoke, args.batch)
+        return 0
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not (args.smoke or args.cpu):
+        print("no CUDA device: --smoke runs the code paths on CPU at tiny sizes, --cpu the real sizes (slow)",
+              file=sys.stderr)
+        return 2
+    suite = {"label": row_label(device), "smoke": args.smoke, "torch": torch.__version__, "argv": sys.argv[1:],
+             "parts": {}}
+    for key in [k for k in args.parts if k in PARTS]:
+        title, gpu_s, smoke_s = PARTS[key]
+        limit = (smoke_s if args.smoke else gpu_s) * args.time_scale
+        suite["parts"][key] = _run_child(key, title, limit, args)
+        print(f"[{key}] {title}: {suite['parts'][key]['status']} ({suite['parts'][key]['seconds']} s)", flush=True)
+    (args.out_dir / "suite.json").write_text(json.dumps(suite, indent=2, default=str))
+    report = _report(suite)
+    (args.out_dir / "suite.md").write_text(report)
+    print(report)
+    return 0 if all(part["status"] == "ok" for part in suite["parts"].values()) else 1
+
+
+def _run_child(key: str, title: str, limit: float, args) -> dict:
+    result_file = args.out_dir / f"part_{key}.json"
+    result_file.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, str(args.out_dir), "--run-part", key] + (["--smoke"] if args.smoke else []) \
+        + (["--batch", *map(str, args.batch)] if args.batch else [])
+    tic = time.time()
+    try:
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit, env=_child_env())
+        log, status = done.stdout + done.stderr, "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
+    except subprocess.TimeoutExpired as err:
+        log, status = _text(err.stdout) + _text(err.stderr), f"stopped after its {limit:.0f} s limit"
+    (args.out_dir / f"part_{key}.log").write_text(log)
+    result = json.loads(result_file.read_text()) if status == "ok" and result_file.is_file() else {}
+    if status == "ok" and not result:
+        status = "failed (no result written)"
+    if status != "ok":
+        result["error"] = "\n".join(log.strip().splitlines()[-8:])
+    return {"title": title, "status": status, "seconds": round(time.time() - tic, 1), **result}
+
+
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
+def _report(suite: dict) -> str:
+    label = suite["label"]
+    lines = [f"# GPU suite: {label['device']}, {label['date']}, commit {label['commit']}, torch {suite['torch']}"
+             + (" (smoke: CPU, tiny sizes; not GPU figures)" if suite["smoke"] else ""), ""]
+    for key, part in suite["parts"].items():
+        lines += [f"## ({key}) {part['title']}: {part['status']}, {part['seconds']} s", ""]
+        if part.get("note"):
+            lines += [part["note"], ""]
+        if part.get("table"):
+            lines += [part["table"], ""]
+        if part.get("error"):
+            lines += ["```", part["error"], "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception:  # a child's traceback goes to its log, which the table quotes
+        traceback.print_exc()
+        sys.exit(1)
