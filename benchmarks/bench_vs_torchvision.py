@@ -14,32 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from common import REPO, RESULTS, pipeline_step, row_label, synthetic_batch, time_steps
+from common import REPO, RESULTS, pipeline_step, row_label, time_steps, torchvision_step
 from pipeline.engine import init_distributed
 
 
 def bench_torchvision(args, batch, device) -> float:
-    from torchvision.models.detection import fasterrcnn_resnet50_fpn
-
-    torch.manual_seed(0)
-    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=81,
-                                    min_size=args.height, max_size=max(args.height, args.width)).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    images, targets = synthetic_batch(batch, args.height, args.width, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
-
-    def step():
-        with autocast:
-            loss = sum(model(images, targets).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    _, step = torchvision_step((args.height, args.width), batch, args.precision, device)
     return time_steps(step, device, args.warmup, args.steps)
 
 

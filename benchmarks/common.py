@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from contextlib import nullcontext
 import platform
 import subprocess
 import time
@@ -53,3 +54,27 @@ def pipeline_step(overrides: list[str], info, batch: int, height: int, width: in
     training = build_training(cfg, info, data=False, num_classes=80)
     batches = itertools.repeat(synthetic_batch(batch, height, width, info.device, seed=info.rank))
     return training, lambda: training.step(batches)
+
+
+def torchvision_step(hw: tuple[int, int], batch: int, precision: str, device: torch.device):
+    """torchvision's ``fasterrcnn_resnet50_fpn`` trained in plain torch (SGD, optional bf16 autocast) on one
+    fixed synthetic batch: the reference the benchmarks compare against; returns (model, step).
+    ``step()`` returns the loss, on the device."""
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=81, min_size=min(hw),
+                                    max_size=max(hw)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    images, targets = synthetic_batch(batch, *hw, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def step():
+        with autocast:
+            loss = sum(model(images, targets).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return model, step

@@ -35,27 +35,24 @@ import tempfile
 import time
 import traceback
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from common import REPO, pipeline_step, row_label, synthetic_batch, time_steps  # noqa: E402
+from common import REPO, pipeline_step, row_label, time_steps, torchvision_step  # noqa: E402
 
 # Part: (title, seconds allowed on a GPU, seconds allowed in --smoke on CPU).
 PARTS = {
     "a": ("CUDA smoke: losses across precisions and ZeRO stages", 100, 150),
-    "b": ("speed levers vs torchvision's Faster R-CNN", 150, 150),
-    "c": ("FLOPs, operators and host syncs per iteration; profile", 60, 150),
+    "b": ("speed levers vs torchvision's Faster R-CNN", 150, 300),
+    "c": ("FLOPs, operators and host syncs per iteration; profile", 60, 300),
     "d": ("AGVM and cross-GPU BN costs", 90, 150),
     "e": ("memory planner on ViT-g, then training at its micro-batch", 150, 200),
     "f": ("data loader alone", 45, 90),
     "g": ("pytest -m gpu", 60, 120),
 }
-NOT_BUILT = {"compile": "train.compile (torch.compile of backbone and neck) is not built yet (issue #13)",
-             "sync_free_heads": "sync-free RPN/RoI heads are not built yet (issue #13)",
-             "gpu_decode": "data.decode=gpu (torchvision.io.decode_jpeg on the GPU) is not built yet (issue #13)"}
+NOT_BUILT = {"sync_free_heads": "sync-free RPN/RoI heads are not built yet (issue #13)"}
 
 
 class Sizes:
@@ -127,30 +124,6 @@ def _cell(v) -> str:
     return str(v).replace("|", "/").replace("\n", " ")
 
 
-def _torchvision_step(hw, batch: int, precision: str, device: torch.device, channels_last: bool = False):
-    """torchvision's fasterrcnn_resnet50_fpn trained in plain torch (SGD), as bench_vs_torchvision does."""
-    from torchvision.models.detection import fasterrcnn_resnet50_fpn
-
-    torch.manual_seed(0)
-    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=81, min_size=min(hw),
-                                    max_size=max(hw)).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    images, targets = synthetic_batch(batch, *hw, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-    def step():
-        with autocast:
-            loss = sum(model(images, targets).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    return model, step
-
-
 # ---------------------------------------------------------------------------- the parts
 
 def part_a(sizes: Sizes, info, out_dir: Path) -> dict:
@@ -208,7 +181,18 @@ LEVERS = [  # cumulative: each row adds one lever to the previous one
     ("plain (NCHW, eager, our cross-GPU BN)", ["train.channels_last=false", "model.cgbn_impl=ours"]),
     ("+ channels_last", ["train.channels_last=true", "model.cgbn_impl=ours"]),
     ("+ fused cross-GPU BN", ["train.channels_last=true", "model.cgbn_impl=torch"]),
+    ("+ compile (backbone and neck, canvas padding)", ["train.channels_last=true", "model.cgbn_impl=torch",
+                                                        "train.compile=true"]),
 ]
+
+
+def _levers_here(device: torch.device) -> list[tuple[str, list[str]]]:
+    """The cumulative levers this device can run (the fused BN kernels are CUDA's): on a CPU the
+    torch-kernel step is dropped from every later row."""
+    if device.type == "cuda":
+        return LEVERS
+    return [(label, [o for o in levers if o != "model.cgbn_impl=torch"]) for label, levers in LEVERS
+            if "fused" not in label]
 
 
 def part_b(sizes: Sizes, info, out_dir: Path) -> dict:
@@ -216,16 +200,18 @@ def part_b(sizes: Sizes, info, out_dir: Path) -> dict:
     precision = sizes.fast_precision
     for batch in sizes.batches:
         _reset_peak(info.device)
-        _, tv = _torchvision_step(sizes.hw, batch, precision, info.device)
+        _, tv = torchvision_step(sizes.hw, batch, precision, info.device)
         tv_s = time_steps(tv, info.device, sizes.warmup, sizes.timed)
         rows.append({"batch": batch, "variant": "torchvision fasterrcnn_resnet50_fpn", "img_s": batch / tv_s,
                      "ratio": 1.0, "peak_gib": _peak_gib(info.device)})
         del tv
         _release()
-        for label, levers in LEVERS:
-            if "model.cgbn_impl=torch" in levers and info.device.type != "cuda":
+        here = dict(_levers_here(info.device))
+        for label, _ in LEVERS:
+            if label not in here:
                 rows.append({"batch": batch, "variant": label, "img_s": "", "note": "CUDA only"})
                 continue
+            levers = here[label]
             _reset_peak(info.device)
             training, step = pipeline_step(
                 _detector(sizes, sizes.r50, batch, precision, 0, "model.anchor_scale=8", *levers),
@@ -236,8 +222,7 @@ def part_b(sizes: Sizes, info, out_dir: Path) -> dict:
                          "peak_gib": _peak_gib(info.device), "note": f"{layers} BN layers over a 1-rank group"})
             del training, step
             _release()
-        rows += [{"batch": batch, "variant": f"+ {k.replace('_', ' ')}", "note": NOT_BUILT[k]}
-                 for k in ("compile", "sync_free_heads")]
+        rows.append({"batch": batch, "variant": "+ sync-free heads", "note": NOT_BUILT["sync_free_heads"]})
     note = (f"{sizes.hw[0]}x{sizes.hw[1]}, {precision}, ZeRO-0, same synthetic images; {sizes.warmup} warm-up + "
             f"{sizes.timed} timed steps; ratio = ours / torchvision img/s")
     return {"rows": rows, "note": note, "table": _md_table(rows, ["batch", "variant", "img_s", "ratio", "peak_gib",
@@ -261,10 +246,31 @@ def _count_iteration(step, device: torch.device) -> dict:
     with HostSyncCounter() as syncs:
         step()
     out = {"gflop": flops.get_total_flops() / 1e9, "aten_ops": ops, "syncs_counted": syncs.total,
-           "syncs_by_package": dict(syncs.by_package())}
+           "syncs_by_package": dict(syncs.by_package()),
+           "sync_sites": [(_short(site), n, op) for (site, n), op in zip(syncs.sites.most_common(),
+                                                                         _ops_of(syncs))]}
     if device.type == "cuda":
         out["cuda_syncs"] = _cuda_syncs(step)
     return out
+
+
+def _short(site: str) -> str:
+    """A source line relative to its package (site-packages/torchvision/ops/boxes.py:54 -> torchvision/ops/boxes.py:54)."""
+    path = Path(site)
+    parts = path.parts
+    for root in ("torchvision", "deepspeed", "timm", "pipeline", "models"):
+        if root in parts:
+            return str(Path(*parts[parts.index(root):]))
+    return site
+
+
+def _ops_of(syncs) -> list[str]:
+    return [syncs.site_ops.get(site, "") for site, _ in syncs.sites.most_common()]
+
+
+def _partial(out_dir: Path, key: str, rows: list[dict]) -> None:
+    """What a long part has measured so far: kept in the table if the part runs out of time."""
+    (out_dir / f"part_{key}.json").write_text(json.dumps({"rows": rows, "partial": True}, default=str))
 
 
 def _cuda_syncs(step) -> int:
@@ -284,19 +290,20 @@ def part_c(sizes: Sizes, info, out_dir: Path) -> dict:
 
     batch, precision = sizes.batches[0], sizes.fast_precision
     rows = []
-    _, tv = _torchvision_step(sizes.hw, batch, precision, info.device)
+    _, tv = torchvision_step(sizes.hw, batch, precision, info.device)
     rows.append({"model": "torchvision fasterrcnn_resnet50_fpn", **_count_iteration(tv, info.device)})
+    _partial(out_dir, "c", rows)
     del tv
     _release()
-    for label, levers in LEVERS:  # the last one built is the fastest configuration, profiled below
-        if "model.cgbn_impl=torch" in levers and info.device.type != "cuda":
-            continue
+    here = _levers_here(info.device)
+    for label, levers in (here[0], here[-1]):  # plain, and every lever: the latter is profiled below
         fastest = fastest_label = None
         _release()
         training, fastest = pipeline_step(
             _detector(sizes, sizes.r50, batch, precision, 0, "model.anchor_scale=8", *levers), info, batch, *sizes.hw)
         _force_bn_group(training.engine.module)
         rows.append({"model": f"ours: {label}", **_count_iteration(fastest, info.device)})
+        _partial(out_dir, "c", rows)
         fastest_label = label
         del training
     for r in rows:
@@ -316,6 +323,8 @@ def part_c(sizes: Sizes, info, out_dir: Path) -> dict:
             f"profile_top15.txt")
     table = _md_table(rows, ["model", "gflop_per_image", "aten_ops", "syncs_counted", "syncs_by_package",
                              "cuda_syncs"])
+    sites = [{"site": site, "syncs": n, "call": op} for site, n, op in rows[-1]["sync_sites"]]
+    table += f"\n\nWhere '{rows[-1]['model']}' syncs, by source line:\n\n" + _md_table(sites, ["site", "syncs", "call"])
     return {"rows": rows, "note": note, "table": table + "\n\n```\n" + top + "\n```"}
 
 
@@ -395,28 +404,33 @@ def part_e(sizes: Sizes, info, out_dir: Path) -> dict:
 
 def part_f(sizes: Sizes, info, out_dir: Path) -> dict:
     from pipeline.config import load_config
-    from pipeline.data import build_datasets, build_loaders
+    from pipeline.data import build_datasets, build_loaders, decode_on_device
     from pipeline.synthetic import make_dataset
 
     side = (96, 128) if sizes.smoke else (800, 1333)
     root = out_dir / "loader_images"
     make_dataset(root, num_train=16 if sizes.smoke else 96, num_val=2, seed=0, min_side=side[0], max_side=side[1])
     rows = []
-    for workers in ([0, 2] if sizes.smoke else [4, 8, 16]):
-        cfg = load_config(None, [f"data.root={root}", "data.source=coco", f"data.min_size={side[0]}",
-                                 f"data.max_size={side[1]}", f"data.workers={workers}"])
-        train_set, val_set = build_datasets(cfg.data, with_masks=False)
-        loader, _ = build_loaders(cfg.data, train_set, val_set, 2, 1, 1, 0, 0)
-        images, tic, first = 0, None, True
-        for batch_images, _ in loader:
-            if first:  # the workers' start-up is not the loader's rate
-                tic, first = time.perf_counter(), False
-                continue
-            images += len(batch_images)
-        rows.append({"decode": "CPU (PIL), resize in workers", "workers": workers,
-                     "img_s": images / (time.perf_counter() - tic) if images else ""})
-    rows.append({"decode": "GPU (nvjpeg)", "note": NOT_BUILT["gpu_decode"]})
-    note = (f"{len(train_set)} JPEGs of {side[0]}-{side[1]} px, the training loader (resize, flip, collate) alone; "
+    where = "GPU (nvJPEG, batched)" if info.device.type == "cuda" else "training process (CPU)"
+    for decode in ("workers", "device"):
+        for workers in ([0, 2] if sizes.smoke else [4, 8, 16]):
+            cfg = load_config(None, [f"data.root={root}", "data.source=coco", f"data.min_size={side[0]}",
+                                     f"data.max_size={side[1]}", f"data.workers={workers}", f"data.decode={decode}"])
+            train_set, val_set = build_datasets(cfg.data, with_masks=False)
+            loader, _ = build_loaders(cfg.data, train_set, val_set, 2, 1, 1, 0, 0)
+            images, tic = 0, None
+            for batch_images, targets in loader:
+                decoded = decode_on_device(batch_images, targets, info.device)
+                if tic is None:  # the workers' start-up is not the loader's rate
+                    tic = time.perf_counter()
+                    continue
+                images += len(decoded)
+            if info.device.type == "cuda":
+                torch.cuda.synchronize()
+            rows.append({"decode": "workers (CPU)" if decode == "workers" else where, "workers": workers,
+                         "img_s": images / (time.perf_counter() - tic) if images else ""})
+    note = (f"{len(train_set)} JPEGs of {side[0]}-{side[1]} px, the training loader (decode, resize, flip, collate; "
+            f"data.decode=workers or device) and the copy to the device, nothing else; "
             f"{os.cpu_count()} CPU cores on this machine")
     return {"rows": rows, "note": note, "table": _md_table(rows, ["decode", "workers", "img_s", "note"])}
 
@@ -501,9 +515,12 @@ def _run_child(key: str, title: str, limit: float, args) -> dict:
     except subprocess.TimeoutExpired as err:
         log, status = _text(err.stdout) + _text(err.stderr), f"stopped after its {limit:.0f} s limit"
     (args.out_dir / f"part_{key}.log").write_text(log)
-    result = json.loads(result_file.read_text()) if status == "ok" and result_file.is_file() else {}
+    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
     if status == "ok" and not result:
         status = "failed (no result written)"
+    if status != "ok" and result.get("rows"):  # what it measured before it stopped
+        result["table"] = _md_table(result["rows"], list(dict.fromkeys(k for r in result["rows"] for k in r)))
+        result["note"] = "partial: the rows measured before the part stopped"
     if status != "ok":
         result["error"] = "\n".join(log.strip().splitlines()[-8:])
     return {"title": title, "status": status, "seconds": round(time.time() - tic, 1), **result}

@@ -18,6 +18,7 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 from functools import partial
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
@@ -48,7 +49,16 @@ def _contexts(block: nn.Module):
 def _checkpointed(forward, block: nn.Module, *args, **kwargs):
     if not block.training:  # inference keeps no activations for backward anyway
         return forward(*args, **kwargs)
+    if torch.compiler.is_compiling():  # the compiler plans the recompute; it takes no context_fn
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return checkpoint(forward, *args, use_reentrant=False, context_fn=partial(_contexts, block), **kwargs)
+
+
+def has_running_stats(root: nn.Module) -> bool:
+    """Whether a checkpointed block holds BatchNorm running statistics, which a compiled recompute
+    would update a second time (``train.compile`` refuses that combination)."""
+    return any(isinstance(m, _BatchNorm) and m.track_running_stats for block in find_blocks(root)
+               for m in block.modules())
 
 
 def find_blocks(root: nn.Module) -> list[nn.Module]:

@@ -31,6 +31,7 @@ from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
@@ -87,6 +88,33 @@ class BackboneWithNeck(nn.Module):
         if self.nhwc:
             features = [f.permute(0, 3, 1, 2) for f in features]
         return self.neck(OrderedDict((str(i), f) for i, f in enumerate(features)))
+
+
+class CanvasTransform(GeneralizedRCNNTransform):
+    """torchvision's transform, padding every batch to one canvas per orientation instead of to its
+    largest image: a compiled backbone then sees three input shapes per batch size (landscape,
+    portrait, mixed), not one per combination of image sizes (about 36 at 800x1333).
+
+    The canvas is (min_size, max_size) rounded up to the size divisor, turned for portrait batches;
+    a mixed batch (aspect grouping off) gets the square of the long side. The padding is zeros,
+    as torchvision's; what changes is how much of it a batch carries (batch-norm statistics and
+    the anchors over the padding see more of it)."""
+
+    def __init__(self, transform: GeneralizedRCNNTransform, min_size: int, max_size: int):
+        super().__init__(transform.min_size, transform.max_size, transform.image_mean, transform.image_std,
+                         transform.size_divisible, transform.fixed_size, _skip_resize=transform._skip_resize)
+        d = transform.size_divisible
+        self.short, self.long = -(-min_size // d) * d, -(-max_size // d) * d
+
+    def batch_images(self, images: list[torch.Tensor], size_divisible: int = 32) -> torch.Tensor:
+        wide = [img.shape[-1] >= img.shape[-2] for img in images]
+        h, w = (self.short, self.long) if all(wide) else (self.long, self.short) if not any(wide) else (self.long,) * 2
+        if any(img.shape[-2] > h or img.shape[-1] > w for img in images):  # larger than the loader makes
+            return super().batch_images(images, size_divisible)
+        batched = images[0].new_zeros(len(images), images[0].shape[0], h, w)
+        for canvas, img in zip(batched, images):
+            canvas[:, :img.shape[-2], :img.shape[-1]].copy_(img)
+        return batched
 
 
 def check_backbone_name(name: str) -> None:

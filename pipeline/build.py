@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from models.detector import build_detector, count_parameters
+from models.checkpointing import has_running_stats
+from models.detector import CanvasTransform, build_detector, count_parameters
 from pipeline import engine as eng
 from pipeline.agvm import AGVM, modules_of
 from pipeline.config import ConfigError, ExperimentConfig
@@ -65,7 +66,14 @@ def build_model(cfg: ExperimentConfig, num_classes: int, *, pretrained: bool = T
     with gathered(bn_params):  # built under zero.Init: the converter copies the full values
         count = convert_norms(model, cfg.model.norm, bn_group, cfg.model.gn_groups, cfg.model.cgbn_impl)
     log_dist("norm: %s in place of %d BatchNorm layers", cfg.model.norm, count)
+    if pads_to_canvas(cfg):
+        model.transform = CanvasTransform(model.transform, cfg.data.min_size, cfg.data.max_size)
     return model
+
+
+def pads_to_canvas(cfg: ExperimentConfig) -> bool:
+    """``model.pad_to``: one canvas per orientation, by default when the backbone is compiled."""
+    return cfg.model.pad_to == "canvas" or (cfg.model.pad_to == "auto" and cfg.train.compile)
 
 
 def _partitioned_detector(model_cfg, num_classes: int, cfg: ExperimentConfig, ds_config: dict) -> nn.Module:
@@ -183,6 +191,10 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
     train_data = build_data(cfg, info) if data else None
     ds_config = engine_config(cfg, info.world)
     check_zero_support(cfg.optim.name, zero_stage(ds_config), str(cfg.train.ds_config))
+    if cfg.train.compile and zero_stage(ds_config) == 3:
+        raise ConfigError(f"train.compile=true with ZeRO-3 ({cfg.train.ds_config}): ZeRO-3 gathers each layer's "
+                          "parameters in hooks around its forward, which torch.compile would trace through; use "
+                          "a ZeRO 0-2 ds_config, or train.compile=false")
     if model is None:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg, train_data.num_classes if train_data else num_classes,
@@ -193,6 +205,13 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
     channels_last = use_channels_last(cfg, info.device)
     if channels_last:
         feed_channels_last(model)
+    if cfg.train.compile:
+        if cfg.model.activation_checkpointing and has_running_stats(model):
+            raise ConfigError(
+                f"train.compile=true with model.activation_checkpointing=true and model.norm={cfg.model.norm}: the "
+                "compiled recompute of a checkpointed block would update its BatchNorm running statistics a second "
+                "time; use model.norm=frozen or group_norm, a backbone without BatchNorm (ViT), or one of the two")
+        compile_backbone(model)
     torch.manual_seed(cfg.train.seed + info.rank)  # RoI/anchor sampling differs per rank
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * info.world
     schedule = build_schedule(cfg.schedule, cfg.optim, global_batch, train_data.steps_per_epoch if data else 1)
@@ -238,6 +257,17 @@ def weights_to_channels_last(engine) -> None:
     refuses; ZeRO 1-3 keep parameters as views into flat buffers, which a layout change would
     detach from the optimizer. There the input alone sets the layout, and cuDNN follows it."""
     engine.module.to(memory_format=torch.channels_last)  # in place: the optimizer keeps the same Parameters
+
+
+def compile_backbone(model: nn.Module) -> None:
+    """``torch.compile`` the backbone and neck in place (``nn.Module.compile``: parameter names, and
+    with them checkpoints, AGVM's modules and exports, are unchanged). Their input shapes are
+    bounded by the canvas padding (``pads_to_canvas``); the heads stay eager (data-dependent
+    shapes: proposals, sampled RoIs)."""
+    model.backbone.compile(dynamic=False)
+    log_dist("train.compile: backbone and neck compiled (inputs padded to %s)",
+             "one canvas per orientation" if isinstance(getattr(model, "transform", None), CanvasTransform)
+             else "each batch's largest image: expect a recompilation per new shape")
 
 
 def _bn_group(cfg: ExperimentConfig):

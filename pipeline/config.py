@@ -59,6 +59,9 @@ class ModelConfig(_Section):
     bn_images: Optional[int] = Field(None, gt=0, description="BN size in images (MegDet: 32); overrides bn_group "
                                                               "with bn_images / micro_batch ranks")
     gn_groups: int = Field(32, gt=0, description="groups for norm=group_norm")
+    pad_to: Literal["auto", "batch", "canvas"] = Field(
+        "auto", description="batch: pad each batch to its largest image (torchvision); canvas: to one size per "
+                            "orientation (bounded shapes for train.compile); auto: canvas when train.compile")
     cgbn_impl: Literal["auto", "ours", "torch"] = Field(
         "auto", description="cgbn kernels: torch (nn.SyncBatchNorm's fused CUDA kernels), ours (MegDet's two-pass "
                             "autograd function, any device), auto (torch's on CUDA, ours elsewhere)")
@@ -86,6 +89,9 @@ class DataConfig(_Section):
     keep_empty: bool = Field(False, description="train on images without annotations")
     aspect_grouping: bool = True
     workers: int = Field(2, ge=0)
+    decode: Literal["workers", "device"] = Field(
+        "workers", description="where training JPEGs are decoded and resized: in the loader workers (CPU), or "
+                               "batched on the training device (nvJPEG on a GPU; other formats stay in the workers)")
 
     def path(self, rel: str) -> Path:
         p = Path(rel)
@@ -196,6 +202,8 @@ class TrainConfig(_Section):
     evaluate: bool = Field(True, description="COCO evaluation at the end; false for memory probes and smoke runs")
     final_checkpoint: bool = Field(True, description="save a checkpoint at the end; false for memory probes")
     progress: bool = True
+    compile: bool = Field(False, description="torch.compile the backbone and neck (training and inference); "
+                                             "ZeRO 0-2; model.pad_to=auto then pads to one canvas per orientation")
     channels_last: Optional[bool] = Field(None, description="model and input batch in channels_last memory layout "
                                           "(faster convolutions on tensor cores); None = on for CUDA, off on CPU")
 

@@ -5,6 +5,9 @@ workers: JPEG decode, resize by shorter side with a cap on the longer side,
 horizontal flip. In training the model's own transform then only normalises and pads
 (its resize is switched off, ``models.detector``); at inference it resizes again to the
 same sizes, an identity up to rounding, and maps boxes back to the loader's image size.
+With ``data.decode=device`` the workers read only each JPEG's bytes and header (the geometry,
+boxes and flip are decided there as before) and ``decode_on_device`` decodes, resizes and flips
+the batch on the training device (nvJPEG on a GPU), where CPU workers would fall behind.
 
 Augmentation randomness is a pure function of (seed, epoch, image index), not of
 worker or rank, so a resumed run sees exactly the batches an uninterrupted run
@@ -24,15 +27,16 @@ import os
 import pickle
 import random
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.memory import release_free_heap
@@ -164,9 +168,11 @@ class CocoDetection(Dataset):
     """
 
     def __init__(self, image_dir: Path, ann_file: Path, min_size: int, max_size: int, flip_prob: float = 0.0,
-                 with_masks: bool = False, keep_empty: bool = True, check_files: bool = True):
+                 with_masks: bool = False, keep_empty: bool = True, check_files: bool = True,
+                 decode: str = "workers"):
         self.image_dir, self.ann_file = Path(image_dir), Path(ann_file)
         self.min_size, self.max_size, self.flip_prob, self.with_masks = min_size, max_size, flip_prob, with_masks
+        self.decode = decode  # "workers", or "device": JPEGs leave the workers encoded (decode_on_device)
         self._coco: COCO | None = None
         self._warned_after_resize = False
         with _gc_paused():
@@ -354,11 +360,12 @@ class CocoDetection(Dataset):
         index, aug_seed = item if isinstance(item, tuple) else (item, index_seed(0, 0, item))
         img_id = self._img_ids[index].item()
         path = self.image_dir / self._file_name(index)
-        image = self._read_image(path)
-        h, w = image.shape[-2:]
+        encoded, image = self._read_encoded(path) if self.decode == "device" else (None, self._read_image(path))
+        h, w = _jpeg_size(encoded, path) if encoded is not None else image.shape[-2:]
         scale = min(self.min_size / min(h, w), self.max_size / max(h, w))
         nh, nw = round(h * scale), round(w * scale)
-        image = TF.resize(image, [nh, nw], antialias=True)
+        if image is not None:
+            image = TF.resize(image, [nh, nw], antialias=True)
         lo, hi = int(self._box_off[index]), int(self._box_off[index + 1])
         boxes = torch.from_numpy(self._boxes[lo:hi].copy())  # xywh, float32, as in the file
         boxes[:, 2:] += boxes[:, :2]
@@ -373,12 +380,23 @@ class CocoDetection(Dataset):
             masks = torch.from_numpy(np.stack([_ann_mask(s, fh, fw) for s in segs])) if segs \
                 else torch.zeros((0, h, w), dtype=torch.uint8)
             target["masks"] = TF.resize(masks, [nh, nw], interpolation=TF.InterpolationMode.NEAREST_EXACT)
-        if self.flip_prob > 0 and random.Random(aug_seed).random() < self.flip_prob:
-            image = image.flip(-1)
+        flip = self.flip_prob > 0 and random.Random(aug_seed).random() < self.flip_prob
+        if flip:
             target["boxes"][:, [0, 2]] = nw - target["boxes"][:, [2, 0]]
             if self.with_masks:
                 target["masks"] = target["masks"].flip(-1)
-        return image, self._drop_boxes_without_area(target, index, path, (nh, nw))
+        if encoded is not None:  # the training process decodes, resizes and flips (decode_on_device)
+            target["decode"] = (nh, nw, flip)
+            return encoded, self._drop_boxes_without_area(target, index, path, (nh, nw))
+        return image.flip(-1) if flip else image, self._drop_boxes_without_area(target, index, path, (nh, nw))
+
+    def _read_encoded(self, path: Path) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(the file's bytes, None) for a JPEG; (None, the decoded image) for anything else (PNG, ...),
+        which the worker decodes as usual."""
+        data = read_file(str(path)).clone()  # read_file's storage cannot be shared with the main process
+        if data.numel() > 3 and bytes(data[:3].tolist()) == _JPEG_MAGIC:
+            return data, None
+        return None, self._read_image(path)
 
     def _drop_boxes_without_area(self, target: dict, index: int, path: Path, size: tuple[int, int]) -> dict:
         """Last line of defence: torchvision asserts positive width and height. Boxes are checked
@@ -398,6 +416,34 @@ class CocoDetection(Dataset):
             if key in target:
                 target[key] = target[key][keep]
         return target
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _jpeg_size(encoded: torch.Tensor, path: Path) -> tuple[int, int]:
+    """(height, width) from a JPEG's header, without decoding it (PIL reads the header only)."""
+    try:
+        with Image.open(io.BytesIO(encoded.numpy().tobytes())) as im:
+            w, h = im.size
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read image {path}: {err}; re-export or remove it from the annotations") from None
+    return h, w
+
+
+def decode_on_device(images: list[torch.Tensor], targets: list[dict], device: torch.device) -> list[torch.Tensor]:
+    """``data.decode=device``: the JPEGs a batch carries encoded, decoded in one batched call on
+    ``device`` (nvJPEG on CUDA), then resized (antialiased, as the workers do) and flipped there;
+    images the workers decoded (non-JPEG files) are copied as usual. Float images, on ``device``."""
+    encoded = [i for i, t in enumerate(targets) if "decode" in t]
+    out = [im.to(device, non_blocking=True) for im in images]
+    if encoded:
+        decoded = decode_jpeg([images[i] for i in encoded], mode=ImageReadMode.RGB, device=device)
+        for i, image in zip(encoded, decoded):
+            nh, nw, flip = targets[i].pop("decode")
+            image = TF.resize(image, [nh, nw], antialias=True)
+            out[i] = image.flip(-1) if flip else image
+    return [im.float() for im in out]
 
 
 def check_image_files(datasets: Sequence[CocoDetection]) -> None:
@@ -519,7 +565,8 @@ def build_datasets(d, with_masks: bool) -> tuple[CocoDetection, CocoDetection]:
     (``check_image_files``), and every rank raises the same DataError if one is missing.
     """
     train = CocoDetection(d.path(d.train_images), d.path(d.train_ann), d.min_size, d.max_size,
-                          flip_prob=d.flip_prob, with_masks=with_masks, keep_empty=d.keep_empty, check_files=False)
+                          flip_prob=d.flip_prob, with_masks=with_masks, keep_empty=d.keep_empty, check_files=False,
+                          decode=d.decode)
     val = CocoDetection(d.path(d.val_images), d.path(d.val_ann), d.min_size, d.max_size,
                         flip_prob=0.0, with_masks=False, keep_empty=True, check_files=False)
     check_image_files([train, val])

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from pipeline.ds_config import zero_stage
 from pipeline.ds_internals import check_version, load_checkpoints_memory_mapped
 from pipeline.launcher import LaunchError, device_index, export_env, mpi4py_importable, resolve
-from pipeline.launcher import free_port  # noqa: F401  (was defined here; tests import it from here)
 
 log = logging.getLogger(__name__)
 

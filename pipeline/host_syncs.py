@@ -69,13 +69,16 @@ class HostSyncCounter(TorchFunctionMode):
         super().__init__()
         self.sites: Counter = Counter()
         self.ops: Counter = Counter()
+        self.site_ops: dict[str, str] = {}  # the call made at each site (the last one seen)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if is_sync(name, args, kwargs):
-            self.sites[_caller()] += 1
+            site = _caller()
+            self.sites[site] += 1
             self.ops[name] += 1
+            self.site_ops[site] = name
         return func(*args, **kwargs)
 
     @property

@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 
 from pipeline.config import REPO_ROOT, ConfigError, ExperimentConfig, load_config
+from pipeline.launcher import free_port
 from pipeline.memory import CPU_MMAP_THRESHOLD, current_memory, peak_memory, pin_mmap_threshold, reset_peak_memory
 
 log = logging.getLogger(__name__)
@@ -264,8 +265,6 @@ def probe_activations(cfg: ExperimentConfig, num_classes: int, autocast: bool, i
 def measure_peak(config: Optional[Path], overrides: list[str], world: int, iters: int = 3) -> dict:
     """Run ``iters`` real training steps with ``world`` ranks through the deepspeed launcher and
     return the run summary (``peak_mem_gib`` is the largest rank's peak)."""
-    from pipeline.engine import free_port  # imports DeepSpeed: only when a run is measured
-
     with tempfile.TemporaryDirectory(prefix="memprobe-") as out:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
                "--master_port", str(free_port()), str(REPO_ROOT / "launch/train.py")]

@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.config import REPO_ROOT, ConfigError, load_config, resolve_repo_path
+from pipeline.launcher import free_port
 from pipeline.study import (Point, Study, collect_rows, load_study, markdown_table, point_result, read_status,
                             series_key, write_csv, write_status)
 from pipeline.validate import validate
@@ -64,8 +65,6 @@ def validate_points(study: Study, gpus_per_node: int | None = None) -> None:
 
 def run_point(study: Study, point: Point, resume: bool) -> tuple[int, float]:
     """One point through the deepspeed launcher on this machine; output appended to <point>.log."""
-    from pipeline.engine import free_port  # imports DeepSpeed: only when a point runs
-
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(point.ranks),
            "--master_port", str(free_port())] + train_args(study, point) + [f"train.resume={str(resume).lower()}"]
     threads = max(1, (os.cpu_count() or 1) // point.ranks)

@@ -23,6 +23,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import engine as eng
 from pipeline.build import Training, build_training, log_dist
 from pipeline.config import ExperimentConfig, dump_config
+from pipeline.data import decode_on_device
 from pipeline.ds_config import engine_config, zero_stage
 from pipeline.evaluation import evaluate
 from pipeline.memory import peak_memory, reset_peak_memory
@@ -45,11 +46,12 @@ def archive_previous_run(run_dir: Path, rank: int) -> None:
 
 
 def device_batches(loader, device: torch.device):
-    """The loader's (images, targets) micro-batches, copied to ``device`` (pinned memory: asynchronous)."""
+    """The loader's (images, targets) micro-batches, copied to ``device`` (pinned memory: asynchronous);
+    with ``data.decode=device`` the JPEGs arrive encoded and are decoded there."""
     for images, targets in loader:  # the copies are not kept here: autograd frees them after backward
-        yield ([im.to(device, non_blocking=True).float() for im in images],
-               [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                for t in targets])
+        images = decode_on_device(images, targets, device)
+        yield (images, [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                        for t in targets])
 
 
 def _reduce_window(window: dict[str, torch.Tensor], count: int) -> dict[str, float]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.engine import free_port
+from pipeline.launcher import free_port
 from pipeline.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ import torch
 from conftest import REPO, tiny_overrides
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, load_config
-from pipeline.engine import free_port
+from pipeline.launcher import free_port
 from pipeline.tracking import read_metrics
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

@@ -459,7 +459,7 @@ def test_missing_files_checked_on_rank0_every_rank_fails_alike(shapes_root: Path
     """Two ranks: only rank 0 looks at the files; both raise the same DataError naming the file."""
     import multiprocessing
 
-    from pipeline.engine import free_port
+    from pipeline.launcher import free_port
 
     image_dir, ann_file = copied
     name = json.loads(ann_file.read_text())["images"][5]["file_name"]
@@ -699,3 +699,45 @@ def test_no_usable_annotations(shapes_root: Path, tmp_path: Path) -> None:
     data["annotations"] = []
     with pytest.raises(DataError):
         CocoDetection(_paths(shapes_root)[0], _write(tmp_path, data, "none.json"), MIN, MAX, keep_empty=False)
+
+
+# ----------------------------------------------------------------------------- decoding on the device
+
+def _decoded_like_the_workers(image_dir: Path, ann_file: Path, device: torch.device):
+    """Every item through both paths (flips included): the workers' images and the device-decoded ones."""
+    from pipeline.data import decode_on_device
+
+    workers = CocoDetection(image_dir, ann_file, MIN, MAX, flip_prob=0.5)
+    device_side = CocoDetection(image_dir, ann_file, MIN, MAX, flip_prob=0.5, decode="device")
+    pairs = []
+    for index in range(len(workers)):
+        item = (index, 1000 + index)  # the aug seed decides the flip, alike on both paths
+        (image, target), (encoded, encoded_target) = workers[item], device_side[item]
+        decoded = decode_on_device([encoded], [encoded_target], device)[0]
+        assert "decode" not in encoded_target  # consumed on the device
+        for key in ("boxes", "labels"):
+            torch.testing.assert_close(encoded_target[key], target[key], rtol=0, atol=0)
+        pairs.append((image.float(), decoded.cpu()))
+    return pairs
+
+
+def test_device_decoding_gives_exactly_the_workers_images_on_cpu(copied: tuple[Path, Path]) -> None:
+    """On a CPU the device path decodes with the same libjpeg as the workers: identical pixels. One
+    file is a PNG (under its .jpg name): the workers decode it, and it still arrives the same."""
+    image_dir, ann_file = copied
+    png = image_dir / json.loads(ann_file.read_text())["images"][2]["file_name"]
+    Image.open(png).convert("RGB").save(png, format="PNG")
+    pairs = _decoded_like_the_workers(image_dir, ann_file, torch.device("cpu"))
+    assert len(pairs) >= 8
+    for want, got in pairs:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_device_decoding_on_cuda_is_within_jpeg_decoder_tolerance(shapes_root: Path) -> None:
+    """nvJPEG and libjpeg-turbo round their inverse DCTs differently: a level or two per pixel."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    for want, got in _decoded_like_the_workers(*_paths(shapes_root), torch.device("cuda")):
+        diff = (got - want).abs()
+        assert diff.mean() < 1.5 and diff.flatten().quantile(0.99) <= 8, (diff.mean(), diff.max())

@@ -39,7 +39,9 @@ def test_every_part_runs_in_smoke_mode(tmp_path):
     assert {"sgd tau -", "agvm_sgd tau 10", "agvm_sgd tau 1", "per-GPU BN", "cross-GPU BN, ours"} <= set(costs)
     planner = parts["e"]["rows"]
     assert planner[0]["peak_gib"] > 0 and planner[1]["peak_gib"] > 0 and planner[2]["img_s"] > 0
-    assert all(r["img_s"] > 0 for r in parts["f"]["rows"] if "workers" in r)
+    loader = parts["f"]["rows"]
+    assert {r["decode"] for r in loader} == {"workers (CPU)", "training process (CPU)"}
+    assert all(r["img_s"] > 0 for r in loader)
     assert parts["g"]["rows"][0]["exit"] == 0  # the gpu tests skip cleanly without CUDA
 
 

@@ -5,6 +5,10 @@
   pairwise design) give the plain run's losses and weights. Tolerances: convolutions in another
   layout sum in another order, so losses to 1e-4 relative and weights to 1e-5 absolute after
   three steps; a wrong layout (transposed channels) would be off by whole units.
+- ``train.compile`` with ``model.pad_to=canvas``: the canvas keeps every pixel of torchvision's
+  padding and bounds the shapes to three; a compiled backbone trains like the eager one (same
+  tolerances; a CNN with AGVM, a ViT with activation checkpointing); what it cannot do (ZeRO-3,
+  checkpointed blocks with BatchNorm statistics) is refused at start-up.
 - ``model.cgbn_impl=torch``: nn.SyncBatchNorm's fused CUDA kernels against our MegDet function
   (the oracle) on 2 ranks with uneven and empty batches, forward, input gradient, parameter
   gradients and running statistics (``-m gpu``).
@@ -12,6 +16,7 @@
 
 from __future__ import annotations
 
+import re
 import pytest
 import torch
 from torch import nn
@@ -43,7 +48,7 @@ def test_fpn_keeps_channels_last():
 
 # ---------------------------------------------------------------------------- whole runs
 
-CASES = [(CNN, 0, "sgd"), (CNN, 3, "agvm_sgd"), (VIT, 0, "agvm_sgd"), (VIT, 3, "sgd")]
+CASES = [(CNN, 0, "sgd"), (CNN, 3, "agvm_sgd"), (VIT, 0, "agvm_sgd"), (VIT, 3, "sgd")]  # pairwise
 
 
 def _run(backbone: str, stage: int, optimizer: str, overrides: list[str]) -> dict:
@@ -76,24 +81,87 @@ def _run(backbone: str, stage: int, optimizer: str, overrides: list[str]) -> dic
             "conv_weight_channels_last": conv.is_contiguous(memory_format=CHANNELS_LAST) and not conv.is_contiguous()}
 
 
-def _lever_worker(rank: int, world: int, case: tuple, out: str) -> None:
-    plain = _run(*case, ["train.channels_last=false"])
-    lever = _run(*case, ["train.channels_last=true"])
-    torch.save({"plain": plain, "lever": lever}, out)
+def _lever_worker(rank: int, world: int, case: tuple, off: list[str], on: list[str], out: str) -> None:
+    torch.save({"plain": _run(*case, off), "lever": _run(*case, on)}, out)
 
 
-@pytest.mark.parametrize("backbone,stage,optimizer", CASES)
-def test_channels_last_trains_like_the_plain_layout(tmp_path, backbone, stage, optimizer):
+def _plain_and_lever(tmp_path, case: tuple, off: list[str], on: list[str]) -> tuple[dict, dict]:
     out = tmp_path / "runs.pt"
-    run_distributed(_lever_worker, 1, (backbone, stage, optimizer), str(out))
+    run_distributed(_lever_worker, 1, case, off, on, str(out))
     got = torch.load(out, weights_only=False)
-    plain, lever = got["plain"], got["lever"]
-    assert lever["fed_channels_last"] and not plain["fed_channels_last"]
-    assert lever["conv_weight_channels_last"] == (stage == 0)  # ZeRO 1-3 keep weights in flat NCHW buffers
+    return got["plain"], got["lever"]
+
+
+def _assert_same_training(plain: dict, lever: dict) -> None:
     assert lever["losses"] == pytest.approx(plain["losses"], rel=1e-4)
     assert plain["losses"][0] != plain["losses"][2]  # the runs trained
     for name, w in plain["weights"].items():
         torch.testing.assert_close(lever["weights"][name], w, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backbone,stage,optimizer", CASES)
+def test_channels_last_trains_like_the_plain_layout(tmp_path, backbone, stage, optimizer):
+    plain, lever = _plain_and_lever(tmp_path, (backbone, stage, optimizer), ["train.channels_last=false"],
+                                    ["train.channels_last=true"])
+    assert lever["fed_channels_last"] and not plain["fed_channels_last"]
+    assert lever["conv_weight_channels_last"] == (stage == 0)  # ZeRO 1-3 keep weights in flat NCHW buffers
+    _assert_same_training(plain, lever)
+
+
+# ---------------------------------------------------------------------------- compile
+
+def test_canvas_padding_bounds_the_shapes_and_keeps_every_pixel():
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from models.detector import CanvasTransform
+
+    plain = GeneralizedRCNNTransform(100, 160, [0.0] * 3, [1.0] * 3)
+    canvas = CanvasTransform(plain, 100, 160)
+    g = torch.Generator().manual_seed(0)
+    shapes = set()
+    for sizes in ([(100, 150), (90, 160)], [(150, 100), (160, 70)], [(100, 130), (130, 100)], [(64, 64)]):
+        images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
+        got, ref = canvas.batch_images(images), plain.batch_images(images)
+        shapes.add(tuple(got.shape[-2:]))
+        torch.testing.assert_close(got[..., :ref.shape[-2], :ref.shape[-1]], ref, rtol=0, atol=0)
+        assert got.sum() == ref.sum()  # the rest is zeros
+    assert shapes == {(128, 160), (160, 128), (160, 160)}  # (min, max) rounded up to 32, turned, or square
+
+
+COMPILE_CASES = [(CNN, 0, "agvm_sgd", []), (VIT, 2, "sgd", ["model.activation_checkpointing=true"])]
+
+
+@pytest.mark.parametrize("backbone,stage,optimizer,extra", COMPILE_CASES, ids=["cnn-zero0-agvm", "vit-zero2-ckpt"])
+def test_compiled_backbone_trains_like_the_eager_one(tmp_path, backbone, stage, optimizer, extra):
+    """Same canvas padding on both sides: the compiled run differs only by the compiler."""
+    plain, lever = _plain_and_lever(tmp_path, (backbone, stage, optimizer), ["model.pad_to=canvas", *extra],
+                                    ["model.pad_to=canvas", "train.compile=true", *extra])
+    _assert_same_training(plain, lever)
+
+
+def _refused_worker(rank: int, world: int, overrides: list[str], out: str) -> None:
+    from pipeline.build import build_training
+    from pipeline.config import ConfigError, load_config
+    from pipeline.engine import init_distributed
+
+    info = init_distributed()
+    try:
+        build_training(load_config(None, ["train.compile=true", f"model.backbone={CNN}", *overrides]), info,
+                       data=False, num_classes=3)
+        message = None
+    except ConfigError as err:
+        message = str(err)
+    torch.save(message, out)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["train.ds_config=ds_configs/zero3_fp32.json"], r"train.compile=true with ZeRO-3 .* use a ZeRO 0-2 ds_config"),
+    (["model.activation_checkpointing=true"], r"BatchNorm running statistics a second time; use model.norm=frozen"),
+], ids=["zero3", "checkpointed-batchnorm"])
+def test_compile_refuses_what_it_cannot_do_at_start_up(tmp_path, overrides, match):
+    run_distributed(_refused_worker, 1, overrides, str(tmp_path / "msg.pt"))
+    message = torch.load(tmp_path / "msg.pt")
+    assert message is not None and re.search(match, message), message
 
 
 # ---------------------------------------------------------------------------- CUDA only

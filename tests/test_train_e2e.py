@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, tiny_overrides
-from pipeline.engine import free_port
+from pipeline.launcher import free_port
 from pipeline.evaluation import STAT_NAMES
 from pipeline.tracking import read_metrics
 
@@ -31,8 +31,9 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_killed_run_resumes_exactly(shapes_root, tmp_path):
-    """Faster R-CNN (random RoI sampling) killed after a checkpoint, resumed: same losses."""
-    common = ("schedule.max_iters=16", "train.ckpt_every_iters=4")
+    """Faster R-CNN (random RoI sampling) killed after a checkpoint, resumed: same losses. The JPEGs
+    are decoded by the training process (data.decode=device), whose path must resume exactly too."""
+    common = ("schedule.max_iters=16", "train.ckpt_every_iters=4", "data.decode=device")
     ref = subprocess.run(_train_cmd(shapes_root, tmp_path / "ref", *common), env=ENV, cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
