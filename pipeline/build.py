@@ -29,8 +29,8 @@ from pipeline.ds_config import engine_config, zero_stage
 from pipeline.ds_internals import full_numel, gathered
 from pipeline.memory import current_memory, release_free_heap
 from pipeline.norm import build_bn_group, convert_norms
-from pipeline.reshard import with_universal_load
 from pipeline.optim import build_optimizer, build_param_groups, check_zero_support
+from pipeline.reshard import with_universal_load
 from pipeline.schedule import Schedule, build_schedule
 from pipeline.step import TrainStep
 from pipeline.synthetic import make_dataset
