@@ -304,7 +304,7 @@ def part_c(sizes: Sizes, info, out_dir: Path) -> dict:
     _release()
     here = _levers_here(info.device)
     for label, levers in (here[0], here[-1]):  # plain, and every lever: the latter is profiled below
-        fastest = fastest_label = None
+        fastest = fastest_label = None  # drop the previous engine before building the next: one on the device
         _release()
         training, fastest = pipeline_step(
             _detector(sizes, sizes.r50, batch, precision, 0, "model.anchor_scale=8", *levers), info, batch, *sizes.hw)
