@@ -35,6 +35,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from models.batched_heads import BatchedFasterRCNN
 from models.checkpointing import enable_activation_checkpointing
 from models.vit import SimpleFeaturePyramid, ViTBody, create_vit_body, is_plain_vit
 from pipeline.config import ConfigError, ModelConfig
@@ -246,8 +247,12 @@ def _score_thresh(cfg: ModelConfig, key: str) -> dict:
     return {} if cfg.score_thresh is None else {key: cfg.score_thresh}
 
 
-def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: int) -> nn.Module:
-    """Build the configured detector for ``num_classes`` foreground classes (labels 1..num_classes)."""
+def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: int,
+                   batched_heads: bool = False) -> nn.Module:
+    """Build the configured detector for ``num_classes`` foreground classes (labels 1..num_classes).
+
+    ``batched_heads``: a Faster R-CNN trains with ``models.batched_heads`` (same parameters and
+    inference; ``pipeline.build.uses_batched_heads`` reads ``model.heads``)."""
     if cfg.detector == "fcos" and cfg.fpn_channels % 32:
         raise ValueError(f"model.fpn_channels={cfg.fpn_channels}: FCOS's head uses GroupNorm(32), "
                          "so use a multiple of 32")
@@ -270,13 +275,13 @@ def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: 
                   rpn_post_nms_top_n_train=cfg.rpn_post_nms_train,
                   rpn_pre_nms_top_n_test=cfg.rpn_post_nms_test,
                   rpn_post_nms_top_n_test=cfg.rpn_post_nms_test,
-                  box_batch_size_per_image=cfg.roi_batch_per_image,
+                  rpn_batch_size_per_image=cfg.rpn_batch_per_image, box_batch_size_per_image=cfg.roi_batch_per_image,
                   box_detections_per_img=cfg.detections_per_img, **_score_thresh(cfg, "box_score_thresh"), **common)
     if cfg.detector == "mask_rcnn":
         mask_pool = MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=cfg.roi_sampling_ratio)
         mask_predictor = MaskRCNNPredictor(256, 256, num_classes + 1)  # torchvision's mask head is 256 wide
         return MaskRCNN(backbone, None, mask_roi_pool=mask_pool, mask_predictor=mask_predictor, **kwargs)
-    return FasterRCNN(backbone, None, **kwargs)
+    return (BatchedFasterRCNN if batched_heads else FasterRCNN)(backbone, None, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -45,7 +45,7 @@ def log_dist(msg: str, *args) -> None:
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int, *, pretrained: bool = True, bn_group=None,
-                ds_config: Optional[dict] = None) -> nn.Module:
+                ds_config: Optional[dict] = None, device: Optional[torch.device] = None) -> nn.Module:
     """The configured detector, for any purpose.
 
     Every BatchNorm becomes ``cfg.model.norm``; cross-GPU BN computes its statistics over
@@ -54,13 +54,15 @@ def build_model(cfg: ExperimentConfig, num_classes: int, *, pretrained: bool = T
     their weights come from elsewhere or do not matter. With ``ds_config`` at ZeRO-3 and
     ``train.zero_init``, the model is built already partitioned (``deepspeed.zero.Init``), with
     the values of an unpartitioned build (``_partitioned_detector``).
-    Activation checkpointing follows ``model.activation_checkpointing``.
+    Activation checkpointing follows ``model.activation_checkpointing``; the training heads follow
+    ``model.heads`` for ``device`` (the one the model will train on; None: not for training).
     """
     model_cfg = cfg.model if pretrained else cfg.model.model_copy(update={"pretrained": None})
+    batched = uses_batched_heads(cfg, device)
     if ds_config and cfg.train.zero_init and zero_stage(ds_config) == 3:
-        model = _partitioned_detector(model_cfg, num_classes, cfg, ds_config)
+        model = _partitioned_detector(model_cfg, num_classes, cfg, ds_config, batched)
     else:
-        model = build_detector(model_cfg, num_classes, cfg.data.min_size, cfg.data.max_size)
+        model = build_detector(model_cfg, num_classes, cfg.data.min_size, cfg.data.max_size, batched)
     bn_params = [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                  for p in m.parameters(recurse=False)]
     with gathered(bn_params):  # built under zero.Init: the converter copies the full values
@@ -71,12 +73,21 @@ def build_model(cfg: ExperimentConfig, num_classes: int, *, pretrained: bool = T
     return model
 
 
+def uses_batched_heads(cfg: ExperimentConfig, device: Optional[torch.device]) -> bool:
+    """``model.heads``: auto trains a Faster R-CNN with the sync-free heads on CUDA, where a host sync
+    idles the GPU; on a CPU torchvision's heads cost the same and stay the reference."""
+    if cfg.model.heads == "auto":
+        return cfg.model.detector == "faster_rcnn" and device is not None and device.type == "cuda"
+    return cfg.model.heads == "batched"
+
+
 def pads_to_canvas(cfg: ExperimentConfig) -> bool:
     """``model.pad_to``: one canvas per orientation, by default when the backbone is compiled."""
     return cfg.model.pad_to == "canvas" or (cfg.model.pad_to == "auto" and cfg.train.compile)
 
 
-def _partitioned_detector(model_cfg, num_classes: int, cfg: ExperimentConfig, ds_config: dict) -> nn.Module:
+def _partitioned_detector(model_cfg, num_classes: int, cfg: ExperimentConfig, ds_config: dict,
+                          batched_heads: bool) -> nn.Module:
     """The detector built under ``zero.Init``, holding the values of an ordinary build.
 
     Under ``zero.Init`` each submodule's parameters are partitioned as soon as that submodule is
@@ -92,7 +103,7 @@ def _partitioned_detector(model_cfg, num_classes: int, cfg: ExperimentConfig, ds
     if dist.get_rank() == 0:
         state = torch.random.get_rng_state()
         try:
-            source = build_detector(model_cfg, num_classes, *size)
+            source = build_detector(model_cfg, num_classes, *size, batched_heads)
         except (ConfigError, RuntimeError, ValueError, OSError) as err:  # e.g. a file that does not fit
             error = [err]
         torch.random.set_rng_state(state)  # the partitioned build sees the RNG an ordinary build would
@@ -100,7 +111,7 @@ def _partitioned_detector(model_cfg, num_classes: int, cfg: ExperimentConfig, ds
     if error[0] is not None:
         raise error[0]
     with eng.model_init_context(ds_config, True):
-        model = build_detector(model_cfg.model_copy(update={"pretrained": None}), num_classes, *size)
+        model = build_detector(model_cfg.model_copy(update={"pretrained": None}), num_classes, *size, batched_heads)
     scatter_from_rank0(model, source)
     return model
 
@@ -198,7 +209,7 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
     if model is None:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg, train_data.num_classes if train_data else num_classes,
-                            bn_group=_bn_group(cfg), ds_config=ds_config).to(info.device)
+                            bn_group=_bn_group(cfg), ds_config=ds_config, device=info.device).to(info.device)
         release_free_heap()  # zero.Init's construction buffers
         log_dist("model: %s %s, %s parameters; rank 0 holds %.2f GiB", cfg.model.detector, cfg.model.backbone,
                  f"{count_parameters(model):,}", current_memory(info.device) / 2**30)

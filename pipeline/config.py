@@ -44,6 +44,7 @@ class ModelConfig(_Section):
     rpn_pre_nms_train: int = Field(2000, gt=0, description="top-scoring anchors per level before the RPN's NMS")
     rpn_post_nms_train: int = Field(2000, gt=0, description="proposals per image kept for the RoI head")
     rpn_post_nms_test: int = Field(1000, gt=0, description="proposals per image at inference (also the per-level pre-NMS count, as in torchvision's defaults)")
+    rpn_batch_per_image: int = Field(256, gt=0, description="anchors sampled per image for the RPN's loss")
     roi_batch_per_image: int = Field(512, gt=0, description="RoIs sampled per image for the box loss")
     box_head_dim: int = Field(1024, gt=0, description="width of the two-layer box head")
     roi_sampling_ratio: int = Field(2, ge=0, description="RoIAlign bilinear samples per bin side (0 = adaptive); "
@@ -65,11 +66,21 @@ class ModelConfig(_Section):
     cgbn_impl: Literal["auto", "ours", "torch"] = Field(
         "auto", description="cgbn kernels: torch (nn.SyncBatchNorm's fused CUDA kernels), ours (MegDet's two-pass "
                             "autograd function, any device), auto (torch's on CUDA, ours elsewhere)")
+    heads: Literal["auto", "torchvision", "batched"] = Field(
+        "auto", description="Faster R-CNN's training heads: batched (models/batched_heads.py: the same losses "
+                            "without torchvision's host syncs but the NMS), torchvision, auto (batched on CUDA)")
 
     @model_validator(mode="after")
     def _bn_group_positive(self) -> "ModelConfig":
         if isinstance(self.bn_group, int) and self.bn_group < 1:
             raise ValueError(f"model.bn_group={self.bn_group}: use node, world, none or a rank count >= 1")
+        return self
+
+    @model_validator(mode="after")
+    def _batched_heads_are_faster_rcnns(self) -> "ModelConfig":
+        if self.heads == "batched" and self.detector != "faster_rcnn":
+            raise ValueError(f"model.heads=batched is built for faster_rcnn, not {self.detector} (Mask R-CNN's mask "
+                             "branch and the one-stage heads are torchvision's): use model.heads=auto or torchvision")
         return self
 
 

@@ -8,7 +8,8 @@ is a proxy (nothing waits there), labelled so wherever it is reported.
 
 What counts (each waits for the device to finish, or has an output size only the device knows):
 reading a value (``item``, ``tolist``, ``bool``/``int``/``float`` of a tensor, ``numpy``), a copy
-to the host (``cpu``, ``to("cpu")``), and the data-dependent shapes (``nonzero``, one-argument
+to the host (``cpu``; ``to("cpu")`` of a tensor not on the host, so a CPU run misses that one), and
+the data-dependent shapes (``nonzero``, one-argument
 ``where``, ``masked_select``, ``unique``, boolean-mask indexing, ``repeat_interleave`` with tensor
 repeats and no ``output_size``, torchvision's ``nms``).
 """
@@ -45,9 +46,11 @@ def is_sync(name: str, args: tuple, kwargs: dict) -> bool:
     if name == "repeat_interleave":
         repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
         return torch.is_tensor(repeats) and repeats.numel() > 1 and kwargs.get("output_size") is None
-    if name == "to":
+    if name == "to":  # a copy to the host; not a tensor already there (a no-op, on any device)
         target = next((a for a in list(args[1:]) + [kwargs.get("device")] if isinstance(a, (str, torch.device))), None)
-        return target is not None and torch.device(target).type == "cpu"
+        source = args[0] if args and torch.is_tensor(args[0]) else None
+        return (target is not None and torch.device(target).type == "cpu"
+                and (source is None or source.device.type != "cpu"))
     return False
 
 

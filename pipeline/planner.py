@@ -237,7 +237,8 @@ def probe_activations(cfg: ExperimentConfig, num_classes: int, autocast: bool, i
     runtime = current_memory(device) if device.type == "cpu" else 0.0
     # The probe's images may be larger than data.max_size: the model must not shrink them.
     sized = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_size": max(cfg.data.max_size, *probe_size)})})
-    model = build_model(sized, num_classes, pretrained=False).to(device)  # cgbn without a group: torch's BN
+    # cgbn without a group is torch's BN; the heads are those training on this device would use
+    model = build_model(sized, num_classes, pretrained=False, device=device).to(device)
     model.train()
     masks = cfg.model.detector == "mask_rcnn"
 
