@@ -80,8 +80,9 @@ def nms_by_level(boxes: Tensor, scores: Tensor, levels: Tensor, iou_threshold: f
     """One NMS over all levels, kept apart by offsetting each level's boxes beyond the others (the
     result of an NMS per level, merged in score order; one kernel and one sync instead of
     ``batched_nms``'s loop over levels)."""
+    boxes = boxes.float()  # bf16 proposals (autocast) would lose whole pixels to the offsets
     offsets = levels.to(boxes.dtype) * (boxes.max() + 1)
-    return nms(boxes + offsets[:, None], scores, iou_threshold)
+    return nms(boxes + offsets[:, None], scores.float(), iou_threshold)
 
 
 def _has_area(boxes: Tensor) -> Tensor:

@@ -76,10 +76,13 @@ def test_sampling_draws_each_candidate_uniformly():
     assert freq[38:].sum() == 0
 
 
-def test_rpn_proposals_are_torchvisions(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_rpn_proposals_are_torchvisions(device):
     from pipeline.config import ModelConfig
     from models.detector import build_detector
 
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     cfg = ModelConfig(detector="faster_rcnn", backbone="test_byobnet", fpn_channels=16, anchor_scale=4,
                       rpn_pre_nms_train=60, rpn_post_nms_train=50, pretrained=None)
     rpn = build_detector(cfg, 3, 64, 64, batched_heads=True).rpn.train()
@@ -88,8 +91,8 @@ def test_rpn_proposals_are_torchvisions(tmp_path):
     xy = torch.rand(images, sum(per_level), 2, generator=g) * 70 - 5
     wh = torch.rand(images, sum(per_level), 2, generator=g) * 30
     wh[:, ::7] = 0  # boxes the small-box filter drops
-    proposals = torch.cat([xy, xy + wh], dim=2)
-    objectness = torch.randn(images, sum(per_level), generator=g)
+    proposals = torch.cat([xy, xy + wh], dim=2).to(device)
+    objectness = torch.randn(images, sum(per_level), generator=g).to(device)
     sizes = [(64, 64), (48, 64), (64, 40)]
     kept = set()
     for thresh in (0.0, 0.6):
