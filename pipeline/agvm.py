@@ -24,9 +24,14 @@ G1 ~ S + D and G2 ~ S - D, and the cosine follows from three scalars:
                 = (|S|^2 - |D|^2) / sqrt((|S|^2 + |D|^2 + 2<S, D>) (|S|^2 + |D|^2 - 2<S, D>))
                 = (|S|^2 - |D|^2) / sqrt((|S|^2 + |D|^2)^2 - 4 <S, D>^2)
 
-Halves: ranks [0, W/2) and [W/2, W) when W >= 2 (the public code's split); with one rank,
-the first and second half of the gradient-accumulation micro-batches. One rank without
-accumulation has no two halves: that is a configuration error. On other iterations the hooks
+Halves (``choose_halves``): with W >= 2 ranks, two sets of ranks, each a union of whole
+cross-GPU BN groups. A BN group's batch statistics couple the gradients of its ranks (every
+layer before a BN gets equal and opposite terms from them), so halves that split a group would
+see a biased, higher Phi. Without BN groups that is ranks [0, W/2) and [W/2, W), the public
+code's split. When one BN group holds every rank, the halves are the first and second half of
+every rank's gradient-accumulation micro-batches (each micro-batch has its own statistics), or,
+without accumulation, a start-up error unless ``agvm.coupled_halves`` accepts the bias. With one
+rank: its micro-batch halves; one rank without accumulation has no two halves (an error). On other iterations the hooks
 return at once: no extra gradient-sized communication. The estimate costs one local
 gradient copy and one all-reduce of 2x each module's gradient, every ``tau`` iterations.
 
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional
 
@@ -66,6 +72,53 @@ def mu_target(phi: dict[str, float], cfg: AGVMConfig) -> dict[str, float]:
             for m, p in phi.items()}
 
 
+@dataclass(frozen=True)
+class Halves:
+    """AGVM's two halves of the global batch: sets of ranks (``by="ranks"``, ``first`` holds the
+    first half's ranks) or of every rank's micro-batches (``by="micro"``, ``first`` holds the first
+    half's micro-batch indices); ``sizes``: the units (ranks, or rank x micro-batch pairs) in each."""
+
+    by: str
+    first: frozenset
+    sizes: tuple[int, int]
+
+    def describe(self) -> str:
+        if self.by == "micro":
+            return f"micro-batches {sorted(self.first)} vs the rest, on every rank"
+        return f"ranks {sorted(self.first)} vs the other {self.sizes[1]}"
+
+
+def choose_halves(world: int, accum: int, bn_layout: Optional[list[list[int]]] = None,
+                  coupled_ok: bool = False) -> tuple[Halves, Optional[str]]:
+    """The halves for ``world`` ranks of ``accum`` micro-batches whose cross-GPU BN groups are
+    ``bn_layout`` (None: no BN couples ranks); returns them and a warning, if any.
+
+    Ranks split between whole BN groups when there are two or more: the most even split of the
+    groups in rank order (no groups: ranks [0, W/2) and the rest). One group of every rank: the
+    micro-batch halves when ``accum`` >= 2, else ConfigError, unless ``coupled_ok``."""
+    check_halves(world, accum)
+    micro = Halves("micro", frozenset(range(accum // 2)), (world * (accum // 2), world * (accum - accum // 2)))
+    if world == 1:
+        return micro, None
+    blocks = sorted(bn_layout, key=min) if bn_layout else [[r] for r in range(world)]
+    if len(blocks) >= 2:
+        counts = [sum(len(b) for b in blocks[:k]) for k in range(1, len(blocks))]
+        first = min(counts, key=lambda c: abs(2 * c - world))  # the earliest of the most even
+        ranks = frozenset(r for b in blocks[:counts.index(first) + 1] for r in b)
+        return Halves("ranks", ranks, (first, world - first)), None
+    if accum >= 2:
+        return micro, None
+    straddling = Halves("ranks", frozenset(range(world // 2)), (world // 2, world - world // 2))
+    if coupled_ok:
+        return straddling, ("AGVM: agvm.coupled_halves=true: the rank halves share one cross-GPU BN group, whose "
+                            "statistics couple their gradients; Phi of the layers before a BN reads high")
+    raise ConfigError(
+        f"optim.name=agvm_* with one cross-GPU BN group of all {world} ranks: any two halves of the ranks share "
+        "its batch statistics, which couple their gradients and bias Phi upward. Use train.grad_accum >= 2 (AGVM "
+        "then compares micro-batch halves, which have their own statistics), a model.bn_group that splits the "
+        "ranks (e.g. a divisor of the ranks per machine), or agvm.coupled_halves=true to accept the bias")
+
+
 class HalfGradients:
     """Taps local gradients on armed iterations; returns per module the reduced S and D.
 
@@ -73,13 +126,13 @@ class HalfGradients:
     captured before DeepSpeed partitions the optimizer's view of them).
     """
 
-    def __init__(self, modules: dict[str, list[nn.Parameter]], world: int, rank: int, accum: int):
+    def __init__(self, modules: dict[str, list[nn.Parameter]], world: int, rank: int, accum: int,
+                 halves: Optional[Halves] = None):
         self.modules = modules
-        self.by_ranks = world >= 2
+        self.halves_of = halves or choose_halves(world, accum)[0]
+        self.by_ranks = self.halves_of.by == "ranks"
         self.world, self.rank, self.accum = world, rank, accum
-        # Units (ranks or micro-batches) in each half: the first half is the lower-numbered one.
-        units = world if self.by_ranks else accum
-        self.first, self.second = units // 2, units - units // 2
+        self.first, self.second = self.halves_of.sizes
         self.armed, self.micro = False, 0
         self.local: dict[nn.Parameter, torch.Tensor] = {}
         self.signed: dict[nn.Parameter, torch.Tensor] = {}
@@ -98,8 +151,8 @@ class HalfGradients:
             return None
         g = grad.detach().float()
         _accumulate(self.local, param, g)
-        if not self.by_ranks:  # one rank: micro-batches [0, accum/2) against the rest
-            _accumulate(self.signed, param, g if self.micro < self.first else -g)
+        if not self.by_ranks:  # micro-batch halves: the first half's micro-batches against the rest
+            _accumulate(self.signed, param, g if self.micro in self.halves_of.first else -g)
         return None  # the gradient itself is left untouched
 
     def _flat(self, store: dict, params: list[nn.Parameter]) -> torch.Tensor:
@@ -111,12 +164,12 @@ class HalfGradients:
     def reduce(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per module (S, D) over the global batch, identical on every rank; disarms the tap."""
         out = {}
-        sign = 1.0 if self.rank < self.first else -1.0
+        sign = 1.0 if self.rank in self.halves_of.first else -1.0
         for name, params in self.modules.items():
             s = self._flat(self.local, params)
             d = s * sign if self.by_ranks else self._flat(self.signed, params)
             both = torch.stack([s, d])
-            if self.by_ranks:
+            if self.world >= 2:
                 dist.all_reduce(both)
             out[name] = (both[0], both[1])
         self.armed, self.local, self.signed = False, {}, {}
@@ -127,7 +180,8 @@ class HalfGradients:
 
         S + D = 2 x (sum over the first half's units). A rank's gradient is its mean over
         micro-batches; a micro-batch's tapped gradient is already divided by ``accum`` by
-        DeepSpeed's loss scaling, hence the factor for micro-batch halves.
+        DeepSpeed's loss scaling, hence the factor for micro-batch halves (whose units are
+        rank x micro-batch pairs).
         """
         unit = 1.0 if self.by_ranks else float(self.accum)
         return (s + d) * (unit / (2 * self.first)), (s - d) * (unit / (2 * self.second))
@@ -148,6 +202,12 @@ def check_halves(world: int, accum: int) -> None:
                           "rank's micro-batches into halves")
 
 
+def start_iteration(cfg: AGVMConfig, warmup_iters: int) -> int:
+    """The first modulated iteration: ``agvm.start_iter`` when set, else ``agvm.start_after_warmup``
+    iterations after the end of warmup (so that a batch change, which moves the warmup, moves it too)."""
+    return cfg.start_iter if cfg.start_iter is not None else warmup_iters + cfg.start_after_warmup
+
+
 class AGVM:
     """The modulator: when to estimate, the current mu, the last Phi, and the gradient tap.
 
@@ -159,13 +219,14 @@ class AGVM:
     """
 
     def __init__(self, cfg: AGVMConfig, modules: dict[str, list[nn.Parameter]], world: int, rank: int,
-                 accum: int, warmup_iters: int, adamw: Optional[tuple[float, float]] = None):
+                 accum: int, warmup_iters: int, adamw: Optional[tuple[float, float]] = None,
+                 halves: Optional[Halves] = None):
         if cfg.anchor not in modules:
             raise ConfigError(f"agvm.anchor={cfg.anchor!r} is not a module of this detector: {list(modules)}")
         check_halves(world, accum)
         self.cfg = cfg
-        self.start = cfg.start_iter if cfg.start_iter is not None else warmup_iters
-        self.tap = HalfGradients(modules, world, rank, accum)
+        self.start = start_iteration(cfg, warmup_iters)
+        self.tap = HalfGradients(modules, world, rank, accum, halves)
         self.adamw = adamw  # (beta2, eps): precondition the halves by the second moment (AGVM-AdamW)
         self.mu = {m: 1.0 for m in modules}
         self.phi: dict[str, float] = {}

@@ -22,13 +22,13 @@ from torch.utils.data import DataLoader
 from models.checkpointing import has_running_stats
 from models.detector import CanvasTransform, build_detector, count_parameters
 from pipeline import engine as eng
-from pipeline.agvm import AGVM, modules_of
+from pipeline.agvm import AGVM, choose_halves, modules_of
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.data import CocoDetection, build_datasets, build_loaders
 from pipeline.ds_config import engine_config, zero_stage
 from pipeline.ds_internals import full_numel, gathered
 from pipeline.memory import current_memory, release_free_heap
-from pipeline.norm import build_bn_group, convert_norms
+from pipeline.norm import CrossGPUBatchNorm, build_bn_group, convert_norms, job_bn_layout
 from pipeline.optim import build_optimizer, build_param_groups, check_zero_support
 from pipeline.reshard import with_universal_load
 from pipeline.schedule import Schedule, build_schedule
@@ -206,10 +206,13 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
         raise ConfigError(f"train.compile=true with ZeRO-3 ({cfg.train.ds_config}): ZeRO-3 gathers each layer's "
                           "parameters in hooks around its forward, which torch.compile would trace through; use "
                           "a ZeRO 0-2 ds_config, or train.compile=false")
-    if model is None:
+    if model is not None:  # brings its own norms (tests, benchmarks); any cross-GPU BN follows the config's groups
+        bn_layout = job_bn_layout(cfg.model, cfg.train.micro_batch) if cfg.model.norm == "cgbn" else None
+    else:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        bn_group, bn_layout = _bn_groups(cfg)
         model = build_model(cfg, train_data.num_classes if train_data else num_classes,
-                            bn_group=_bn_group(cfg), ds_config=ds_config, device=info.device).to(info.device)
+                            bn_group=bn_group, ds_config=ds_config, device=info.device).to(info.device)
         release_free_heap()  # zero.Init's construction buffers
         log_dist("model: %s %s, %s parameters; rank 0 holds %.2f GiB", cfg.model.detector, cfg.model.backbone,
                  f"{count_parameters(model):,}", current_memory(info.device) / 2**30)
@@ -230,11 +233,14 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
     agvm = None
     if cfg.optim.name.startswith("agvm"):  # before initialize: its gradient tap must run before ZeRO's hooks
         adamw = (cfg.optim.betas[1], cfg.optim.eps) if cfg.optim.name == "agvm_adamw" else None
+        halves, warning = choose_halves(info.world, cfg.train.grad_accum, _coupling_bn_groups(model, bn_layout),
+                                        cfg.agvm.coupled_halves)
+        if warning:
+            log_dist(warning)
         agvm = AGVM(cfg.agvm, modules_of(groups), info.world, info.rank, cfg.train.grad_accum,
-                    schedule.warmup_iters, adamw)
-        log_dist("AGVM: modules %s, halves by %s, tau %d, modulation from iteration %d%s", list(agvm.mu),
-                 "ranks" if agvm.tap.by_ranks else "micro-batches", cfg.agvm.tau, agvm.start,
-                 f" to {cfg.agvm.stop_iter}" if cfg.agvm.stop_iter else "")
+                    schedule.warmup_iters, adamw, halves)
+        log_dist("AGVM: modules %s, halves: %s, tau %d, modulation from iteration %d%s", list(agvm.mu),
+                 halves.describe(), cfg.agvm.tau, agvm.start, f" to {cfg.agvm.stop_iter}" if cfg.agvm.stop_iter else "")
     engine = eng.build_engine(model, build_optimizer(groups, cfg.optim, schedule.lr(0)),
                               with_universal_load(ds_config) if load_universal else ds_config)
     release_free_heap()  # ZeRO's flattening copies are freed: give them back before training
@@ -244,6 +250,13 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
              current_memory(info.device) / 2**30)
     step = TrainStep(engine, schedule, cfg.train.grad_accum, agvm)
     return Training(engine, step, schedule, ds_config, train_data, agvm)
+
+
+def _coupling_bn_groups(model: nn.Module, bn_layout: Optional[list[list[int]]]) -> Optional[list[list[int]]]:
+    """The BN groups that couple ranks' gradients: the layout, when the model has cross-GPU BN layers
+    (a model without BatchNorm, e.g. a ViT with LayerNorm, has none to couple them)."""
+    has_cgbn = any(isinstance(m, CrossGPUBatchNorm) for m in model.modules())
+    return bn_layout if has_cgbn else None
 
 
 def use_channels_last(cfg: ExperimentConfig, device: torch.device) -> bool:
@@ -281,13 +294,14 @@ def compile_backbone(model: nn.Module) -> None:
              else "each batch's largest image: expect a recompilation per new shape")
 
 
-def _bn_group(cfg: ExperimentConfig):
-    """This rank's cross-GPU BN group (every rank creates every group), logged once."""
+def _bn_groups(cfg: ExperimentConfig):
+    """This rank's cross-GPU BN group (every rank creates every group) and the layout of all of them
+    (None, None without cross-GPU BN), logged once."""
     if cfg.model.norm != "cgbn":
-        return None
+        return None, None
     group, layout = build_bn_group(cfg.model, cfg.train.micro_batch)
     sizes = sorted({len(g) for g in layout})
     log_dist("norm: cgbn; %d BN group(s) of %s rank(s) = %s images each: %s", len(layout),
              "/".join(map(str, sizes)), "/".join(str(n * cfg.train.micro_batch) for n in sizes),
              layout if len(layout) <= 16 else f"{layout[:4]} ...")
-    return group
+    return group, layout

@@ -12,7 +12,7 @@ the optimizer is built from ``optim`` as a torch optimizer and handed to DeepSpe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -141,7 +141,9 @@ class ScheduleConfig(_Section):
     max_iters: Optional[int] = Field(None, gt=0, description="overrides epochs when set")
     warmup_iters: int = Field(100, ge=0)
     warmup_epochs: Optional[float] = Field(None, ge=0, description="warmup length in epochs; overrides warmup_iters")
-    warmup_factor: float = Field(0.001, gt=0, le=1, description="lr multiplier at iteration 0")
+    warmup_factor: Union[Literal["auto"], Annotated[float, Field(gt=0, le=1)], None] = Field(
+        None, description="lr multiplier at iteration 0; auto: 1/k, MegDet's rise from the reference batch's lr to "
+                          "k times it; None: auto for policy normal/long, 0.001 otherwise")
     policy: Literal["multistep", "cosine", "constant", "normal", "long"] = Field(
         "multistep", description="normal / long: MegDet's policies (epochs and decay steps fixed)")
     milestones: tuple[float, ...] = Field((8, 11), description="epochs at which lr is multiplied by gamma")
@@ -167,7 +169,12 @@ class AGVMConfig(_Section):
     eps: float = Field(1e-6, gt=0, description="added to Phi in the ratio Phi_backbone / Phi_i")
     ratio_min: float = Field(0.5, gt=0, description="clamp of the ratio before the square root")
     ratio_max: float = Field(10.0, gt=0)
-    start_iter: Optional[int] = Field(None, ge=0, description="first modulated iteration; None = end of warmup")
+    start_iter: Optional[int] = Field(None, ge=0, description="first modulated iteration (absolute); None: "
+                                      "start_after_warmup iterations after the end of warmup")
+    start_after_warmup: int = Field(0, ge=0, description="with start_iter unset, modulation starts this many "
+                                    "iterations after warmup ends (0: right after, as the public configs)")
+    coupled_halves: bool = Field(False, description="accept rank halves inside one cross-GPU BN group (its "
+                                 "statistics couple them: Phi reads high); by default they are refused")
     stop_iter: Optional[int] = Field(None, gt=0, description="modulation ends here (mu = 1 after); None = never")
     clip_before: int = Field(200, ge=0, description="clip gradients for this many iterations before start_iter")
     clip_norm: float = Field(1.0, ge=0, description="max gradient norm in that window; 0 = no window clipping")
@@ -179,6 +186,9 @@ class AGVMConfig(_Section):
             raise ValueError(f"agvm.ratio_min={self.ratio_min} > agvm.ratio_max={self.ratio_max}")
         if self.start_iter is not None and self.stop_iter is not None and self.stop_iter <= self.start_iter:
             raise ValueError(f"agvm.stop_iter={self.stop_iter} must be after agvm.start_iter={self.start_iter}")
+        if self.start_iter is not None and "start_after_warmup" in self.model_fields_set:
+            raise ValueError(f"agvm.start_iter={self.start_iter} and agvm.start_after_warmup="
+                             f"{self.start_after_warmup} both set the start: keep one")
         return self
 
 

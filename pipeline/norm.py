@@ -207,18 +207,23 @@ def bn_group_layout(spec: Union[str, int], node_of_rank: list[int], micro_batch:
     return groups
 
 
+def job_bn_layout(cfg: ModelConfig, micro_batch: int) -> list[list[int]]:
+    """The BN groups of this job's ranks, from the machines they run on (a collective)."""
+    # The job init_distributed joined; a group formed by hand (tests) is read from the environment.
+    launch = joined() or resolve(os.environ)
+    placements: list = [None] * dist.get_world_size()
+    dist.all_gather_object(placements, (launch.node, launch.local_rank, launch.local_world))
+    check_node_layout(placements, launch.launcher)  # every rank raises alike: no rank is left waiting
+    return bn_group_layout(cfg.bn_group, [node for node, _, _ in placements], micro_batch, cfg.bn_images)
+
+
 def build_bn_group(cfg: ModelConfig, micro_batch: int):
     """Create every BN group (all ranks must call ``new_group`` for every group) and return this rank's.
 
     Returns (process group or None for a one-rank group, the layout).
     """
-    world, rank = dist.get_world_size(), dist.get_rank()
-    # The job init_distributed joined; a group formed by hand (tests) is read from the environment.
-    launch = joined() or resolve(os.environ)
-    placements: list = [None] * world
-    dist.all_gather_object(placements, (launch.node, launch.local_rank, launch.local_world))
-    check_node_layout(placements, launch.launcher)  # every rank raises alike: no rank is left waiting
-    layout = bn_group_layout(cfg.bn_group, [node for node, _, _ in placements], micro_batch, cfg.bn_images)
+    rank = dist.get_rank()
+    layout = job_bn_layout(cfg, micro_batch)
     mine = None
     for ranks in layout:
         group = dist.new_group(ranks) if len(ranks) > 1 else None

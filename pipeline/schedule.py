@@ -66,6 +66,15 @@ def batch_scale(optim: OptimConfig, global_batch: int) -> float:
     return {"linear": k, "sqrt": math.sqrt(k), "none": 1.0}[optim.lr_scaling]
 
 
+def resolve_warmup_factor(sched: ScheduleConfig, optim: OptimConfig, global_batch: int) -> float:
+    """``schedule.warmup_factor``: MegDet's warmup (``auto``, the default of its policies) starts at
+    the reference batch's lr r and rises to the scaled one k r, so it starts at 1/k of the peak."""
+    factor = sched.warmup_factor
+    if factor is None:
+        factor = "auto" if sched.policy in MEGDET_POLICIES else 0.001
+    return min(1.0, 1.0 / batch_scale(optim, global_batch)) if factor == "auto" else factor
+
+
 def build_schedule(sched: ScheduleConfig, optim: OptimConfig, global_batch: int, steps_per_epoch: int) -> Schedule:
     """Resolve epochs to iterations and apply the linear scaling rule."""
     epochs, steps = sched.epochs, ()
@@ -77,6 +86,6 @@ def build_schedule(sched: ScheduleConfig, optim: OptimConfig, global_batch: int,
     warmup = sched.warmup_iters if sched.warmup_epochs is None else round(sched.warmup_epochs * steps_per_epoch)
     return Schedule(global_batch=global_batch, peak_lr=optim.base_lr * batch_scale(optim, global_batch),
                     total_iters=total, steps_per_epoch=steps_per_epoch,
-                    warmup_iters=min(warmup, total), warmup_factor=sched.warmup_factor, policy=sched.policy,
+                    warmup_iters=min(warmup, total), warmup_factor=resolve_warmup_factor(sched, optim, global_batch), policy=sched.policy,
                     steps=tuple((round(e * steps_per_epoch), f) for e, f in steps),
                     min_lr_factor=sched.min_lr_factor)

@@ -99,7 +99,7 @@ def _megdet_long_by_hand(it: int, peak: float, warmup: int, factor: float) -> fl
 def test_resolved_schedule_is_a_pure_function_of_config_and_iteration():
     a = _schedule(64, 100, "schedule.policy=long", "schedule.warmup_iters=30")
     for i in list(range(0, 1800, 7)) + [29, 30, 1099, 1100, 1399, 1400, 1699, 1700, 1799]:
-        assert a.lr(i) == pytest.approx(_megdet_long_by_hand(i, 0.08, 30, 0.001), rel=1e-12), i
+        assert a.lr(i) == pytest.approx(_megdet_long_by_hand(i, 0.08, 30, 16 / 64), rel=1e-12), i  # auto: 1/k
     assert a.lr(500) == a.lr(500) == _schedule(64, 100, "schedule.policy=long", "schedule.warmup_iters=30").lr(500)
     d = a.as_dict()
     assert d["decay_iters"] == [1100, 1400, 1700] and d["decay_factors"] == [0.1, 0.1, 0.5]
@@ -112,3 +112,23 @@ def test_lr_scaling_rules(rule, expected_peak):
     cfg = load_config(None, [f"optim.lr_scaling={rule}", "optim.base_lr=0.02", "optim.reference_batch=16"])
     sched = build_schedule(cfg.schedule, cfg.optim, global_batch=1024, steps_per_epoch=100)
     assert sched.peak_lr == pytest.approx(expected_peak)
+
+
+@pytest.mark.parametrize("policy", ["normal", "long"])
+@pytest.mark.parametrize("batch", [16, 256])
+def test_megdet_warmup_rises_from_the_reference_batch_lr(policy, batch):
+    """MegDet's warmup (the default of its policies): from the lr r of the reference batch (16 images,
+    base_lr 0.02) to k r at k = batch / 16, linearly."""
+    s = _schedule(batch, 458, f"schedule.policy={policy}", "schedule.warmup_iters=500")
+    assert s.lr(0) == pytest.approx(0.02)  # r: what one 16-image machine trains at
+    assert s.lr(500) == pytest.approx(0.02 * batch / 16)
+    assert s.lr(250) == pytest.approx((0.02 + 0.02 * batch / 16) / 2)
+    sqrt = _schedule(batch, 458, f"schedule.policy={policy}", "optim.lr_scaling=sqrt", "schedule.warmup_iters=500")
+    assert sqrt.lr(0) == pytest.approx(0.02) and sqrt.lr(500) == pytest.approx(0.02 * math.sqrt(batch / 16))
+
+
+def test_warmup_factor_auto_and_explicit():
+    assert _schedule(128, 10, "schedule.warmup_factor=auto").warmup_factor == pytest.approx(16 / 128)
+    assert _schedule(8, 10, "schedule.warmup_factor=auto").warmup_factor == 1.0  # below the reference: no rise
+    assert _schedule(128, 10).warmup_factor == 0.001  # other policies keep the explicit default
+    assert _schedule(128, 10, "schedule.policy=normal", "schedule.warmup_factor=0.01").warmup_factor == 0.01
