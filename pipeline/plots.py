@@ -60,9 +60,10 @@ def plot_agvm(run_dirs: list[Path], out: Path) -> Path:
 
 def plot_series(rows: list[dict], x: str, y: str, series: "callable", out: Path, title: str,
                 logx: bool = True, marked: "callable" = None) -> Path | None:
-    """One line per ``series(row)`` of ``y`` against ``x``; rows where ``marked(row)`` (e.g. diverged)
-    are crosses at the bottom in their line's colour. None when no row has both values."""
-    lines: dict[str, list[tuple[float, float]]] = {}
+    """One line per ``series(row)`` of ``y`` against ``x``, with error bars where rows carry
+    ``<y>_std`` (merged seeds); rows where ``marked(row)`` (e.g. diverged) are crosses at the
+    bottom in their line's colour. None when no row has both values."""
+    lines: dict[str, list[tuple[float, float, float]]] = {}
     crosses: dict[str, list[float]] = {}
     for row in rows:
         if row.get(x) is None:
@@ -70,14 +71,18 @@ def plot_series(rows: list[dict], x: str, y: str, series: "callable", out: Path,
         if marked is not None and marked(row):
             crosses.setdefault(series(row), []).append(row[x])
         elif row.get(y) is not None:
-            lines.setdefault(series(row), []).append((row[x], row[y]))
+            lines.setdefault(series(row), []).append((row[x], row[y], row.get(f"{y}_std") or 0.0))
     if not lines and not crosses:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for k, label in enumerate(sorted(set(lines) | set(crosses))):
         colour = f"C{k % 10}"
         points = sorted(lines.get(label, []))
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colour, label=label)
+        xs, ys, errs = [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+        if any(errs):  # mean +- standard deviation over seeds
+            ax.errorbar(xs, ys, yerr=errs, marker="o", color=colour, label=label, capsize=3)
+        else:
+            ax.plot(xs, ys, marker="o", color=colour, label=label)
         if label in crosses:  # side by side, so several diverged series at one x stay visible
             xs = [v * (1 + 0.04 * k) for v in crosses[label]]
             ax.scatter(xs, [0] * len(xs), marker="x", color=colour, s=70, zorder=3, label=f"{label}: diverged")

@@ -14,6 +14,7 @@ Grid axes take a list of values. Shorthand axes map a value to config overrides:
     backbone: [resnet18, vit_giant_patch14_dinov2]      model.backbone
     zero: [0, 3]               train.ds_config = ds_configs/zero<N>_<precision>.json (precision: fixed key)
     lr_scaling: [linear, sqrt, none]
+    seed: [0, 1, 2]            train.seed; the report merges the seeds of a point (mean, std, n)
 
 Any dotted config key is an axis too (``schedule.warmup_iters: [0, 50]``), and an axis may be
 a mapping of labels to override sets, for values that move several keys together:
@@ -37,7 +38,10 @@ import yaml
 
 from pipeline.config import REPO_ROOT, ConfigError, load_config, resolve_repo_path
 
-SHORTHAND = ("batch", "optimizer", "norm", "backbone", "zero", "lr_scaling")
+SHORTHAND = ("batch", "optimizer", "norm", "backbone", "zero", "lr_scaling", "seed")
+SEED_AXES = ("seed", "train.seed")
+# What differs between the seeds of a point, merged as mean, std and n; the rest is the same in every seed.
+SEED_METRICS = ("AP", "AP50", "iterations", "wall_s", "train_s", "images_per_s", "peak_mem_gib")
 _STUDY_KEYS = {"name", "config", "fixed", "grid", "precision", "mode", "output_dir", "plots", "measure_iters"}
 STATUS_FILE = "study_status.json"
 
@@ -105,6 +109,8 @@ def _shorthand(axis: str, value: Any, precision: str, where: str) -> tuple[dict[
         return out, None
     if axis == "backbone":
         return {"model.backbone": value}, None
+    if axis == "seed":
+        return {"train.seed": int(value)}, None
     if axis == "zero":
         path = Path("ds_configs") / f"zero{value}_{precision}.json"
         if not (REPO_ROOT / path).is_file():
@@ -126,8 +132,8 @@ def _axis_values(axis: str, spec: Any, precision: str, where: str) -> list[tuple
         return out
     if not isinstance(spec, list) or not spec:
         raise ConfigError(f"{where}: an axis takes a non-empty list of values or a mapping of labels to overrides")
-    if axis == "zero":
-        return [(f"zero{v}", *_shorthand(axis, v, precision, where)) for v in spec]
+    if axis in ("zero", "seed"):
+        return [(f"{axis}{v}", *_shorthand(axis, v, precision, where)) for v in spec]
     if axis in SHORTHAND:
         return [(_label(v), *_shorthand(axis, v, precision, where)) for v in spec]
     if "." not in axis:
@@ -235,6 +241,39 @@ def collect_rows(study: Study) -> list[dict]:
         row.update(_agvm_summary(run_dir) if (run_dir / "metrics.jsonl").is_file() else {})
         rows.append(row)
     return rows
+
+
+def aggregate_seeds(rows: list[dict], axes: list[str]) -> tuple[list[dict], Optional[str]]:
+    """Merge the rows that differ only in their seed (the ``seed`` or ``train.seed`` axis) into one
+    row per point: each of ``SEED_METRICS`` and the AGVM columns becomes the mean over the seeds
+    that finished without diverging, with ``<metric>_std`` (sample standard deviation, n >= 2)
+    beside it; ``n`` counts those seeds, ``diverged`` the others. Returns (rows, the seed axis or
+    None: no seed axis, rows as they are)."""
+    from statistics import fmean, stdev
+
+    seed_axis = next((a for a in axes if a in SEED_AXES), None)
+    if seed_axis is None:
+        return rows, None
+    rest = [a for a in axes if a != seed_axis]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[a] for a in rest), []).append(row)
+    merged = []
+    for key, runs in groups.items():
+        done = [r for r in runs if r.get("status") == "done"]
+        first = runs[0]
+        row = {"point": "__".join(key) or "all", **dict(zip(rest, key)),
+               "seeds": ",".join(r[seed_axis] for r in runs), "n": len(done),
+               "diverged": sum(r.get("status") == "diverged" for r in runs),
+               "status": "done" if len(done) == len(runs) else f"{len(done)}/{len(runs)} done"}
+        row.update({k: first.get(k) for k in ("ranks", "micro_batch", "grad_accum", "global_batch", "parameters")})
+        agvm = sorted({k for r in runs for k in r if k.startswith(("mu_final/", "phi_median/"))})
+        for metric in (*SEED_METRICS, *agvm):
+            values = [r[metric] for r in done if r.get(metric) is not None]
+            row[metric] = fmean(values) if values else None
+            row[f"{metric}_std"] = stdev(values) if len(values) >= 2 else None
+        merged.append(row)
+    return merged, seed_axis
 
 
 def _parameters(run_dir: Path) -> Optional[int]:

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from pipeline.config import REPO_ROOT, ConfigError, load_config, resolve_repo_path
 from pipeline.launcher import free_port
-from pipeline.study import (Point, Study, collect_rows, load_study, markdown_table, point_result, read_status,
-                            series_key, write_csv, write_status)
+from pipeline.study import (Point, Study, aggregate_seeds, collect_rows, load_study, markdown_table, point_result,
+                            read_status, series_key, write_csv, write_status)
 from pipeline.validate import validate
 
 MAX_ATTEMPTS = 2  # the first run and one retry from the last checkpoint
@@ -145,12 +145,23 @@ def report(study: Study) -> dict[str, Path]:
     """results.csv, results.md and plots under the study directory; returns what was written."""
     from pipeline.plots import plot_agvm, plot_series
 
-    rows = collect_rows(study)
-    out = {"csv": write_csv(rows, study.root / "results.csv")}
+    runs = collect_rows(study)
     axes = list(study.points[0].labels) if study.points else []
-    extra = sorted({k for r in rows for k in r if k.startswith(("mu_final/", "phi_median/"))})
-    table = markdown_table(rows, [RESULT_COLUMNS[0]] + axes + RESULT_COLUMNS[1:] + extra)
-    (study.root / "results.md").write_text(f"# Study {study.name}\n\nFrom `{study.source}`.\n\n{table}")
+    rows, seed_axis = aggregate_seeds(runs, axes)
+    out = {"csv": write_csv(rows, study.root / "results.csv")}
+    columns = [RESULT_COLUMNS[0]] + axes + RESULT_COLUMNS[1:]
+    note = ""
+    if seed_axis is not None:  # the seeds merged: each run stays in runs.csv
+        out["runs_csv"] = write_csv(runs, study.root / "runs.csv")
+        axes = [a for a in axes if a != seed_axis]
+        columns = [RESULT_COLUMNS[0]] + axes + ["n", "seeds", "diverged"] + \
+            [c for m in RESULT_COLUMNS[1:] for c in (m, f"{m}_std")]
+        note = ("Each row merges the seeds of one point: mean over the seeds that finished without diverging "
+                "(`n`), `_std` the sample standard deviation; every run is in `runs.csv`.\n\n")
+    extra = sorted({k for r in rows for k in r if k.startswith(("mu_final/", "phi_median/")) and
+                    not k.endswith("_std")})
+    table = markdown_table(rows, columns + extra)
+    (study.root / "results.md").write_text(f"# Study {study.name}\n\nFrom `{study.source}`.\n\n{note}{table}")
     out["md"] = study.root / "results.md"
     batch_axis = "batch" if "batch" in axes else None
     by_rest = (lambda r: series_key(r, axes, batch_axis))
@@ -161,14 +172,19 @@ def report(study: Study) -> dict[str, Path]:
                                       "peak memory per rank (GiB) vs parameters")}
     for name, (x, y, series, title) in plots.items():
         written = plot_series(rows, x, y, series, study.root / f"{name}.png", title,
-                              marked=(lambda r: r.get("status") == "diverged") if y == "AP50" else None)
+                              marked=_all_diverged if y == "AP50" else None)
         if written:
             out[name] = written
-    phi_points = study.plots.get("phi_points") or [r["point"] for r in rows if any(k.startswith("phi_median/") for k in r)]
+    phi_points = study.plots.get("phi_points") or [r["point"] for r in runs if any(k.startswith("phi_median/") for k in r)]
     phi_dirs = [study.root / p for p in phi_points if (study.root / p / "metrics.jsonl").is_file()][:6]
     if phi_dirs:
         out["agvm_phi_mu"] = plot_agvm(phi_dirs, study.root / "agvm_phi_mu.png")
     return out
+
+
+def _all_diverged(row: dict) -> bool:
+    """A point with no result but divergence: a run, or every seed of a merged point."""
+    return row.get("status") == "diverged" or (row.get("n") == 0 and bool(row.get("diverged")))
 
 
 def main(argv=None) -> int:

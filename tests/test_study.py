@@ -202,3 +202,44 @@ def test_model_size_study_labels_measured_and_estimated_cells(shapes_root, tmp_p
     rows = list(csv.DictReader(written["csv"].open()))
     assert [r["label"] for r in rows] == ["measured", "estimated"]
     assert written["memory_vs_parameters"].is_file()
+
+
+def test_seeds_of_a_point_merge_into_mean_std_and_n(tmp_path):
+    """Three seeds x two recipes, from finished run directories: results.csv has one row per recipe with
+    the mean and sample standard deviation over its finished seeds (numpy, computed here), a diverged
+    seed is counted and left out of the mean, runs.csv keeps every run, the plot has error bars."""
+    import numpy as np
+
+    from pipeline.study import write_status
+
+    spec = {"name": "seeds", "fixed": {"schedule.epochs": 1},
+            "grid": {"batch": ["1x8"], "recipe": {"sgd": {"optim.name": "sgd"}, "agvm": {"optim.name": "agvm_sgd",
+                                                                                          "train.grad_accum": 2}},
+                     "seed": [0, 1, 2]}}
+    study = load_study(_write(tmp_path, spec), tmp_path / "runs")
+    assert [p.overrides["train.seed"] for p in study.points[:3]] == [0, 1, 2]
+    ap50 = {"1x8__sgd": [0.50, 0.56, 0.47], "1x8__agvm": [0.61, 0.58, None]}  # None: that seed diverged
+    status = {}
+    for p in study.points:
+        recipe, seed = "__".join(p.name.split("__")[:2]), int(p.labels["seed"][4:])
+        value = ap50[recipe][seed]
+        run = study.run_dir(p)
+        run.mkdir(parents=True)
+        (run / "run_summary.json").write_text(json.dumps({
+            "metrics": {"bbox/AP50": value, "bbox/AP": value and value / 2}, "global_batch": 8,
+            "diverged": value is None, "iterations": 10, "total_iterations": 10, "train_seconds": 60 + seed,
+            "images_per_s": 1.0 + seed, "peak_mem_gib": 1.0}))
+        status[p.name] = {"status": "diverged" if value is None else "done", "attempts": 1, "wall_s": 100.0 + seed}
+    write_status(study, status)
+    out = study_cli.report(study)
+    rows = {r["point"]: r for r in csv.DictReader(out["csv"].open())}
+    assert set(rows) == {"1x8__sgd", "1x8__agvm"}
+    sgd, agvm = rows["1x8__sgd"], rows["1x8__agvm"]
+    assert float(sgd["AP50"]) == pytest.approx(np.mean([0.50, 0.56, 0.47]))
+    assert float(sgd["AP50_std"]) == pytest.approx(np.std([0.50, 0.56, 0.47], ddof=1))
+    assert (sgd["n"], sgd["diverged"], sgd["seeds"]) == ("3", "0", "seed0,seed1,seed2")
+    assert float(agvm["AP50"]) == pytest.approx(0.595) and float(agvm["AP50_std"]) == pytest.approx(np.std([0.61, 0.58], ddof=1))
+    assert (agvm["n"], agvm["diverged"], agvm["status"]) == ("2", "1", "2/3 done")
+    assert len(list(csv.DictReader(out["runs_csv"].open()))) == 6
+    assert "| 1x8__agvm |" in out["md"].read_text() and "AP50_std" in out["md"].read_text()
+    assert out["ap_vs_batch"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
