@@ -51,6 +51,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import AGVMConfig, ConfigError
@@ -119,11 +120,31 @@ def choose_halves(world: int, accum: int, bn_layout: Optional[list[list[int]]] =
         "ranks (e.g. a divisor of the ranks per machine), or agvm.coupled_halves=true to accept the bias")
 
 
-class HalfGradients:
-    """Taps local gradients on armed iterations; returns per module the reduced S and D.
+def chunk_of(numel: int, world: int) -> int:
+    """Elements of one rank's chunk of a parameter: ZeRO-3's partition size, ceil(numel / world)."""
+    return -(-numel // world)
 
-    ``modules`` maps module name -> its parameters (the model's own Parameter objects,
-    captured before DeepSpeed partitions the optimizer's view of them).
+
+def _reduce_scatter(buffer: torch.Tensor) -> torch.Tensor:
+    """Sum ``buffer`` ([W, L]) over the ranks; this rank gets its row."""
+    out = buffer.new_empty(buffer.shape[1])
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.14
+    scatter(out, buffer.reshape(-1))
+    return out
+
+
+class HalfGradients:
+    """Taps local gradients on armed iterations; returns per module this rank's shard of the reduced
+    S and D.
+
+    ``modules`` maps module name -> its parameters (the model's own Parameter objects, captured
+    before DeepSpeed partitions the optimizer's view of them). Shards: each parameter's flat
+    gradient is padded to a multiple of W and cut into W chunks, ZeRO-3's partition of that
+    parameter; rank r's shard of a module is chunk r of each of its parameters, in order (so
+    AGVM-AdamW's second moment, partitioned so under ZeRO-3, is aligned with it). The hook writes
+    each local gradient straight into a [W, L] fp32 buffer of its module, row r holding what rank r
+    will own; after backward, one reduce-scatter of the buffer gives each rank its row of S, and,
+    the buffer multiplied by this rank's half sign, another its row of D.
     """
 
     def __init__(self, modules: dict[str, list[nn.Parameter]], world: int, rank: int, accum: int,
@@ -133,14 +154,22 @@ class HalfGradients:
         self.by_ranks = self.halves_of.by == "ranks"
         self.world, self.rank, self.accum = world, rank, accum
         self.first, self.second = self.halves_of.sizes
+        self.module_of = {p: name for name, params in modules.items() for p in params}
+        self.columns: dict[nn.Parameter, int] = {}  # where each parameter's chunk starts in its module's row
+        self.width: dict[str, int] = {}  # L: the length of a module's shard
+        for name, params in modules.items():
+            self.width[name] = 0
+            for p in params:
+                self.columns[p] = self.width[name]
+                self.width[name] += chunk_of(full_numel(p), world)
         self.armed, self.micro = False, 0
-        self.local: dict[nn.Parameter, torch.Tensor] = {}
-        self.signed: dict[nn.Parameter, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # [W, L] per module: this rank's local gradient
+        self.signed: dict[str, torch.Tensor] = {}  # micro-batch halves: first half minus second
         self.handles = [p.register_hook(partial(self._on_grad, p)) for ps in modules.values() for p in ps]
 
     def arm(self) -> None:
         """Tap the gradients of the coming iteration (call before its first backward)."""
-        self.armed, self.local, self.signed, self.micro = True, {}, {}, 0
+        self.armed, self.sums, self.signed, self.micro = True, {}, {}, 0
 
     def begin_micro(self, micro: int) -> None:
         """The next backward is micro-batch ``micro`` of the iteration (which half it belongs to)."""
@@ -149,30 +178,37 @@ class HalfGradients:
     def _on_grad(self, param: nn.Parameter, grad: torch.Tensor) -> None:
         if not self.armed:
             return None
-        g = grad.detach().float()
-        _accumulate(self.local, param, g)
+        name, chunk = self.module_of[param], chunk_of(grad.numel(), self.world)
+        g = F.pad(grad.detach().reshape(-1).float(), (0, chunk * self.world - grad.numel())).view(self.world, chunk)
+        self._add(self.sums, name, param, g)
         if not self.by_ranks:  # micro-batch halves: the first half's micro-batches against the rest
-            _accumulate(self.signed, param, g if self.micro in self.halves_of.first else -g)
+            self._add(self.signed, name, param, g if self.micro in self.halves_of.first else -g)
         return None  # the gradient itself is left untouched
 
-    def _flat(self, store: dict, params: list[nn.Parameter]) -> torch.Tensor:
-        # A parameter without a gradient this iteration contributes zeros (its shape comes from
-        # ZeRO-3's ds_shape when the parameter is partitioned).
-        return torch.cat([store[p].reshape(-1) if p in store else torch.zeros(full_numel(p), device=p.device)
-                          for p in params])
+    def _add(self, store: dict, name: str, param: nn.Parameter, g: torch.Tensor) -> None:
+        if name not in store:  # a parameter without a gradient this iteration keeps its zeros
+            store[name] = g.new_zeros(self.world, self.width[name])
+        start = self.columns[param]
+        store[name][:, start:start + g.shape[1]].add_(g)
 
     def reduce(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per module (S, D) over the global batch, identical on every rank; disarms the tap."""
+        """Per module this rank's shard of (S, D) over the global batch (the whole vectors with one
+        rank); disarms the tap. Each module's buffer is freed as soon as it is reduced."""
         out = {}
         sign = 1.0 if self.rank in self.halves_of.first else -1.0
         for name, params in self.modules.items():
-            s = self._flat(self.local, params)
-            d = s * sign if self.by_ranks else self._flat(self.signed, params)
-            both = torch.stack([s, d])
-            if self.world >= 2:
-                dist.all_reduce(both)
-            out[name] = (both[0], both[1])
-        self.armed, self.local, self.signed = False, {}, {}
+            local = self.sums.pop(name, None)
+            if local is None:
+                local = torch.zeros(self.world, self.width[name], device=params[0].device)
+            signed = None if self.by_ranks else self.signed.pop(name, torch.zeros_like(local))
+            if self.world == 1:
+                out[name] = (local[0], signed[0])
+                continue
+            s = _reduce_scatter(local)
+            d = _reduce_scatter(local.mul_(sign) if self.by_ranks else signed)
+            del local, signed
+            out[name] = (s, d)
+        self.armed, self.sums, self.signed = False, {}, {}
         return out
 
     def halves(self, s: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,13 +221,6 @@ class HalfGradients:
         """
         unit = 1.0 if self.by_ranks else float(self.accum)
         return (s + d) * (unit / (2 * self.first)), (s - d) * (unit / (2 * self.second))
-
-
-def _accumulate(store: dict, param: nn.Parameter, g: torch.Tensor) -> None:
-    if param in store:
-        store[param].add_(g)
-    else:
-        store[param] = g.clone()
 
 
 def check_halves(world: int, accum: int) -> None:
@@ -248,20 +277,32 @@ class AGVM:
 
     def estimate(self, it: int, second_moment: Optional[Callable[[list[nn.Parameter]], list[torch.Tensor]]] = None) -> None:
         """Phi and mu from the tapped gradients of iteration ``it`` (every rank calls it: collectives).
-        ``second_moment(params)``: AdamW's exp_avg_sq per parameter, for AGVM-AdamW."""
+        ``second_moment(params)``: AdamW's exp_avg_sq, this rank's chunk of each parameter (the
+        layout of ``HalfGradients``), for AGVM-AdamW.
+
+        Each rank reduces its shards to three numbers per module, summed over the ranks in one
+        all-reduce: |S|^2, |D|^2, <S, D> (SGD), or <H1, H2>, |H1|^2, |H2|^2 of the preconditioned
+        halves (AdamW)."""
         sums = self.tap.reduce()
-        if self.adamw is None:
-            s2, d2, sd = (torch.stack(v) for v in zip(*[(s.dot(s), d.dot(d), s.dot(d)) for s, d in sums.values()]))
-            phi = dict(zip(sums, phi_from_sums(s2.double(), d2.double(), sd.double()).tolist()))
-        else:
-            beta2, eps = self.adamw
-            phi = {}
-            for name, (s, d) in sums.items():
+        partial_sums = []
+        for name, (s, d) in sums.items():
+            if self.adamw is None:
+                s, d = s.double(), d.double()
+                partial_sums.append(torch.stack([s.dot(s), d.dot(d), s.dot(d)]))
+            else:
+                beta2, eps = self.adamw
                 v = torch.cat(second_moment(self.tap.modules[name]))
                 h1, h2 = (g / ((beta2 * v + (1 - beta2) * g.square()).sqrt() + eps) for g in self.tap.halves(s, d))
                 h1, h2 = h1.double(), h2.double()
-                phi[name] = float(1 - h1.dot(h2) / (h1.norm() * h2.norm()).clamp(min=1e-300))
-        self.update(phi, it)
+                partial_sums.append(torch.stack([h1.dot(h2), h1.dot(h1), h2.dot(h2)]))
+        totals = torch.stack(partial_sums)
+        if self.tap.world >= 2:
+            dist.all_reduce(totals)
+        if self.adamw is None:
+            values = phi_from_sums(totals[:, 0], totals[:, 1], totals[:, 2])
+        else:
+            values = 1 - totals[:, 0] / (totals[:, 1] * totals[:, 2]).sqrt().clamp(min=1e-300)
+        self.update(dict(zip(sums, values.tolist())), it)
 
     def update(self, phi: dict[str, float], it: int) -> None:
         self.phi, self.estimates = phi, self.estimates + 1

@@ -100,6 +100,34 @@ def full_optimizer_state(engine, params: list[torch.nn.Parameter], key: str) -> 
     return [safe_get_full_optimizer_state(p, key).reshape(-1).float() for p in params]
 
 
+def local_optimizer_chunks(engine, params: list[torch.nn.Parameter], key: str, world: int, rank: int,
+                           stage: int) -> list[torch.Tensor]:
+    """This rank's chunk of each parameter's optimizer state ``key``: the flat state padded to a
+    multiple of ``world``, elements [rank * c, (rank + 1) * c), c = ceil(numel / world), which is
+    ZeRO-3's own partition; zeros before the first step. AGVM's sharded estimate reads AdamW's
+    second moment so.
+
+    ZeRO-3 and ZeRO-0 read it in place (the local partition; the whole local state). ZeRO 1/2
+    partition the flat buffer of a whole parameter group, so another layout: each parameter's
+    state is assembled there (``full_optimizer_state``, a collective), one parameter at a time.
+    """
+    from deepspeed.utils import safe_get_local_optimizer_state
+
+    def chunk(flat: torch.Tensor, numel: int) -> torch.Tensor:
+        size = -(-numel // world)
+        piece = flat[rank * size:(rank + 1) * size]
+        return torch.nn.functional.pad(piece, (0, size - piece.numel()))
+
+    client = client_optimizer(engine)
+    if not client.state:  # no step taken yet
+        return [torch.zeros(-(-full_numel(p) // world), device=p.device) for p in params]
+    if stage == 3:
+        return [safe_get_local_optimizer_state(p, key).reshape(-1).float() for p in params]
+    if client is engine.optimizer:
+        return [chunk(client.state[p][key].reshape(-1).float(), p.numel()) for p in params]
+    return [chunk(full_optimizer_state(engine, [p], key)[0], full_numel(p)) for p in params]
+
+
 # ---- the CPU accelerator ----
 
 def cpu_allreduce_segment(rank: int) -> Path:

@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import torch
 
 from pipeline.agvm import AGVM
-from pipeline.ds_internals import full_optimizer_state, set_gradient_clipping
+from pipeline.ds_internals import local_optimizer_chunks, set_gradient_clipping
 from pipeline.schedule import Schedule
 
 
@@ -71,4 +71,7 @@ class TrainStep:
             set_gradient_clipping(self.engine, self.base_clip if clip is None else clip)
 
     def _second_moment(self, params: list) -> list[torch.Tensor]:
-        return full_optimizer_state(self.engine, params, "exp_avg_sq")
+        """AdamW's second moment, this rank's chunk of each parameter (AGVM's shard layout)."""
+        tap = self.agvm.tap
+        return local_optimizer_chunks(self.engine, params, "exp_avg_sq", tap.world, tap.rank,
+                                      self.engine.zero_optimization_stage())
