@@ -17,7 +17,9 @@ How the halves are measured, exactly under every ZeRO stage: ZeRO 2/3 reduce-sca
 gradients inside backward, so the optimizer never sees a rank's own gradient. We tap
 each parameter's *local* gradient with a tensor hook (it fires before DeepSpeed's
 reduction hooks) on estimate iterations only, and reduce per module the sum S of all
-ranks' gradients and the signed sum D (first half minus second half). Then
+ranks' gradients and the signed sum D (first half minus second half), sharded the way
+ZeRO-3 partitions parameters: each rank ends with its chunk of S and D, computes its part
+of three sums, and one all-reduce of three numbers per module finishes them. Then
 G1 ~ S + D and G2 ~ S - D, and the cosine follows from three scalars:
 
     cos(G1, G2) = <S + D, S - D> / (|S + D| |S - D|)
@@ -31,14 +33,23 @@ see a biased, higher Phi. Without BN groups that is ranks [0, W/2) and [W/2, W),
 code's split. When one BN group holds every rank, the halves are the first and second half of
 every rank's gradient-accumulation micro-batches (each micro-batch has its own statistics), or,
 without accumulation, a start-up error unless ``agvm.coupled_halves`` accepts the bias. With one
-rank: its micro-batch halves; one rank without accumulation has no two halves (an error). On other iterations the hooks
-return at once: no extra gradient-sized communication. The estimate costs one local
-gradient copy and one all-reduce of 2x each module's gradient, every ``tau`` iterations.
+rank: its micro-batch halves; one rank without accumulation has no two halves (an error). On
+other iterations the hooks return at once: no extra gradient-sized communication.
 
 AdamW variant: each half's gradient is preconditioned by the second moment first,
 g / (sqrt(beta2 v + (1 - beta2) g^2) + eps) (the public code), which needs v element by
-element: under ZeRO >= 1 the optimizer holds flat partitions, so v is assembled per
-parameter (``pipeline.ds_internals.full_optimizer_state``) on estimate iterations.
+element on the rank's chunk: under ZeRO-3 that is v's own local partition, at ZeRO-0 a slice
+of the local state; ZeRO 1/2 partition whole parameter groups instead, so there v is
+assembled one parameter at a time (``pipeline.ds_internals.local_optimizer_chunks``).
+
+Cost of an estimate iteration, per rank (the others cost nothing): the local gradient tap, one
+fp32 copy of every parameter's gradient (two with micro-batch halves), unavoidable because
+ZeRO 2/3 reduce and free local gradients inside backward and a collective in a gradient hook
+would hang whenever a parameter has no gradient on some rank; while a module is reduced, its S
+and D chunks (2/W of the module). Communication: two gradient-sized reduce-scatters (S, D) and
+one small all-reduce, half of the former all-reduce of [S; D]. S is also what ZeRO's own
+reduce-scatter computes; reading it from ZeRO's partitions would save one of the two (not done:
+ZeRO 1/2 partition in another layout).
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ import logging
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -191,25 +202,25 @@ class HalfGradients:
         start = self.columns[param]
         store[name][:, start:start + g.shape[1]].add_(g)
 
-    def reduce(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per module this rank's shard of (S, D) over the global batch (the whole vectors with one
-        rank); disarms the tap. Each module's buffer is freed as soon as it is reduced."""
-        out = {}
+    def reduced(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Module by module, this rank's shard of S and D over the global batch (the whole vectors
+        with one rank); each module's buffer is freed once reduced, so the caller holds one module's
+        shards at a time. Every rank must consume it whole (collectives); then the tap is disarmed."""
         sign = 1.0 if self.rank in self.halves_of.first else -1.0
+        self.armed = False
         for name, params in self.modules.items():
             local = self.sums.pop(name, None)
             if local is None:
                 local = torch.zeros(self.world, self.width[name], device=params[0].device)
             signed = None if self.by_ranks else self.signed.pop(name, torch.zeros_like(local))
             if self.world == 1:
-                out[name] = (local[0], signed[0])
+                yield name, local[0], signed[0]
                 continue
             s = _reduce_scatter(local)
             d = _reduce_scatter(local.mul_(sign) if self.by_ranks else signed)
             del local, signed
-            out[name] = (s, d)
-        self.armed, self.sums, self.signed = False, {}, {}
-        return out
+            yield name, s, d
+        self.sums, self.signed = {}, {}
 
     def halves(self, s: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean gradient of each half, scaled like the gradient the optimizer sees.
@@ -283,9 +294,9 @@ class AGVM:
         Each rank reduces its shards to three numbers per module, summed over the ranks in one
         all-reduce: |S|^2, |D|^2, <S, D> (SGD), or <H1, H2>, |H1|^2, |H2|^2 of the preconditioned
         halves (AdamW)."""
-        sums = self.tap.reduce()
-        partial_sums = []
-        for name, (s, d) in sums.items():
+        names, partial_sums = [], []
+        for name, s, d in self.tap.reduced():
+            names.append(name)
             if self.adamw is None:
                 s, d = s.double(), d.double()
                 partial_sums.append(torch.stack([s.dot(s), d.dot(d), s.dot(d)]))
@@ -302,7 +313,7 @@ class AGVM:
             values = phi_from_sums(totals[:, 0], totals[:, 1], totals[:, 2])
         else:
             values = 1 - totals[:, 0] / (totals[:, 1] * totals[:, 2]).sqrt().clamp(min=1e-300)
-        self.update(dict(zip(sums, values.tolist())), it)
+        self.update(dict(zip(names, values.tolist())), it)
 
     def update(self, phi: dict[str, float], it: int) -> None:
         self.phi, self.estimates = phi, self.estimates + 1

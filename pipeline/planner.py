@@ -64,6 +64,7 @@ class ModelFacts:
     parameters: int
     trainable: int
     small_trainable: int  # trainable parameters in tensors below ZeRO-3's persistence threshold
+    largest_module: int = 0  # trainable parameters of the largest detector module (AGVM's unit)
 
 
 @dataclass
@@ -117,10 +118,14 @@ def model_facts(cfg: ExperimentConfig, num_classes: int, persistence_threshold: 
 
     with torch.device("meta"):
         model = build_model(cfg, num_classes, pretrained=False)
+    from models.detector import module_parameters
+
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
+    modules = module_parameters(model, cfg.model.detector)
     return ModelFacts(parameters=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable),
-                      small_trainable=sum(p.numel() for p in trainable if p.numel() < persistence_threshold))
+                      small_trainable=sum(p.numel() for p in trainable if p.numel() < persistence_threshold),
+                      largest_module=max(sum(p.numel() for _, p in ps) for ps in modules.values()))
 
 
 def plan_memory(facts: ModelFacts, ds: dict, world: int, optimizer: str, momentum: float, micro_batch: int,
@@ -149,7 +154,19 @@ def plan_memory(facts: ModelFacts, ds: dict, world: int, optimizer: str, momentu
     plan.device["ZeRO buffers"] = _buffers(facts, ds, world)
     plan.device["activations"] = probe.fixed + probe.per_image * micro_batch
     plan.device["runtime"] = probe.runtime
+    if optimizer.startswith("agvm"):
+        plan.device["AGVM estimate (every tau)"] = agvm_estimate_bytes(facts, world)
     return plan
+
+
+def agvm_estimate_bytes(facts: ModelFacts, world: int) -> float:
+    """What an AGVM estimate iteration adds (``pipeline/agvm.py``): the fp32 tap of the local
+    gradients, twice with micro-batch halves (assumed for one rank; with ranks, micro-batch halves
+    arise only when one BN group holds every rank), and the S and D chunks of the module being
+    reduced (fp32, 1/world of it each). An upper bound: the tap fills while backward frees
+    activations."""
+    copies = 2 if world == 1 else 1
+    return 4 * facts.trainable * copies + 2 * 4 * facts.largest_module / world
 
 
 def _buffers(facts: ModelFacts, ds: dict, world: int) -> float:

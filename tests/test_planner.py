@@ -85,3 +85,20 @@ def test_command_line_plans_the_shipped_default_config(shapes_root, capsys):
     assert rc == 0, out
     assert "total per rank" in out and "largest micro-batch for 16 GiB" in out
     assert "images 96x96" in out or "images 64x96" in out or "images 96x64" in out
+
+
+def test_agvm_adds_its_estimate_iteration_to_the_plan():
+    """AGVM's estimate iteration: an fp32 copy of every trainable gradient (two with one rank's micro-batch
+    halves) plus the S and D chunks of the largest module (2 x 4 bytes x module / world)."""
+    facts = ModelFacts(parameters=10**9, trainable=9 * 10**8, small_trainable=0, largest_module=6 * 10**8)
+    none = ActivationProbe(0.0, 0.0, (1, 1), (1, 1), 0.0, "cuda")
+    ds = ds_settings({"zero_optimization": {"stage": 3}})
+    for world, copies in ((8, 1), (1, 2)):
+        sgd = plan_memory(facts, ds, world=world, optimizer="sgd", momentum=0.9, micro_batch=1, probe=none)
+        agvm = plan_memory(facts, ds, world=world, optimizer="agvm_sgd", momentum=0.9, micro_batch=1, probe=none)
+        assert agvm.total - sgd.total == 4 * 9 * 10**8 * copies + 8 * 6 * 10**8 / world
+    cfg = load_config(None, ["model.backbone=resnet18", "model.fpn_channels=64"])
+    from pipeline.planner import model_facts
+
+    counted = model_facts(cfg, 3)
+    assert 0 < counted.largest_module < counted.trainable  # the backbone, here
