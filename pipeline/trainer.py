@@ -54,6 +54,23 @@ def device_batches(loader, device: torch.device):
                         for t in targets])
 
 
+def timed(batches, clock: list[float]):
+    """``batches``, adding to ``clock[0]`` the host seconds spent waiting for each (loading, decoding,
+    copying): the loop's data time, against which the rest of an iteration is compute."""
+    while True:
+        tic = time.perf_counter()
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        clock[0] += time.perf_counter() - tic
+        yield item
+
+
+def _clock(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} days"
+
+
 def _reduce_window(window: dict[str, torch.Tensor], count: int) -> dict[str, float]:
     """Mean of the window's loss terms over steps and ranks: one collective, one host sync."""
     names = sorted(window)
@@ -122,7 +139,8 @@ def run_evaluation(state: TrainState, it: int, final: bool = False) -> dict:
     return metrics
 
 
-def _log_step(state: TrainState, it: int, window: dict, count: int, seconds: float, bar) -> None:
+def _log_step(state: TrainState, it: int, window: dict, count: int, seconds: float, data_seconds: float,
+              bar) -> None:
     values = _reduce_window(window, count)
     if not math.isfinite(values["loss"]):
         raise Diverged(it,
@@ -132,6 +150,11 @@ def _log_step(state: TrainState, it: int, window: dict, count: int, seconds: flo
     record["train/lr"] = state.schedule.lr(it - 1)
     images = count * state.schedule.global_batch
     record["train/images_per_s"] = images / seconds
+    # Per iteration: host seconds waiting for data vs the rest, and the training time left at this pace
+    # (evaluations and checkpoints not included). Rank 0's clock; the window's end is synchronised.
+    record["train/data_s"] = data_seconds / count
+    record["train/compute_s"] = (seconds - data_seconds) / count
+    record["train/eta_s"] = (state.schedule.total_iters - it) * seconds / count
     record["train/epoch"] = it / state.schedule.steps_per_epoch
     state.windows.append((images, seconds))
     # Peak per rank (CUDA: allocated tensors; CPU: resident set), the largest rank's.
@@ -140,10 +163,11 @@ def _log_step(state: TrainState, it: int, window: dict, count: int, seconds: flo
     state.tracker.log(record, step=it)
     if bar is not None:
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{record['train/lr']:.4f}",
-                        ips=f"{record['train/images_per_s']:.1f}")
+                        ips=f"{record['train/images_per_s']:.1f}", data=f"{record['train/data_s']:.2f}s")
     elif state.info.rank == 0:
-        log.info("iter %d loss %.4f lr %.5f %.1f img/s", it, values["loss"], record["train/lr"],
-                 record["train/images_per_s"])
+        log.info("iter %d loss %.4f lr %.5f %.1f img/s; per iteration %.3f s data + %.3f s compute; ETA %s", it,
+                 values["loss"], record["train/lr"], record["train/images_per_s"], record["train/data_s"],
+                 record["train/compute_s"], _clock(record["train/eta_s"]))
 
 
 def write_run_summary(state: TrainState, iteration: int, metrics: dict, diverged: bool, seconds: float) -> None:
@@ -193,12 +217,12 @@ def train_loop(state: TrainState) -> dict:
     sampler, spe = state.data.train_loader.batch_sampler, schedule.steps_per_epoch
     it, metrics = step.iteration, {}
     reset_peak_memory(state.info.device)  # the training peak, not the build's
-    window, count, tic = {}, 0, time.time()
+    window, count, tic, data_clock = {}, 0, time.time(), [0.0]
     bar = tqdm(total=schedule.total_iters, initial=it, desc="train", disable=not state.progress,
                mininterval=2.0)
     while it < schedule.total_iters:
         sampler.set_position(*divmod(it, spe))  # a resumed run continues inside its epoch
-        batches = device_batches(state.data.train_loader, state.info.device)
+        batches = timed(device_batches(state.data.train_loader, state.info.device), data_clock)
         for _ in range(min(spe - it % spe, schedule.total_iters - it)):
             for k, v in step(batches).items():  # stays on the device: no host sync per step
                 window[k] = window.get(k, 0) + v
@@ -207,12 +231,14 @@ def train_loop(state: TrainState) -> dict:
             if step.estimated:
                 state.tracker.log(state.training.agvm.record(schedule.lr(it - 1)), step=it)
             if it % cfg.train.log_every == 0 or it == schedule.total_iters:
-                _log_step(state, it, window, count, time.time() - tic, bar if state.progress else None)
-                window, count, tic = {}, 0, time.time()
+                _log_step(state, it, window, count, time.time() - tic, data_clock[0], bar if state.progress else None)
+                window, count, tic, data_clock[0] = {}, 0, time.time(), 0.0
+            pause = time.time()
             if state.eval_every and it % state.eval_every == 0 and it < schedule.total_iters:
                 metrics = run_evaluation(state, it)
             if cfg.train.ckpt_every_iters and it % cfg.train.ckpt_every_iters == 0:
                 save_checkpoint(state, it)
+            tic += time.time() - pause  # evaluations and checkpoints are not training time
     bar.close()
     if cfg.train.final_checkpoint:
         save_checkpoint(state, it)

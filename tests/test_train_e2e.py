@@ -201,3 +201,41 @@ def test_fresh_run_moves_an_earlier_run_aside(tmp_path):
     assert not run_dir.exists()
     old = list(tmp_path.glob("run.old-*"))
     assert len(old) == 1 and (old[0] / "checkpoints/latest").read_text() == "iter_00000004"
+
+
+SLOW_LOADER_S = 0.3
+
+
+def _slow_loader_worker(rank: int, world: int, overrides: list) -> None:
+    import pipeline.trainer as trainer
+    from pipeline.config import load_config
+
+    fast = trainer.device_batches
+
+    def slow(loader, device):  # a loader that takes SLOW_LOADER_S per micro-batch
+        for batch in fast(loader, device):
+            time.sleep(SLOW_LOADER_S)
+            yield batch
+
+    trainer.device_batches = slow
+    trainer.run(load_config(None, overrides))
+
+
+def test_log_records_split_data_wait_from_compute_and_give_an_eta(shapes_root, tmp_path):
+    """Every log record has per-iteration data and compute seconds and the time left: a loader slowed by
+    0.3 s per micro-batch shows as >= 0.3 s of data time per iteration, data + compute is the
+    iteration's wall time, and the ETA counts the iterations left at the window's pace."""
+    from conftest import run_distributed
+
+    overrides = tiny_overrides(shapes_root, tmp_path, "faster_rcnn") + [
+        "schedule.max_iters=6", "train.log_every=2", "train.grad_accum=2", "train.evaluate=false",
+        "train.final_checkpoint=false"]
+    run_distributed(_slow_loader_worker, 1, overrides)
+    records = [r for r in read_metrics(tmp_path / "run") if "train/data_s" in r]
+    assert [r["iteration"] for r in records] == [2, 4, 6]
+    for r in records:
+        seconds_per_iter = 4 / r["train/images_per_s"]  # global batch 4: 2 images x 2 micro-batches
+        assert 2 * SLOW_LOADER_S <= r["train/data_s"] < seconds_per_iter
+        assert r["train/data_s"] + r["train/compute_s"] == pytest.approx(seconds_per_iter, rel=1e-6)
+        assert r["train/eta_s"] == pytest.approx((6 - r["iteration"]) * seconds_per_iter, rel=1e-6)
+    assert records[-1]["train/eta_s"] == 0
