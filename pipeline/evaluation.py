@@ -87,10 +87,11 @@ def gather_to_rank0(results: list[dict]) -> Optional[list[dict]]:
 
 
 def coco_evaluate(coco_gt: COCO, results: list[dict], iou_types: Iterable[str] = ("bbox",),
-                  img_ids: Optional[list[int]] = None) -> dict[str, float]:
+                  img_ids: Optional[list[int]] = None, report: Optional[list[str]] = None) -> dict[str, float]:
     """COCOeval per IoU type; flat dict ``{"bbox/AP": ..., "bbox/AP50": ...}``.
 
-    No detections at all scores 0 (pycocotools' loadRes cannot take an empty list).
+    No detections at all scores 0 (pycocotools' loadRes cannot take an empty list). ``report``
+    receives COCOeval's own printed summary of each IoU type (its twelve lines).
     """
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
@@ -110,18 +111,22 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], iou_types: Iterable[str] =
                 ev.params.imgIds = img_ids
             ev.evaluate()
             ev.accumulate()
+        summary = io.StringIO()
+        with contextlib.redirect_stdout(summary):
             ev.summarize()
+        if report is not None:
+            report.append(f"{iou_type}:\n{summary.getvalue().rstrip()}")
         # COCOeval reports -1 where a size range has no ground truth: keep that, it is not an AP of 0.
         metrics.update({f"{iou_type}/{n}": float(v) for n, v in zip(STAT_NAMES, ev.stats)})
     return metrics
 
 
 def evaluate(model, loader, dataset, device: torch.device, with_masks: bool, progress: bool = False,
-             detections_file: Optional[Path] = None) -> dict:
+             detections_file: Optional[Path] = None, report: Optional[list[str]] = None) -> dict:
     """Distributed COCO evaluation of ``model`` on ``dataset``; metrics on rank 0, {} elsewhere.
 
     ``detections_file``: rank 0 also writes every detection there, as a COCO results JSON
-    (``COCO.loadRes`` reads it back; masks as RLE).
+    (``COCO.loadRes`` reads it back; masks as RLE). ``report``: COCOeval's printed summaries.
     """
     was_training = model.training
     model.eval()
@@ -133,4 +138,4 @@ def evaluate(model, loader, dataset, device: torch.device, with_masks: bool, pro
     if detections_file is not None:
         detections_file.write_text(json.dumps(results))
     iou_types = ("bbox", "segm") if with_masks else ("bbox",)
-    return coco_evaluate(dataset.coco, results, iou_types, img_ids=list(dataset.ids))
+    return coco_evaluate(dataset.coco, results, iou_types, img_ids=list(dataset.ids), report=report)

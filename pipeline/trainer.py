@@ -130,12 +130,15 @@ def save_checkpoint(state: TrainState, it: int) -> None:
 def run_evaluation(state: TrainState, it: int, final: bool = False) -> dict:
     """COCO evaluation at iteration ``it``; the final one also keeps its detections (``eval_detections.json``)."""
     sync_running_stats(state.engine.module)  # every rank evaluates with the same BN statistics
+    report: list[str] = []
     metrics = evaluate(state.engine, state.data.val_loader, state.data.val_set, state.info.device,
                        state.cfg.model.detector == "mask_rcnn", progress=state.progress,
-                       detections_file=state.cfg.train.run_dir / "eval_detections.json" if final else None)
+                       detections_file=state.cfg.train.run_dir / "eval_detections.json" if final else None,
+                       report=report)
     if metrics:
         state.tracker.log({f"val/{k}": v for k, v in metrics.items()}, step=it)
-        log_dist("iter %d: bbox AP %.4f AP50 %.4f", it, metrics["bbox/AP"], metrics["bbox/AP50"])
+        log_dist("iter %d: bbox AP %.4f AP50 %.4f; COCOeval:\n%s", it, metrics["bbox/AP"], metrics["bbox/AP50"],
+                 "\n".join(report))
     return metrics
 
 
