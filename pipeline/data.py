@@ -198,8 +198,10 @@ class CocoDetection(Dataset):
             images[img["id"]] = img  # a repeated id: the last entry wins, as in pycocotools
         try:
             self.cat_ids = sorted(c["id"] for c in raw["categories"])
+            names = {c["id"]: str(c.get("name", c["id"])) for c in raw["categories"]}
         except (TypeError, KeyError):
             raise DataError(f"annotation file {ann_file}: every entry of 'categories' needs an 'id'") from None
+        self.cat_names = [names[c] for c in self.cat_ids]  # label i + 1 is category cat_ids[i], named so
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         all_ids = sorted(images)
         position = {img_id: k for k, img_id in enumerate(all_ids)}

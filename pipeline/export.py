@@ -41,11 +41,14 @@ def consolidated_state_dict(run_dir: Path, tag: Optional[str] = None) -> dict[st
 
 def export_fp32(run_dir: Path, out: Optional[Path] = None, tag: Optional[str] = None) -> Path:
     cfg = load_config(run_dir / "config.yaml")
-    num_classes = json.loads((run_dir / "model.json").read_text())["num_classes"]
+    facts = json.loads((run_dir / "model.json").read_text())
+    num_classes = facts["num_classes"]
     state = consolidated_state_dict(run_dir, tag)
     _fresh_model(cfg, num_classes).load_state_dict(state, strict=True)  # fails loudly on any mismatch
     out = out or run_dir / "model_fp32.pt"
-    torch.save({"model": state, "num_classes": num_classes, "config": cfg.model_dump(mode="json")}, out)
+    # categories: label i + 1 is categories[i] (runs before they were recorded have none)
+    torch.save({"model": state, "num_classes": num_classes, "config": cfg.model_dump(mode="json"),
+                "categories": facts.get("categories")}, out)
     return out
 
 

@@ -282,8 +282,10 @@ def write_run_files(cfg: ExperimentConfig, training: Training) -> None:
     dump_config(cfg, run_dir / "config.yaml")
     (run_dir / "ds_config.json").write_text(json.dumps(training.ds_config, indent=2))
     (run_dir / "schedule.json").write_text(json.dumps(training.schedule.as_dict(), indent=2))
+    train_set = training.data.train_set
     (run_dir / "model.json").write_text(json.dumps(
-        {"num_classes": training.data.num_classes, "parameters": count_parameters(training.engine.module)}, indent=2))
+        {"num_classes": training.data.num_classes, "parameters": count_parameters(training.engine.module),
+         "categories": [{"id": c, "name": n} for c, n in zip(train_set.cat_ids, train_set.cat_names)]}, indent=2))
 
 
 def run(cfg: ExperimentConfig) -> dict:

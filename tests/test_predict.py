@@ -1,0 +1,83 @@
+"""launch/predict.py on the embedded dataset's images: COCO-format results and one drawn PNG per image,
+bad inputs named and skipped while the others are processed, a file that is no export refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+from conftest import REPO, TINY_BACKBONE
+from pipeline.config import load_config
+
+CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"}]
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("predict_cli", REPO / "launch/predict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _export(path, detector="faster_rcnn", weights_of=None):
+    """An export as pipeline.export writes it, of a freshly initialised tiny detector."""
+    from pipeline.build import build_model
+
+    def config(kind):
+        return load_config(None, [f"model.detector={kind}", f"model.backbone={TINY_BACKBONE}", "model.fpn_channels=16",
+                                  "model.anchor_scale=4", "model.box_head_dim=32", "model.norm=frozen",
+                                  "data.min_size=64", "data.max_size=96"])
+
+    torch.manual_seed(0)
+    state = build_model(config(weights_of or detector), 3, pretrained=False).state_dict()
+    torch.save({"model": state, "num_classes": 3, "config": config(detector).model_dump(mode="json"),
+                "categories": CATEGORIES}, path)
+    return path
+
+
+def test_predictions_and_drawings_for_every_readable_image(shapes_root, tmp_path, capsys):
+    export = _export(tmp_path / "model_fp32.pt")
+    (tmp_path / "notes.jpg").write_text("not an image")
+    out = tmp_path / "pred"
+    images = sorted((shapes_root / "val").glob("*.jpg"))
+    code = _cli().main([str(export), str(shapes_root / "val"), str(tmp_path / "notes.jpg"),
+                        str(tmp_path / "missing.jpg"), "--out", str(out), "--score-thresh", "0.0", "--max-dets", "5"])
+    err = capsys.readouterr().err
+    assert code == 2  # some inputs were skipped
+    assert f"{tmp_path / 'notes.jpg'}: not an image" in err and f"{tmp_path / 'missing.jpg'}: no such file" in err
+    results = json.loads((out / "predictions.json").read_text())
+    assert results, "an untrained detector still scores every box above 0"
+    per_image = {}
+    for r in results:
+        per_image.setdefault(r["image_id"], []).append(r)
+        assert r["category_id"] in {1, 2, 3} and 0 <= r["score"] <= 1
+    for image_id, dets in per_image.items():
+        image = decode_image(dets[0]["file_name"], mode=ImageReadMode.RGB)
+        h, w = image.shape[-2:]
+        assert len(dets) <= 5
+        for d in dets:  # boxes in the input image's own pixels
+            x, y, bw, bh = d["bbox"]
+            assert -0.01 <= x and x + bw <= w + 0.01 and -0.01 <= y and y + bh <= h + 0.01
+    for path in images:  # one PNG per image, its size, with the detections drawn on it
+        png = decode_image(str(out / f"{path.stem}.png"))
+        original = decode_image(str(path), mode=ImageReadMode.RGB)
+        assert png.shape == original.shape
+        drawn = any(r["file_name"] == str(path) for r in results)
+        assert drawn == (not torch.equal(png, original))
+    assert len(list(out.glob("*.png"))) == len(images)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: torch.save({"weights": torch.zeros(3)}, p), "not an export"),
+    (lambda p: p.write_text("hello"), "not an export"),
+    (lambda p: _export(p, detector="retinanet", weights_of="faster_rcnn"), "do not fit the detector"),
+])
+def test_a_file_that_is_not_a_fitting_export_is_refused(shapes_root, tmp_path, capsys, make, message):
+    bad = tmp_path / "bad.pt"
+    make(bad)
+    assert _cli().main([str(bad), str(shapes_root / "val"), "--out", str(tmp_path / "pred")]) == 2
+    assert message in capsys.readouterr().err
