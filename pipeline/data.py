@@ -312,6 +312,10 @@ class CocoDetection(Dataset):
         state["_coco"] = None  # rebuilt where needed, never shipped to workers
         return state
 
+    def image_path(self, index: int) -> Path:
+        """The image file of item ``index``."""
+        return self.image_dir / self._file_name(index)
+
     def _file_name(self, index: int) -> str:
         lo, hi = self._name_off[index], self._name_off[index + 1]
         return self._names[lo:hi].tobytes().decode("utf-8", "surrogatepass")

@@ -122,11 +122,13 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], iou_types: Iterable[str] =
 
 
 def evaluate(model, loader, dataset, device: torch.device, with_masks: bool, progress: bool = False,
-             detections_file: Optional[Path] = None, report: Optional[list[str]] = None) -> dict:
+             detections_file: Optional[Path] = None, report: Optional[list[str]] = None,
+             detections: Optional[list[dict]] = None) -> dict:
     """Distributed COCO evaluation of ``model`` on ``dataset``; metrics on rank 0, {} elsewhere.
 
     ``detections_file``: rank 0 also writes every detection there, as a COCO results JSON
     (``COCO.loadRes`` reads it back; masks as RLE). ``report``: COCOeval's printed summaries.
+    ``detections``: rank 0 appends every detection (COCO results) to it.
     """
     was_training = model.training
     model.eval()
@@ -137,5 +139,7 @@ def evaluate(model, loader, dataset, device: torch.device, with_masks: bool, pro
         return {}
     if detections_file is not None:
         detections_file.write_text(json.dumps(results))
+    if detections is not None:
+        detections.extend(results)
     iou_types = ("bbox", "segm") if with_masks else ("bbox",)
     return coco_evaluate(dataset.coco, results, iou_types, img_ids=list(dataset.ids), report=report)

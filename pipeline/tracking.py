@@ -47,6 +47,13 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def image(self, key: str, path: Path, step: int) -> None:
+        """An image file for W&B (``wandb.Image``); the run directory keeps the file itself."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({key: wandb.Image(str(path))}, step=step)
+
     def add_config(self, extra: dict) -> None:
         """Values resolved at start-up (the schedule in iterations) beside the config."""
         if self.wandb is not None:

@@ -28,6 +28,7 @@ from pipeline.ds_config import engine_config, zero_stage
 from pipeline.evaluation import evaluate
 from pipeline.memory import peak_memory, reset_peak_memory
 from pipeline.norm import sync_running_stats
+from pipeline.previews import draw_previews, save_previews
 from pipeline.tracking import Tracker
 from pipeline.validate import validate
 
@@ -130,13 +131,16 @@ def save_checkpoint(state: TrainState, it: int) -> None:
 def run_evaluation(state: TrainState, it: int, final: bool = False) -> dict:
     """COCO evaluation at iteration ``it``; the final one also keeps its detections (``eval_detections.json``)."""
     sync_running_stats(state.engine.module)  # every rank evaluates with the same BN statistics
-    report: list[str] = []
+    report, detections = [], []
     metrics = evaluate(state.engine, state.data.val_loader, state.data.val_set, state.info.device,
                        state.cfg.model.detector == "mask_rcnn", progress=state.progress,
                        detections_file=state.cfg.train.run_dir / "eval_detections.json" if final else None,
-                       report=report)
+                       report=report, detections=detections)
     if metrics:
         state.tracker.log({f"val/{k}": v for k, v in metrics.items()}, step=it)
+        grid = draw_previews(detections, state.data.val_set, state.cfg.train.preview_images)
+        if grid is not None:
+            state.tracker.image("val/predictions", save_previews(grid, state.cfg.train.run_dir, it), step=it)
         log_dist("iter %d: bbox AP %.4f AP50 %.4f; COCOeval:\n%s", it, metrics["bbox/AP"], metrics["bbox/AP50"],
                  "\n".join(report))
     return metrics

@@ -42,6 +42,7 @@ def test_checkpoint_and_export_evaluate_like_training(shapes_root, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     reported = json.loads((run_dir / "eval_metrics.json").read_text())
     assert "COCOeval:" in done.stderr and "maxDets=100 ] =" in done.stderr  # training logs the whole table
+    assert (run_dir / "previews/iter_00000004.png").is_file()  # its evaluation's detections, drawn
     checkpoints = _files(run_dir / "checkpoints")
 
     # the final checkpoint (ZeRO-2 shards of 2 ranks), on 2 ranks with training's batches: training's metrics

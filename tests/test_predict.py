@@ -81,3 +81,25 @@ def test_a_file_that_is_not_a_fitting_export_is_refused(shapes_root, tmp_path, c
     make(bad)
     assert _cli().main([str(bad), str(shapes_root / "val"), "--out", str(tmp_path / "pred")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_previews_draw_the_evaluation_detections_of_the_first_images(shapes_root, tmp_path):
+    """The grid holds the first images of the set, each with its detections above the threshold drawn
+    (where a box is, pixels change; an image without any stays as it was), padded to one tile size."""
+    from pipeline.data import CocoDetection
+    from pipeline.previews import draw_previews, save_previews
+
+    val = CocoDetection(shapes_root / "val", shapes_root / "annotations/instances_val.json", 64, 96)
+    first, second = val.ids[:2]
+    results = [{"image_id": first, "category_id": val.cat_ids[0], "bbox": [5.0, 6.0, 20.0, 30.0], "score": 0.9},
+               {"image_id": second, "category_id": val.cat_ids[0], "bbox": [5.0, 6.0, 20.0, 30.0], "score": 0.1}]
+    grid = draw_previews(results, val, count=2, score_thresh=0.3)
+    tiles = [decode_image(str(val.image_path(i)), mode=ImageReadMode.RGB) for i in range(2)]
+    h, w = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
+    assert grid.shape == (3, h + 2 * 4, 2 * w + 3 * 4)  # two tiles in a row, make_grid's 4-pixel frame
+    got = [grid[:, 4:4 + t.shape[1], 4 + k * (w + 4):4 + k * (w + 4) + t.shape[2]] for k, t in enumerate(tiles)]
+    assert not torch.equal(got[0], tiles[0]) and torch.equal(got[0][:, 40:, 30:], tiles[0][:, 40:, 30:])
+    assert torch.equal(got[1], tiles[1])  # its only detection scores below the threshold
+    png = save_previews(grid, tmp_path, 12)
+    assert png == tmp_path / "previews/iter_00000012.png" and decode_image(str(png)).shape == grid.shape
+    assert draw_previews(results, val, count=0) is None
