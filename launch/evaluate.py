@@ -131,7 +131,8 @@ def evaluate_weights(cfg: ExperimentConfig, num_classes: int, source: Path, tag:
     if info.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     metrics = evaluate(model, loader, val, info.device, cfg.model.detector == "mask_rcnn", progress=info.rank == 0,
-                       detections_file=out / "eval_detections.json" if info.rank == 0 else None, report=report)
+                       detections_file=out / "eval_detections.json" if info.rank == 0 else None, report=report,
+                       backend=cfg.train.coco_eval)
     if info.rank == 0:
         (out / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
         what = f"{source}" + (f" at {tag}" if tag else "")

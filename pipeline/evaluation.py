@@ -8,6 +8,7 @@ COCOeval itself. The result is a flat dict of floats such as ``bbox/AP50``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 from pathlib import Path
@@ -86,12 +87,28 @@ def gather_to_rank0(results: list[dict]) -> Optional[list[dict]]:
     return [r for part in gathered for r in part] if gathered is not None else None
 
 
+def _cocoeval(coco_gt: COCO, dets: list[dict], iou_type: str, backend: str):
+    """COCOeval of ``backend``: pycocotools' (the reference) or faster-coco-eval's C++ one, which
+    computes the same twelve numbers (``benchmarks/bench_coco_eval.py`` compares them)."""
+    if backend == "pycocotools":
+        return COCOeval(coco_gt, coco_gt.loadRes(dets), iou_type)
+    from faster_coco_eval import COCO as FastCOCO
+    from faster_coco_eval import COCOeval_faster
+
+    fast_gt = getattr(coco_gt, "_faster_coco_eval", None)
+    if fast_gt is None:  # its own index of the ground truth, built once per dataset
+        fast_gt = coco_gt._faster_coco_eval = FastCOCO(copy.deepcopy(coco_gt.dataset))
+    return COCOeval_faster(fast_gt, fast_gt.loadRes(dets), iou_type, print_function=print)
+
+
 def coco_evaluate(coco_gt: COCO, results: list[dict], iou_types: Iterable[str] = ("bbox",),
-                  img_ids: Optional[list[int]] = None, report: Optional[list[str]] = None) -> dict[str, float]:
+                  img_ids: Optional[list[int]] = None, report: Optional[list[str]] = None,
+                  backend: str = "pycocotools") -> dict[str, float]:
     """COCOeval per IoU type; flat dict ``{"bbox/AP": ..., "bbox/AP50": ...}``.
 
     No detections at all scores 0 (pycocotools' loadRes cannot take an empty list). ``report``
-    receives COCOeval's own printed summary of each IoU type (its twelve lines).
+    receives COCOeval's own printed summary of each IoU type (its twelve lines). ``backend``:
+    ``pycocotools`` or ``faster_coco_eval`` (``train.coco_eval``).
     """
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
@@ -105,8 +122,7 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], iou_types: Iterable[str] =
             metrics.update({f"{iou_type}/{n}": 0.0 for n in STAT_NAMES})
             continue
         with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt = coco_gt.loadRes(dets)
-            ev = COCOeval(coco_gt, coco_dt, iou_type)
+            ev = _cocoeval(coco_gt, dets, iou_type, backend)
             if img_ids is not None:
                 ev.params.imgIds = img_ids
             ev.evaluate()
@@ -117,18 +133,18 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], iou_types: Iterable[str] =
         if report is not None:
             report.append(f"{iou_type}:\n{summary.getvalue().rstrip()}")
         # COCOeval reports -1 where a size range has no ground truth: keep that, it is not an AP of 0.
-        metrics.update({f"{iou_type}/{n}": float(v) for n, v in zip(STAT_NAMES, ev.stats)})
+        metrics.update({f"{iou_type}/{n}": float(v) for n, v in zip(STAT_NAMES, ev.stats)})  # faster adds more
     return metrics
 
 
 def evaluate(model, loader, dataset, device: torch.device, with_masks: bool, progress: bool = False,
              detections_file: Optional[Path] = None, report: Optional[list[str]] = None,
-             detections: Optional[list[dict]] = None) -> dict:
+             detections: Optional[list[dict]] = None, backend: str = "pycocotools") -> dict:
     """Distributed COCO evaluation of ``model`` on ``dataset``; metrics on rank 0, {} elsewhere.
 
     ``detections_file``: rank 0 also writes every detection there, as a COCO results JSON
     (``COCO.loadRes`` reads it back; masks as RLE). ``report``: COCOeval's printed summaries.
-    ``detections``: rank 0 appends every detection (COCO results) to it.
+    ``detections``: rank 0 appends every detection (COCO results) to it. ``backend``: the COCOeval.
     """
     was_training = model.training
     model.eval()
@@ -142,4 +158,4 @@ def evaluate(model, loader, dataset, device: torch.device, with_masks: bool, pro
     if detections is not None:
         detections.extend(results)
     iou_types = ("bbox", "segm") if with_masks else ("bbox",)
-    return coco_evaluate(dataset.coco, results, iou_types, img_ids=list(dataset.ids), report=report)
+    return coco_evaluate(dataset.coco, results, iou_types, img_ids=list(dataset.ids), report=report, backend=backend)

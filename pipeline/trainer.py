@@ -135,7 +135,7 @@ def run_evaluation(state: TrainState, it: int, final: bool = False) -> dict:
     metrics = evaluate(state.engine, state.data.val_loader, state.data.val_set, state.info.device,
                        state.cfg.model.detector == "mask_rcnn", progress=state.progress,
                        detections_file=state.cfg.train.run_dir / "eval_detections.json" if final else None,
-                       report=report, detections=detections)
+                       report=report, detections=detections, backend=state.cfg.train.coco_eval)
     if metrics:
         state.tracker.log({f"val/{k}": v for k, v in metrics.items()}, step=it)
         grid = draw_previews(detections, state.data.val_set, state.cfg.train.preview_images)
