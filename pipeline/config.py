@@ -218,9 +218,10 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(3, ge=1, description="complete checkpoints kept; older ones are deleted once a "
                                   "newer one is complete (never the one 'latest' names)")
     log_every: int = Field(10, gt=0)
-    coco_eval: Literal["pycocotools", "faster_coco_eval"] = Field(
-        "pycocotools", description="COCOeval implementation: pycocotools' (the reference) or faster-coco-eval's "
-                                   "C++ one (same numbers; BENCHMARKS.md has both times)")
+    coco_eval: Literal["auto", "pycocotools", "faster_coco_eval"] = Field(
+        "pycocotools", description="COCOeval implementation: pycocotools' (the reference), faster-coco-eval's C++ "
+                                   "one (same numbers; BENCHMARKS.md has both times), auto (faster-coco-eval where "
+                                   "installed)")
     preview_images: int = Field(4, ge=0, description="after each evaluation, this many fixed validation images with "
                                 "their detections drawn, to <run>/previews/ and W&B (0 = off)")
     eval_every_epochs: float = Field(1.0, ge=0, description="0 = only at the end")

@@ -87,10 +87,20 @@ def gather_to_rank0(results: list[dict]) -> Optional[list[dict]]:
     return [r for part in gathered for r in part] if gathered is not None else None
 
 
+def coco_eval_backend(name: str) -> str:
+    """``train.coco_eval``: ``auto`` is faster-coco-eval where it is installed (the same numbers as
+    pycocotools, measured in BENCHMARKS.md), else pycocotools."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    return "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
+
+
 def _cocoeval(coco_gt: COCO, dets: list[dict], iou_type: str, backend: str):
     """COCOeval of ``backend``: pycocotools' (the reference) or faster-coco-eval's C++ one, which
     computes the same twelve numbers (``benchmarks/bench_coco_eval.py`` compares them)."""
-    if backend == "pycocotools":
+    if coco_eval_backend(backend) == "pycocotools":
         return COCOeval(coco_gt, coco_gt.loadRes(dets), iou_type)
     from faster_coco_eval import COCO as FastCOCO
     from faster_coco_eval import COCOeval_faster
