@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import torch
+from torchvision.io import write_png
+
 from pipeline.config import load_config
 from pipeline.tracking import Tracker, read_metrics
 
@@ -14,11 +17,15 @@ def test_offline_wandb_and_jsonl(tmp_path, monkeypatch):
     tracker = Tracker(cfg, tmp_path, rank=0)
     tracker.log({"train/loss": 1.5}, step=1)
     tracker.log({"val/bbox/AP50": 0.25}, step=2)
+    png = tmp_path / "grid.png"
+    write_png(torch.full((3, 8, 12), 200, dtype=torch.uint8), str(png))
+    tracker.image("val/predictions", png, step=2)  # the previews grid, as a wandb.Image
     tracker.finish()
     assert [r["iteration"] for r in read_metrics(tmp_path)] == [1, 2]
     assert read_metrics(tmp_path)[1]["val/bbox/AP50"] == 0.25
     run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1 and any(run_dirs[0].rglob("*.wandb"))
+    assert list((run_dirs[0] / "files/media/images").rglob("predictions_2_*.png")), "the image reached the W&B run"
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()
     assert run_id in run_dirs[0].name  # resume reuses this id, continuing the same W&B run
 
