@@ -219,7 +219,7 @@ class TrainConfig(_Section):
                                   "newer one is complete (never the one 'latest' names)")
     log_every: int = Field(10, gt=0)
     coco_eval: Literal["auto", "pycocotools", "faster_coco_eval"] = Field(
-        "pycocotools", description="COCOeval implementation: pycocotools' (the reference), faster-coco-eval's C++ "
+        "auto", description="COCOeval implementation: pycocotools' (the reference), faster-coco-eval's C++ "
                                    "one (same numbers; BENCHMARKS.md has both times), auto (faster-coco-eval where "
                                    "installed)")
     preview_images: int = Field(4, ge=0, description="after each evaluation, this many fixed validation images with "
