@@ -63,18 +63,9 @@ def _inputs(args) -> tuple[ExperimentConfig, int, Path, Optional[str]]:
     if args.ann is not None:
         overrides += ["data.source=coco", f"data.val_ann={args.ann.resolve()}", f"data.val_images={args.images.resolve()}"]
     if args.export is not None:
-        if not args.export.is_file():
-            raise DataError(f"--export {args.export}: no such file")
-        import torch
+        from pipeline.export import read_export
 
-        try:
-            blob = torch.load(args.export, map_location="cpu", weights_only=False)
-        except Exception as err:  # torch's zip and pickle readers raise many kinds
-            raise DataError(f"--export {args.export}: not an export of python -m pipeline.export "
-                            f"(torch.load: {str(err).splitlines()[0][:200]})") from None
-        if not isinstance(blob, dict) or not {"model", "num_classes", "config"} <= set(blob):
-            raise DataError(f"--export {args.export}: not an export of python -m pipeline.export (no model, "
-                            "num_classes and config inside)")
+        blob = read_export(args.export)
         with tempfile.TemporaryDirectory() as tmp:  # the export's config, with the overrides on top
             config_file = Path(tmp) / "config.yaml"
             config_file.write_text(yaml.safe_dump(blob["config"]))
@@ -100,17 +91,15 @@ def _inputs(args) -> tuple[ExperimentConfig, int, Path, Optional[str]]:
 def evaluate_weights(cfg: ExperimentConfig, num_classes: int, source: Path, tag: Optional[str], batch: int,
                      out: Optional[Path]) -> dict:
     """Build the model, load the weights, evaluate on every rank; metrics on rank 0 ({} elsewhere)."""
-    import torch
-
     from pipeline.build import build_model
     from pipeline.data import CocoDetection, _loader, check_image_files, eval_batches
     from pipeline.engine import init_distributed
     from pipeline.evaluation import evaluate
-    from pipeline.export import consolidated_state_dict
+    from pipeline.export import consolidated_state_dict, read_export
 
     info = init_distributed()
     if source.is_file():  # an export
-        state = torch.load(source, map_location="cpu", weights_only=False)["model"]
+        state = read_export(source)["model"]
         out = out or source.parent / "evaluations" / source.stem
     else:
         state = consolidated_state_dict(source, tag)

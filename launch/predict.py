@@ -55,15 +55,11 @@ def image_files(inputs: list[Path]) -> tuple[list[Path], list[str]]:
 
 
 def load_detector(path: Path):
-    """The export's model (eval mode) and its categories; ValueError naming the file when it is not one."""
-    from pipeline.export import load_exported
+    """The export's model (eval mode) and its categories; ValueError (DataError) naming the file when
+    it is not an export, or not one of the detector its config describes."""
+    from pipeline.export import load_exported, read_export
 
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch's zip and pickle readers raise many kinds
-        raise ValueError(f"{path}: not an export of python -m pipeline.export ({str(err).splitlines()[0][:200]})") from None
-    if not isinstance(blob, dict) or not {"model", "num_classes", "config"} <= set(blob):
-        raise ValueError(f"{path}: not an export of python -m pipeline.export (it needs model, num_classes, config)")
+    blob = read_export(path)
     try:
         model = load_exported(path)
     except RuntimeError as err:  # load_state_dict(strict=True): weights of another detector

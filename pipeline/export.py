@@ -52,9 +52,27 @@ def export_fp32(run_dir: Path, out: Optional[Path] = None, tag: Optional[str] = 
     return out
 
 
+def read_export(path: Path) -> dict:
+    """An export's contents (model, num_classes, config, categories); DataError naming ``path`` when
+    it is missing or not an export."""
+    from pipeline.data import DataError
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch's zip and pickle readers raise many kinds
+        raise DataError(f"{path}: not an export of python -m pipeline.export "
+                        f"(torch.load: {str(err).splitlines()[0][:200]})") from None
+    if not isinstance(blob, dict) or not {"model", "num_classes", "config"} <= set(blob):
+        raise DataError(f"{path}: not an export of python -m pipeline.export (it holds no model, num_classes "
+                        "and config)")
+    return blob
+
+
 def load_exported(path: Path) -> nn.Module:
     """A model in eval mode from an exported file (no DeepSpeed, no run directory needed)."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = read_export(path)
     cfg = ExperimentConfig.model_validate(blob["config"])
     model = _fresh_model(cfg, blob["num_classes"])
     model.load_state_dict(blob["model"], strict=True)
