@@ -152,7 +152,10 @@ class ScheduleConfig(_Section):
 
     @model_validator(mode="after")
     def _preset_is_fixed(self) -> "ScheduleConfig":
-        clash = {"epochs", "milestones", "gamma"} & self.model_fields_set
+        # Set to another value than the default: a resolved config (a run's config.yaml) states every
+        # field, these at their defaults, which the named policies ignore.
+        clash = {k for k in ("epochs", "milestones", "gamma")
+                 if k in self.model_fields_set and getattr(self, k) != type(self).model_fields[k].default}
         if self.policy in MEGDET_POLICIES and clash:
             epochs, steps = MEGDET_POLICIES[self.policy]
             raise ValueError(

@@ -40,8 +40,15 @@ def test_bad_values_are_refused():
         load_config("no/such/file.yaml")
 
 
-def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(None, ["model.backbone=convnext_tiny", "train.run_name=x"])
+@pytest.mark.parametrize("source, overrides", [
+    (None, ["model.backbone=convnext_tiny", "train.run_name=x"]),
+    ("configs/shapes_default.yaml", []),  # MegDet's normal policy: its fixed epochs are dumped too
+    (None, ["schedule.policy=long", "schedule.warmup_factor=auto"]),
+])
+def test_resolved_config_round_trips(tmp_path, source, overrides):
+    """A run's config.yaml (every field, resolved) loads back to the same config: export and
+    launch/evaluate.py rebuild the model from it."""
+    cfg = load_config(source, overrides)
     dump_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
 
