@@ -36,6 +36,10 @@ def consolidated_state_dict(run_dir: Path, tag: Optional[str] = None) -> dict[st
     ckpt_dir = run_dir / "checkpoints"
     if tag is None and not (ckpt_dir / "latest").is_file():
         raise FileNotFoundError(f"{ckpt_dir}/latest not found: is {run_dir} a run directory with checkpoints?")
+    folder = ckpt_dir / (tag or (ckpt_dir / "latest").read_text().strip())
+    if not any(folder.glob("*optim_states.pt")):  # ZeRO-0: the whole module in one file, nothing to gather
+        module = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 

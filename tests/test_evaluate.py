@@ -92,3 +92,23 @@ def test_a_missing_tag_names_the_complete_ones(tmp_path, capsys):
     (run / "model.json").write_text(json.dumps({"num_classes": 3, "parameters": 1}))
     assert main([str(run), "--tag", "iter_00000009"]) == 2
     assert "--tag iter_00000009: no such checkpoint" in capsys.readouterr().err
+
+
+def test_a_zero0_run_exports_and_its_export_evaluates_to_the_reported_metrics(shapes_root, tmp_path):
+    """ZeRO-0 checkpoints hold the whole module in one file and no ZeRO shards (DeepSpeed's zero_to_fp32
+    has nothing to consolidate): the export still works, and its evaluation in one process, batched
+    as training's was, gives the metrics the run reported."""
+    run_dir = tmp_path / "run"
+    train = [sys.executable, str(REPO / "launch/train.py"), *tiny_overrides(shapes_root, tmp_path, "faster_rcnn"),
+             "train.ds_config=ds_configs/zero0_fp32.json", "schedule.max_iters=3"]
+    done = subprocess.run(train, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-m", "pipeline.export", str(run_dir)], env=ENV, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, EVALUATE, "--export", str(run_dir / "model_fp32.pt")], env=ENV, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads((run_dir / "evaluations/model_fp32/eval_metrics.json").read_text())
+    for key, value in json.loads((run_dir / "eval_metrics.json").read_text()).items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key
