@@ -96,6 +96,8 @@ def draw(image: torch.Tensor, det: dict, categories: list[dict]) -> torch.Tensor
     """The uint8 image with masks overlaid and boxes, class names and scores drawn."""
     if "masks" in det and len(det["masks"]):
         image = draw_segmentation_masks(image, det["masks"][:, 0].bool(), alpha=0.45)
+    if not len(det["boxes"]):
+        return image
     labels = [f"{categories[int(label) - 1]['name']} {score:.2f}"
               for label, score in zip(det["labels"], det["scores"].tolist())]
     return draw_bounding_boxes(image, det["boxes"], labels=labels, width=2)
