@@ -103,3 +103,14 @@ def test_previews_draw_the_evaluation_detections_of_the_first_images(shapes_root
     png = save_previews(grid, tmp_path, 12)
     assert png == tmp_path / "previews/iter_00000012.png" and decode_image(str(png)).shape == grid.shape
     assert draw_previews(results, val, count=0) is None
+
+
+def test_mask_rcnn_predictions_carry_masks_and_draw_them(shapes_root, tmp_path):
+    export = _export(tmp_path / "mask.pt", detector="mask_rcnn")
+    out = tmp_path / "pred"
+    image = sorted((shapes_root / "val").glob("*.jpg"))[0]
+    assert _cli().main([str(export), str(image), "--out", str(out), "--score-thresh", "0.0", "--max-dets", "3"]) == 0
+    results = json.loads((out / "predictions.json").read_text())
+    assert results and all({"counts", "size"} <= set(r["segmentation"]) for r in results)
+    png, original = decode_image(str(out / f"{image.stem}.png")), decode_image(str(image), mode=ImageReadMode.RGB)
+    assert png.shape == original.shape and not torch.equal(png, original)
