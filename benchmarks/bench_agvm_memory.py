@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from common import REPO, RESULTS, pipeline_step, row_label
-from pipeline.ds_internals import release_cpu_allreduce_segment
+from pipeline.ds_internals import leave_job
 from pipeline.engine import init_distributed
 from pipeline.memory import current_memory, peak_memory, pin_mmap_threshold, reset_peak_memory
 
@@ -71,8 +71,7 @@ def main() -> None:
               f"estimate's cost {row['estimate_cost_gib']:.3f} GiB (one fp32 gradient: {row['fp32_gradient_gib']} GiB)")
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-    dist.destroy_process_group()
-    release_cpu_allreduce_segment(info.rank)  # DeepSpeed's CPU all-reduce never unlinks its 66 MB
+    leave_job()  # DeepSpeed's CPU all-reduce never unlinks its 66 MB segment itself
 
 
 if __name__ == "__main__":

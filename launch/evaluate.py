@@ -142,13 +142,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INPUT
     finally:
-        import torch.distributed as dist
+        from pipeline.ds_internals import leave_job
 
-        if dist.is_initialized():
-            from pipeline.ds_internals import release_cpu_allreduce_segment
-
-            release_cpu_allreduce_segment(dist.get_rank())
-            dist.destroy_process_group()
+        leave_job()
     return 0
 
 

@@ -67,13 +67,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_DIVERGED
     finally:
-        import torch.distributed as dist
+        from pipeline.ds_internals import leave_job
 
-        if dist.is_initialized():
-            from pipeline.ds_internals import release_cpu_allreduce_segment
-
-            release_cpu_allreduce_segment(dist.get_rank())
-            dist.destroy_process_group()
+        leave_job()
     if metrics:
         print(f"final bbox AP {metrics['bbox/AP']:.4f}  AP50 {metrics['bbox/AP50']:.4f}  "
               f"(run directory: {cfg.train.run_dir})")
