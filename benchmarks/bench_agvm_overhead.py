@@ -37,7 +37,7 @@ def build_variant(args, name: str, tau, info):
         info, args.batch, args.height, args.width)[1]
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--height", type=int, default=320)
@@ -49,8 +49,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("overrides", nargs="*", help="further key=value overrides of the experiment config")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
-    args = p.parse_args()
-    info = init_distributed()
+    return p.parse_args(argv)
+
+
+def measure(args: argparse.Namespace, info) -> list[dict]:
+    """The three variants' median seconds per iteration and AGVM's overhead (the GPU suite's part d
+    calls this in its own process)."""
     steps = {v: build_variant(args, *v, info) for v in VARIANTS}
     for step in steps.values():  # warm-up: allocator, first estimates, DeepSpeed's lazy state
         time_steps(step, info.device, 0, 2)
@@ -67,6 +71,13 @@ def main() -> None:
                      "batch": args.batch, "precision": args.precision, "zero": args.zero, "optimizer": name,
                      "tau": tau, "s_per_iter": round(med, 4), "spread": [round(t, 4) for t in ts],
                      "overhead_pct": round(100 * (med / base - 1), 2)})
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    info = init_distributed()
+    rows = measure(args, info)
     if info.rank == 0:
         print(f"\n{'optimizer':>10} {'tau':>4} {'s/iter (median)':>16} {'overhead':>9}  rounds")
         for r in rows:

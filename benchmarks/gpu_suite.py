@@ -4,8 +4,8 @@
     python benchmarks/gpu_suite.py OUT_DIR --smoke        # the same code paths on CPU, tiny sizes (CI)
     python benchmarks/gpu_suite.py OUT_DIR --parts b,c    # some parts only
 
-Parts (each in its own process, with its own time limit: a part that fails or runs out of time
-is a row with its error, and the others still run):
+Parts (on a GPU each in its own process, with its own time limit; in --smoke all in one process: a
+part that fails or runs out of time is a row with its error, and the others still run):
   a  smoke: the default config and R50-FPN, fp32 and bf16, ZeRO 0/2/3: finite losses, first
      losses equal across stages, no device-placement warnings
   b  levers vs torchvision's Faster R-CNN at 800x1333 bf16, batch 8 and 16: img/s, ratio, peak
@@ -23,7 +23,9 @@ a CPU figure, labelled with the device: never read one as a GPU number.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import io
 import json
 import logging
 import math
@@ -341,18 +343,23 @@ def part_d(sizes: Sizes, info, out_dir: Path) -> dict:
     rows = []
     precision, batch = sizes.fast_precision, 2 if sizes.smoke else 4
     h, w = sizes.hw
+    import bench_agvm_overhead as agvm_bench
+
     agvm_out = out_dir / "agvm_overhead.jsonl"
-    agvm_out.unlink(missing_ok=True)
-    cmd = [sys.executable, str(REPO / "benchmarks/bench_agvm_overhead.py"), "--backbone", sizes.r50, "--height",
-           str(h), "--width", str(w), "--batch", str(batch), "--precision", precision,
-           "--rounds", "1" if sizes.smoke else "3", "--out", str(agvm_out), *sizes.heads]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_child_env())
-    if done.returncode != 0:
-        rows.append({"what": "AGVM overhead", "error": done.stderr.strip().splitlines()[-1][:200] if done.stderr else ""})
-    else:
-        for r in map(json.loads, agvm_out.read_text().splitlines()):
-            rows.append({"what": f"{r['optimizer']} tau {r['tau'] or '-'}", "s_per_iter": r["s_per_iter"],
-                         "overhead_pct": r["overhead_pct"]})
+    args = agvm_bench.parse_args(["--backbone", sizes.r50, "--height", str(h), "--width", str(w), "--batch",
+                                  str(batch), "--precision", precision, "--rounds", "1" if sizes.smoke else "3",
+                                  "--out", str(agvm_out), *sizes.heads])
+    try:
+        measured = agvm_bench.measure(args, info)
+    except Exception as err:  # the BN rows below still run
+        rows.append({"what": "AGVM overhead", "error": f"{type(err).__name__}: {err}"[:200]})
+        traceback.print_exc()
+        measured = []
+    agvm_out.write_text("".join(json.dumps(r) + "\n" for r in measured))
+    for r in measured:
+        rows.append({"what": f"{r['optimizer']} tau {r['tau'] or '-'}", "s_per_iter": r["s_per_iter"],
+                     "overhead_pct": r["overhead_pct"]})
+    _release()
     variants = [("per-GPU BN", ["model.norm=per_gpu"]), ("cross-GPU BN, ours", ["model.cgbn_impl=ours"])]
     if info.device.type == "cuda":
         variants.append(("cross-GPU BN, torch fused", ["model.cgbn_impl=torch"]))
@@ -383,32 +390,43 @@ def part_e(sizes: Sizes, info, out_dir: Path) -> dict:
                  "model.norm=frozen", f"train.ds_config={REPO}/ds_configs/zero3_{sizes.fast_precision}.json",
                  f"data.min_size={side}", f"data.max_size={side}", "data.workers=2", *sizes.heads]
     plan_json = out_dir / "planner.json"
-    cmd = [sys.executable, "-m", "pipeline.planner", "--world-size", "1", "--gpu-memory", str(gpu_memory),
-           "--image-size", f"{side}x{side}", "--measure", "--json", str(plan_json), *overrides]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_child_env())
-    if done.returncode != 0:
-        raise RuntimeError(f"planner failed: {done.stderr[-1500:]}")
+    from pipeline.planner import main as planner  # python -m pipeline.planner, in this process
+
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report), contextlib.redirect_stderr(report):
+        code = planner(["--world-size", "1", "--gpu-memory", str(gpu_memory), "--image-size", f"{side}x{side}",
+                        "--measure", "--json", str(plan_json), *overrides])
+    if code != 0:
+        raise RuntimeError(f"planner failed: {report.getvalue()[-1500:]}")
+    (out_dir / "planner.txt").write_text(report.getvalue())
     plan = json.loads(plan_json.read_text())
     rows = [{"what": "planner estimate at micro-batch 2", "peak_gib": plan["total_gib"]},
             {"what": "measured, 3 steps at micro-batch 2", "peak_gib": plan["measured"]["peak_mem_gib"]}]
     recommended = plan["max_micro_batch"]
-    micro = min(recommended, 2) if sizes.smoke else recommended
-    iters = 2 if sizes.smoke else 20
-    with tempfile.TemporaryDirectory(prefix="suite-e-") as tmp:
-        run = [sys.executable, str(REPO / "launch/train.py"), *overrides, f"train.micro_batch={micro}",
-               f"schedule.max_iters={iters}", "train.log_every=1", "train.evaluate=false", "train.progress=false",
-               "train.final_checkpoint=false", "train.ckpt_every_iters=0", "tracking.wandb_mode=disabled",
-               f"train.output_dir={tmp}", "train.run_name=e"]
-        done = subprocess.run(run, cwd=REPO, capture_output=True, text=True, env=_child_env())
-        if done.returncode != 0:
-            raise RuntimeError(f"training at micro-batch {micro} failed: {done.stderr[-1500:]}")
-        summary = json.loads((Path(tmp) / "e/run_summary.json").read_text())
+    if sizes.smoke:  # the planner's measured run is the smoke's training run: same micro-batch, same launcher
+        micro, iters, summary = 2, plan["measured"]["iterations"], plan["measured"]
+    else:
+        micro, iters = recommended, 20
+        summary = _train_once(overrides + [f"train.micro_batch={micro}", f"schedule.max_iters={iters}"])
     rows.append({"what": f"trained {iters} steps at the recommended micro-batch {recommended}"
-                         + (f" (smoke: {micro})" if micro != recommended else ""),
+                         + (f" (smoke: the planner's measured run, micro-batch {micro})" if sizes.smoke else ""),
                  "peak_gib": summary["peak_mem_gib"], "img_s": summary["images_per_s"], "images_per_step": micro})
     note = (f"{backbone} Faster R-CNN, ZeRO-3 {sizes.fast_precision}, activation checkpointing, {side}x{side}, "
             f"{gpu_memory} GiB device; planner: python -m pipeline.planner --measure")
     return {"rows": rows, "note": note, "table": _md_table(rows, ["what", "peak_gib", "img_s", "images_per_step"])}
+
+
+def _train_once(overrides: list[str]) -> dict:
+    """One training run of ``launch/train.py`` (one process, no launcher); its run summary."""
+    with tempfile.TemporaryDirectory(prefix="suite-e-") as tmp:
+        run = [sys.executable, str(REPO / "launch/train.py"), *overrides, "train.log_every=1",
+               "train.evaluate=false", "train.progress=false", "train.final_checkpoint=false",
+               "train.ckpt_every_iters=0", "tracking.wandb_mode=disabled", f"train.output_dir={tmp}",
+               "train.run_name=e"]
+        done = subprocess.run(run, cwd=REPO, capture_output=True, text=True, env=_child_env())
+        if done.returncode != 0:
+            raise RuntimeError(f"training failed ({' '.join(overrides[-2:])}): {done.stderr[-1500:]}")
+        return json.loads((Path(tmp) / "e/run_summary.json").read_text())
 
 
 def part_f(sizes: Sizes, info, out_dir: Path) -> dict:
@@ -465,17 +483,26 @@ def _child_env() -> dict:
 
 # ---------------------------------------------------------------------------- orchestration
 
-def run_part(key: str, out_dir: Path, smoke: bool, batches: list[int] | None) -> None:
-    """The child process: one part, its result as JSON."""
+def run_parts(keys: str, out_dir: Path, smoke: bool, batches: list[int] | None) -> None:
+    """The child process: the parts ``keys``, each result as JSON (an exception: the part's error,
+    and the next part still runs)."""
     from pipeline.engine import init_distributed
 
     logging.basicConfig(level=logging.WARNING)
     info = init_distributed()
     sizes = Sizes(smoke, batches)
-    tic = time.time()
-    result = globals()[f"part_{key}"](sizes, info, out_dir)
-    result["seconds"] = round(time.time() - tic, 1)
-    (out_dir / f"part_{key}.json").write_text(json.dumps(result, indent=2, default=str))
+    for key in keys:
+        tic = time.time()
+        try:
+            result = globals()[f"part_{key}"](sizes, info, out_dir)
+        except Exception:
+            traceback.print_exc()
+            partial = out_dir / f"part_{key}.json"
+            result = json.loads(partial.read_text()) if partial.is_file() else {}
+            result["exception"] = traceback.format_exc(limit=-6)
+        result["seconds"] = round(time.time() - tic, 1)
+        (out_dir / f"part_{key}.json").write_text(json.dumps(result, indent=2, default=str))
+        _release()
 
 
 def main(argv=None) -> int:
@@ -487,11 +514,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", help="batches of parts b and c (default 8 16; smoke 2)")
     p.add_argument("--cpu", action="store_true", help="the real sizes on a CPU (slow: for CPU proxies, e.g. "
                                                       "--cpu --parts c --batch 2 --time-scale 30)")
-    p.add_argument("--run-part", help=argparse.SUPPRESS)
+    p.add_argument("--run-parts", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    if args.run_part:
-        run_part(args.run_part, args.out_dir, args.smoke, args.batch)
+    if args.run_parts:
+        run_parts(args.run_parts, args.out_dir, args.smoke, args.batch)
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not (args.smoke or args.cpu):
@@ -500,11 +527,14 @@ def main(argv=None) -> int:
         return 2
     suite = {"label": row_label(device), "smoke": args.smoke, "torch": torch.__version__, "argv": sys.argv[1:],
              "parts": {}}
-    for key in [k for k in args.parts if k in PARTS]:
-        title, gpu_s = PARTS[key]
-        limit = (SMOKE_LIMIT if args.smoke else gpu_s) * args.time_scale
-        suite["parts"][key] = _run_child(key, title, limit, args)
-        print(f"[{key}] {title}: {suite['parts'][key]['status']} ({suite['parts'][key]['seconds']} s)", flush=True)
+    keys = [k for k in args.parts if k in PARTS]
+    # On a GPU each part has a process of its own (a crash or a fragmented allocator stays with its part);
+    # the smoke runs them in one process: its time is mostly start-up, which it then pays once.
+    for group in ([keys] if args.smoke else [[k] for k in keys]):
+        limit = sum(SMOKE_LIMIT if args.smoke else PARTS[k][1] for k in group) * args.time_scale
+        for key, part in _run_child("".join(group), limit, args).items():
+            suite["parts"][key] = part
+            print(f"[{key}] {part['title']}: {part['status']} ({part['seconds']} s)", flush=True)
     (args.out_dir / "suite.json").write_text(json.dumps(suite, indent=2, default=str))
     report = _report(suite)
     (args.out_dir / "suite.md").write_text(report)
@@ -512,27 +542,40 @@ def main(argv=None) -> int:
     return 0 if all(part["status"] == "ok" for part in suite["parts"].values()) else 1
 
 
-def _run_child(key: str, title: str, limit: float, args) -> dict:
-    result_file = args.out_dir / f"part_{key}.json"
-    result_file.unlink(missing_ok=True)
-    cmd = [sys.executable, __file__, str(args.out_dir), "--run-part", key] + (["--smoke"] if args.smoke else []) \
+def _run_child(keys: str, limit: float, args) -> dict[str, dict]:
+    """Run the parts ``keys`` in one child process within ``limit`` seconds; each part's row."""
+    for key in keys:
+        (args.out_dir / f"part_{key}.json").unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, str(args.out_dir), "--run-parts", keys] + (["--smoke"] if args.smoke else []) \
         + (["--batch", *map(str, args.batch)] if args.batch else [])
     tic = time.time()
     try:
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit, env=_child_env())
-        log, status = done.stdout + done.stderr, "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
+        log, exit_status = done.stdout + done.stderr, f"failed (exit {done.returncode})" if done.returncode else ""
     except subprocess.TimeoutExpired as err:
-        log, status = _text(err.stdout) + _text(err.stderr), f"stopped after its {limit:.0f} s limit"
-    (args.out_dir / f"part_{key}.log").write_text(log)
-    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    if status == "ok" and not result:
-        status = "failed (no result written)"
-    if status != "ok" and result.get("rows"):  # what it measured before it stopped
-        result["table"] = _md_table(result["rows"], list(dict.fromkeys(k for r in result["rows"] for k in r)))
-        result["note"] = "partial: the rows measured before the part stopped"
-    if status != "ok":
-        result["error"] = "\n".join(log.strip().splitlines()[-8:])
-    return {"title": title, "status": status, "seconds": round(time.time() - tic, 1), **result}
+        log, exit_status = _text(err.stdout) + _text(err.stderr), f"stopped after its {limit:.0f} s limit"
+    (args.out_dir / f"part_{keys}.log").write_text(log)
+    parts, stopper = {}, None
+    for key in keys:
+        result_file = args.out_dir / f"part_{key}.json"
+        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+        if result.get("exception"):
+            status, error = "failed (exception)", result.pop("exception")
+        elif result and not result.get("partial"):
+            status, error = "ok", ""
+        elif stopper:  # never started: an earlier part took the process down with it
+            status, error = f"not run (part {stopper} stopped its process)", ""
+        else:  # the child died or ran out of time in this part
+            status, stopper = exit_status or "failed (no result written)", key
+            error = "\n".join(log.strip().splitlines()[-8:])
+        if status != "ok" and result.get("rows"):  # what it measured before it stopped
+            result["table"] = _md_table(result["rows"], list(dict.fromkeys(k for r in result["rows"] for k in r)))
+            result["note"] = "partial: the rows measured before the part stopped"
+        if error:
+            result["error"] = error
+        parts[key] = {"title": PARTS[key][0], "status": status,
+                      "seconds": result.pop("seconds", round(time.time() - tic, 1)), **result}
+    return parts
 
 
 def _text(data) -> str:

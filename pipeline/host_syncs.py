@@ -12,6 +12,11 @@ to the host (``cpu``; ``to("cpu")`` of a tensor not on the host, so a CPU run mi
 the data-dependent shapes (``nonzero``, one-argument
 ``where``, ``masked_select``, ``unique``, boolean-mask indexing, ``repeat_interleave`` with tensor
 repeats and no ``output_size``, torchvision's ``nms``).
+
+Compiled code (``torch.compile``) runs eagerly while the counter is active: a torch-function mode on
+the stack fails the compiled graphs' guards, and each would be compiled again just to be counted
+(on CPU that recompile took longer than the iteration being measured). Eagerly, every call the
+compiled region makes is seen, including those the compiler would have turned into graph breaks.
 """
 
 from __future__ import annotations
@@ -73,6 +78,17 @@ class HostSyncCounter(TorchFunctionMode):
         self.sites: Counter = Counter()
         self.ops: Counter = Counter()
         self.site_ops: dict[str, str] = {}  # the call made at each site (the last one seen)
+        self._eager = torch.compiler.set_stance("force_eager")
+
+    def __enter__(self):
+        self._eager.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._eager.__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -43,6 +43,29 @@ def test_the_counter_counts_exactly_the_syncing_calls():
     del picked, clamped
 
 
+def test_compiled_code_is_counted_eagerly_not_compiled_again():
+    compiles = []
+
+    def backend(graph, example_inputs):
+        compiles.append(graph)
+        return graph.forward
+
+    @torch.compile(backend=backend)
+    def positives_doubled(x):
+        return (x * 2)[x > 0]  # a boolean mask: a sync, which the compiler makes a graph break
+
+    x = torch.tensor([1.0, -1.0, 2.0])
+    positives_doubled(x)
+    compiled = len(compiles)
+    with HostSyncCounter() as syncs:
+        out = positives_doubled(x)
+    assert torch.equal(out, torch.tensor([2.0, 4.0]))
+    assert len(compiles) == compiled, "the counter's mode made the compiler run again"
+    assert syncs.total == 1 and set(syncs.ops) == {"__getitem__"}, syncs.sites
+    positives_doubled(x)  # after the counter: the compiled code again, not recompiled
+    assert len(compiles) == compiled
+
+
 def _hot_path_worker(rank: int, world: int, optimizer: str, out: str) -> None:
     from pipeline.build import build_training
     from pipeline.config import load_config
