@@ -43,13 +43,14 @@ of the local state; ZeRO 1/2 partition whole parameter groups instead, so there 
 assembled one parameter at a time (``pipeline.ds_internals.local_optimizer_chunks``).
 
 Cost of an estimate iteration, per rank (the others cost nothing): the local gradient tap, one
-fp32 copy of every parameter's gradient (two with micro-batch halves), unavoidable because
-ZeRO 2/3 reduce and free local gradients inside backward and a collective in a gradient hook
-would hang whenever a parameter has no gradient on some rank; while a module is reduced, its S
-and D chunks (2/W of the module). Communication: two gradient-sized reduce-scatters (S, D) and
-one small all-reduce, half of the former all-reduce of [S; D]. S is also what ZeRO's own
-reduce-scatter computes; reading it from ZeRO's partitions would save one of the two (not done:
-ZeRO 1/2 partition in another layout).
+fp32 copy of every parameter's gradient (at one rank with micro-batch halves, or under ZeRO 1/2
+with micro-batch halves, two), unavoidable because ZeRO 2/3 reduce and free local gradients
+inside backward and a collective in a gradient hook would hang whenever a parameter has no
+gradient on some rank; while a module is reduced, its S and D chunks (2/W of the module).
+Communication: one gradient-sized reduce-scatter (D) and one small all-reduce under ZeRO-3 and
+fp32 ZeRO-0, whose reduced gradient is S already (``HalfGradients.reduced_gradient``); under ZeRO
+1/2, whose partitions cover whole parameter groups in another layout, a second reduce-scatter
+computes S.
 """
 
 from __future__ import annotations
@@ -154,8 +155,12 @@ class HalfGradients:
     parameter; rank r's shard of a module is chunk r of each of its parameters, in order (so
     AGVM-AdamW's second moment, partitioned so under ZeRO-3, is aligned with it). The hook writes
     each local gradient straight into a [W, L] fp32 buffer of its module, row r holding what rank r
-    will own; after backward, one reduce-scatter of the buffer gives each rank its row of S, and,
-    the buffer multiplied by this rank's half sign, another its row of D.
+    will own; after backward, the buffer multiplied by this rank's half sign (or, with micro-batch
+    halves, filled with the signed micro-batch gradients) is reduce-scattered: each rank gets its
+    row of D. S is the sum of the same gradients, which DeepSpeed has just reduced itself: with
+    ``reduced_gradient`` (``pipeline.ds_internals.reduced_gradient_reader``: ZeRO-3, fp32 ZeRO-0)
+    it is read from DeepSpeed's result; otherwise (ZeRO 1/2, whose partitions are laid out
+    otherwise) a second reduce-scatter of the unsigned buffer gives it.
     """
 
     def __init__(self, modules: dict[str, list[nn.Parameter]], world: int, rank: int, accum: int,
@@ -176,6 +181,8 @@ class HalfGradients:
         self.armed, self.micro = False, 0
         self.sums: dict[str, torch.Tensor] = {}  # [W, L] per module: this rank's local gradient
         self.signed: dict[str, torch.Tensor] = {}  # micro-batch halves: first half minus second
+        # reads this rank's chunk of DeepSpeed's reduced (mean) gradient; set once the engine exists
+        self.reduced_gradient: Optional[Callable[[list[nn.Parameter]], list[torch.Tensor]]] = None
         self.handles = [p.register_hook(partial(self._on_grad, p)) for ps in modules.values() for p in ps]
 
     def arm(self) -> None:
@@ -191,7 +198,8 @@ class HalfGradients:
             return None
         name, chunk = self.module_of[param], chunk_of(grad.numel(), self.world)
         g = F.pad(grad.detach().reshape(-1).float(), (0, chunk * self.world - grad.numel())).view(self.world, chunk)
-        self._add(self.sums, name, param, g)
+        if self.by_ranks or self.reduced_gradient is None:  # rank halves: D is this, signed, reduced
+            self._add(self.sums, name, param, g)
         if not self.by_ranks:  # micro-batch halves: the first half's micro-batches against the rest
             self._add(self.signed, name, param, g if self.micro in self.halves_of.first else -g)
         return None  # the gradient itself is left untouched
@@ -209,18 +217,25 @@ class HalfGradients:
         sign = 1.0 if self.rank in self.halves_of.first else -1.0
         self.armed = False
         for name, params in self.modules.items():
-            local = self.sums.pop(name, None)
-            if local is None:
-                local = torch.zeros(self.world, self.width[name], device=params[0].device)
-            signed = None if self.by_ranks else self.signed.pop(name, torch.zeros_like(local))
-            if self.world == 1:
-                yield name, local[0], signed[0]
+            local, signed = self.sums.pop(name, None), self.signed.pop(name, None)
+            if self.world == 1:  # micro-batch halves; nothing to reduce
+                yield name, self._or_zeros(local, name)[0], self._or_zeros(signed, name)[0]
                 continue
-            s = _reduce_scatter(local)
-            d = _reduce_scatter(local.mul_(sign) if self.by_ranks else signed)
+            if self.reduced_gradient is not None:  # DeepSpeed's mean over the ranks, this rank's chunk
+                s = torch.cat(self.reduced_gradient(params)).mul_(self.world)
+            else:
+                s = _reduce_scatter(self._or_zeros(local, name))
+            d = _reduce_scatter(self._or_zeros(local, name).mul_(sign) if self.by_ranks
+                                else self._or_zeros(signed, name))
             del local, signed
             yield name, s, d
         self.sums, self.signed = {}, {}
+
+    def _or_zeros(self, buffer: Optional[torch.Tensor], name: str) -> torch.Tensor:
+        """A module's buffer, or zeros where none of its parameters had a gradient on this rank."""
+        if buffer is not None:
+            return buffer
+        return torch.zeros(self.world, self.width[name], device=self.modules[name][0].device)
 
     def halves(self, s: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean gradient of each half, scaled like the gradient the optimizer sees.

@@ -26,7 +26,7 @@ from pipeline.agvm import AGVM, choose_halves, modules_of
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.data import CocoDetection, build_datasets, build_loaders
 from pipeline.ds_config import engine_config, zero_stage
-from pipeline.ds_internals import full_numel, gathered
+from pipeline.ds_internals import full_numel, gathered, reduced_gradient_reader
 from pipeline.memory import current_memory, release_free_heap
 from pipeline.norm import CrossGPUBatchNorm, build_bn_group, convert_norms, job_bn_layout
 from pipeline.optim import build_optimizer, build_param_groups, check_zero_support
@@ -244,6 +244,10 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
     engine = eng.build_engine(model, build_optimizer(groups, cfg.optim, schedule.lr(0)),
                               with_universal_load(ds_config) if load_universal else ds_config)
     release_free_heap()  # ZeRO's flattening copies are freed: give them back before training
+    if agvm is not None and info.world >= 2:  # S from DeepSpeed's own reduction where its layout allows
+        agvm.tap.reduced_gradient = reduced_gradient_reader(engine, info.world, info.rank)
+        log_dist("AGVM estimate: S %s", "read from DeepSpeed's reduced gradient" if agvm.tap.reduced_gradient
+                 else "reduced by the tap (ZeRO 1/2 or bf16 parameters: DeepSpeed's partitions are laid out otherwise)")
     if channels_last and zero_stage(ds_config) == 0:
         weights_to_channels_last(engine)
     log_dist("engine: ZeRO stage %d; rank 0 holds %.2f GiB", zero_stage(ds_config),

@@ -113,19 +113,60 @@ def local_optimizer_chunks(engine, params: list[torch.nn.Parameter], key: str, w
     """
     from deepspeed.utils import safe_get_local_optimizer_state
 
-    def chunk(flat: torch.Tensor, numel: int) -> torch.Tensor:
-        size = -(-numel // world)
-        piece = flat[rank * size:(rank + 1) * size]
-        return torch.nn.functional.pad(piece, (0, size - piece.numel()))
-
     client = client_optimizer(engine)
     if not client.state:  # no step taken yet
         return [torch.zeros(-(-full_numel(p) // world), device=p.device) for p in params]
     if stage == 3:
         return [safe_get_local_optimizer_state(p, key).reshape(-1).float() for p in params]
     if client is engine.optimizer:
-        return [chunk(client.state[p][key].reshape(-1).float(), p.numel()) for p in params]
-    return [chunk(full_optimizer_state(engine, [p], key)[0], full_numel(p)) for p in params]
+        return [_chunk(client.state[p][key].reshape(-1).float(), p.numel(), world, rank) for p in params]
+    return [_chunk(full_optimizer_state(engine, [p], key)[0], full_numel(p), world, rank) for p in params]
+
+
+def reduced_gradient_reader(engine, world: int, rank: int):
+    """A function ``read(params)`` -> this rank's chunk (AGVM's shard layout: the flat parameter
+    padded to a multiple of ``world``, chunk ``rank``) of each parameter's gradient as DeepSpeed
+    has already reduced it, the mean over the ranks; call it after the iteration's last backward,
+    before ``engine.step()``. AGVM's estimate takes its S from it instead of reducing the tapped
+    gradients a second time. None where DeepSpeed's reduced gradient is not laid out so:
+
+    - ZeRO-3 (one partition group of every rank, no MiCS/hpZ): ``safe_get_local_grad`` is the rank's
+      own partition of the parameter, exactly that chunk.
+    - ZeRO-0 with the torch optimizer itself (fp32 parameters): every rank holds the whole mean
+      gradient in ``.grad``.
+    - ZeRO 1/2 partition the flat buffer of a whole parameter group (another layout), and bf16
+      parameters reduce through DeepSpeed's BF16_Optimizer: None.
+    """
+    stage = engine.zero_optimization_stage()
+    zero = engine._config.zero_config
+    if stage == 3 and getattr(zero, "mics_shard_size", -1) <= 0 and getattr(zero, "zero_hpz_partition_size", 1) <= 1:
+        from deepspeed.utils import safe_get_local_grad
+
+        def local(p):
+            return safe_get_local_grad(p)
+    elif stage == 0 and engine.optimizer is client_optimizer(engine):
+        def local(p):
+            return None if p.grad is None else _chunk(p.grad.reshape(-1), full_numel(p), world, rank)
+    else:
+        return None
+
+    def read(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        chunks = []
+        for p in params:
+            size = -(-full_numel(p) // world)
+            g = local(p)
+            g = torch.zeros(size, device=p.device) if g is None else g.reshape(-1).float()
+            chunks.append(torch.nn.functional.pad(g, (0, size - g.numel())))
+        return chunks
+
+    return read
+
+
+def _chunk(flat: torch.Tensor, numel: int, world: int, rank: int) -> torch.Tensor:
+    """Elements [rank * c, (rank + 1) * c) of ``flat`` (c = ceil(numel / world)), zero-padded to c."""
+    size = -(-numel // world)
+    piece = flat[rank * size:(rank + 1) * size]
+    return torch.nn.functional.pad(piece, (0, size - piece.numel()))
 
 
 # ---- the CPU accelerator ----

@@ -86,15 +86,22 @@ def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str) -> 
     from pipeline.build import build_training
     from pipeline.engine import init_distributed
 
+    import pipeline.agvm as agvm_module
+
     info = init_distributed()
+    scatters = []  # the estimate's gradient-sized collectives, counted per module
+    counted = lambda buffer: scatters.append(buffer.numel()) or reduce_scatter(buffer)  # noqa: E731
+    reduce_scatter, agvm_module._reduce_scatter = agvm_module._reduce_scatter, counted
     for opt, stage in cases:
         cfg = load_config(None, _overrides(opt, stage, accum))
         training = build_training(cfg, info, data=False, model=_model())
-        record = []
+        record, scatters[:] = [], []
         for it in range(ITERS):
             training.step(iter([_batch(it, rank, micro) for micro in range(accum)]))
             agvm = training.agvm
             record.append({"phi": agvm.phi, "mu": agvm.mu, "params": _full_params(training.engine, stage)})
+        record.append({"reduce_scatters_per_module_and_estimate": len(scatters) / len(agvm.mu) / agvm.estimates,
+                       "reads_s_from_deepspeed": agvm.tap.reduced_gradient is not None})
         if rank == 0:
             Path(out_dir, f"{opt}_zero{stage}.json").write_text(json.dumps(record))
         # Tear the engine down on every rank before any rank starts the next one's collectives.
@@ -161,6 +168,7 @@ def _reference(opt: str, world: int, accum: int) -> list[dict]:
 
 
 def _check(got: list[dict], want: list[dict], param_atol: float = 1e-6) -> None:
+    *got, collectives = got
     for it, (g, w) in enumerate(zip(got, want)):
         for m in w["phi"]:
             assert g["phi"][m] == pytest.approx(w["phi"][m], rel=1e-5, abs=1e-7), (it, m, "phi")
@@ -178,7 +186,12 @@ def test_agvm_sgd_matches_reference_under_every_zero_stage(world, accum, tmp_pat
     want = _reference("agvm_sgd", world, accum)
     assert len({round(v, 4) for v in want[START]["phi"].values()}) > 1, "modules should differ in Phi"
     for _, stage in cases:
-        _check(json.loads((tmp_path / f"agvm_sgd_zero{stage}.json").read_text()), want)
+        got = json.loads((tmp_path / f"agvm_sgd_zero{stage}.json").read_text())
+        _check(got, want)
+        # ZeRO-3 and fp32 ZeRO-0 have reduced S themselves (their layout is the estimate's): one
+        # reduce-scatter (D) per module; ZeRO 1/2 lay S out otherwise: a second one
+        assert got[-1] == {"reduce_scatters_per_module_and_estimate": 1 if stage in (0, 3) else 2,
+                           "reads_s_from_deepspeed": stage in (0, 3)} if world >= 2 else True, (stage, got[-1])
 
 
 @pytest.mark.parametrize("world, accum", [(2, 1), (4, 1), (1, 2)])
