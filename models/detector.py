@@ -191,10 +191,15 @@ def _create_body(cfg: ModelConfig, out_indices: Optional[tuple[int, ...]]) -> nn
     try:
         with _strict_pretrained_load(cfg):
             if is_plain_vit(cfg.backbone):
-                return create_vit_body(cfg.backbone, _pretrained_kwargs(cfg))
+                return create_vit_body(cfg.backbone, _pretrained_kwargs(cfg), cfg.vit_window, cfg.vit_global_blocks)
+            if cfg.vit_window:
+                raise ConfigError(f"model.vit_window={cfg.vit_window}: windowed attention is for plain ViT backbones, "
+                                 f"not {cfg.backbone!r}; set model.vit_window=0")
             chosen = {} if out_indices is None else {"out_indices": out_indices}
             return timm.create_model(cfg.backbone, features_only=True, **chosen, **_family_kwargs(cfg.backbone),
                                      **_pretrained_kwargs(cfg))
+    except ConfigError:
+        raise
     except RuntimeError as err:  # timm's strict load names the missing/unexpected keys
         raise RuntimeError(f"model.pretrained={cfg.pretrained} does not fit backbone "
                            f"{cfg.backbone!r}: {err}") from None

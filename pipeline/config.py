@@ -49,6 +49,11 @@ class ModelConfig(_Section):
     box_head_dim: int = Field(1024, gt=0, description="width of the two-layer box head")
     roi_sampling_ratio: int = Field(2, ge=0, description="RoIAlign bilinear samples per bin side (0 = adaptive); "
                                     "1 is 4x cheaper than torchvision's 2, which matters on CPU")
+    vit_window: int = Field(0, ge=0, description="plain ViTs: blocks attend within windows of this many tokens per "
+                                                 "side (ViTDet: 14); 0: every block global (models/vit.py)")
+    vit_global_blocks: Optional[tuple[int, ...]] = Field(
+        None, description="with vit_window: the blocks that stay global, by index; None: ViTDet's 4 evenly spaced "
+                          "(the last of each quarter of the depth)")
     activation_checkpointing: bool = Field(False, description="recompute backbone blocks in backward "
                                                                "(torch non-reentrant checkpoint) to save memory")
     # Normalization (MegDet Sec. 3.2): every BatchNorm of the model becomes this kind.

@@ -63,7 +63,7 @@ def _run(backbone: str, stage: int, optimizer: str, overrides: list[str]) -> dic
     from pipeline.synthetic import synthetic_batch
 
     info = init_distributed()
-    size = 64 if backbone == CNN else 32  # timm's test_vit takes 32 x 32 images (patch 8)
+    size = 64 if backbone == CNN else 32  # a 2 x 2 token grid for timm's test_vit (patch 16)
     cfg = load_config(None, [
         "model.detector=faster_rcnn", f"model.backbone={backbone}", "model.fpn_channels=16", "model.anchor_scale=4",
         "model.rpn_post_nms_train=100", "model.roi_batch_per_image=32", "model.box_head_dim=32",

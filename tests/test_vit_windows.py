@@ -1,0 +1,99 @@
+"""ViTDet's windowed attention (``model.vit_window``, ``model.vit_global_blocks``, models/vit.py).
+
+Truths: a window that covers the whole token grid is the global model (bit for bit without
+padding; with padding the masked keys take no part, so equal to float rounding); with windows,
+autograd shows each output token depends only on the pixels of its own window (a model without
+prefix tokens, every block windowed), while one global block spreads it; whole training runs with
+activation checkpointing under ZeRO-3 train like the global model when the window covers the grid.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_distributed
+from models.vit import ViTBody, create_vit_body, vitdet_global_blocks
+from pipeline.config import ConfigError
+
+PATCH = 16  # timm's test_vit
+
+
+def _body(**timm_kwargs) -> ViTBody:
+    torch.manual_seed(0)
+    return create_vit_body("test_vit", timm_kwargs).eval()
+
+
+def test_vitdet_global_blocks_are_the_last_of_each_quarter():
+    assert vitdet_global_blocks(12) == (2, 5, 8, 11)
+    assert vitdet_global_blocks(24) == (5, 11, 17, 23)
+    assert vitdet_global_blocks(40) == (9, 19, 29, 39)
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (64, 96)], ids=["square", "padded"])
+def test_one_window_over_the_whole_grid_is_the_global_model(height, width):
+    body = _body()
+    assert body.vit.num_prefix_tokens == 1  # the class token joins every window
+    x = torch.randn(2, 3, height, width)
+    with torch.no_grad():
+        want = body(x)[0]
+        got = ViTBody(body.vit, window=max(height, width) // PATCH, global_blocks=())(x)[0]
+    if height == width:
+        assert torch.equal(got, want)
+    else:  # the grid is padded to the window: its keys are masked (unmasked, they change every output)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def _receptive_field(body: ViTBody, token: tuple[int, int], hw=(96, 96)) -> torch.Tensor:
+    """Which input pixels the output token at ``token`` (grid row, column) depends on."""
+    x = torch.randn(1, 3, *hw, requires_grad=True)
+    out = body(x)[0][0, :, token[0], token[1]]
+    (out * torch.randn(out.shape)).sum().backward()  # a plain sum of the final LayerNorm's output is constant
+    return x.grad.abs().sum(1)[0] > 0
+
+
+def test_each_token_of_a_windowed_model_depends_only_on_its_window():
+    body = _body(class_token=False)  # no prefix tokens: nothing else carries information across windows
+    assert body.vit.num_prefix_tokens == 0
+    windowed = ViTBody(body.vit, window=2, global_blocks=())  # a 6 x 6 grid, 3 x 3 windows of 2 x 2 tokens
+    for token, (rows, cols) in [((0, 0), (slice(0, 32), slice(0, 32))), ((3, 4), (slice(32, 64), slice(64, 96)))]:
+        field = _receptive_field(windowed, token)
+        inside = torch.zeros_like(field)
+        inside[rows, cols] = True
+        assert field[inside].all() and not field[~inside].any(), token
+    one_global = ViTBody(body.vit, window=2, global_blocks=(3,))
+    assert _receptive_field(one_global, (0, 0)).all()  # the test can tell: a global block sees everything
+
+
+def test_windows_are_refused_where_they_cannot_apply():
+    with pytest.raises(ConfigError, match="model.vit_global_blocks"):
+        create_vit_body("test_vit", {}, window=2, global_blocks=(99,))
+    with pytest.raises(ConfigError, match="model.vit_window"):
+        create_vit_body("eva02_tiny_patch14_224", {}, window=2)  # rotary embedding over the whole grid
+    from models.detector import build_backbone
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["model.backbone=test_byobnet", "model.vit_window=14"]).model
+    with pytest.raises(ConfigError, match="plain ViT"):
+        build_backbone(cfg)
+
+
+def _training_worker(rank: int, world: int, out: str) -> None:
+    from test_levers import VIT, _run
+
+    base = ["model.activation_checkpointing=true"]  # _run's ViT images: 32 x 32, a 2 x 2 token grid
+    torch.save({"global": _run(VIT, 3, "sgd", base),
+                "whole_grid_window": _run(VIT, 3, "sgd", base + ["model.vit_window=2", "model.vit_global_blocks=[]"]),
+                "windows": _run(VIT, 3, "sgd", base + ["model.vit_window=1", "model.vit_global_blocks=[1]"])}, out)
+
+
+def test_windowed_training_with_checkpointing_under_zero3(tmp_path):
+    out = tmp_path / "runs.pt"
+    run_distributed(_training_worker, 1, str(out))
+    runs = torch.load(out, weights_only=False)
+    plain, whole = runs["global"], runs["whole_grid_window"]
+    assert whole["losses"] == pytest.approx(plain["losses"], rel=1e-4)
+    for name, w in plain["weights"].items():
+        torch.testing.assert_close(whole["weights"][name], w, rtol=0, atol=1e-5, msg=name)
+    windows = runs["windows"]["losses"]
+    assert all(torch.isfinite(torch.tensor(windows))) and windows != pytest.approx(plain["losses"], rel=1e-4)
