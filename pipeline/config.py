@@ -132,6 +132,9 @@ class OptimConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     clip_grad_norm: float = Field(0.0, ge=0, description="0 disables clipping")
+    layer_decay: Optional[float] = Field(
+        None, gt=0, le=1, description="plain-ViT backbones: block i's lr x decay^(depth - i), the embeddings' x "
+                                      "decay^(depth + 1), the rest 1 (ViTDet/BEiT; ViTDet 0.7-0.9); None: off")
 
 
 # MegDet's named policies (Sec. 4, COCO): epochs and (epoch, lr factor) decay steps.

@@ -34,11 +34,14 @@ class TrainStep:
         self.estimated = False  # whether the last iteration estimated AGVM's Phi (its record is fresh)
 
     def group_lrs(self, it: int) -> list[float]:
-        """Each param group's lr at iteration ``it``: the schedule's, times its module's mu."""
+        """Each param group's lr at iteration ``it``: the schedule's, times its layer-wise decay scale
+        and its module's mu."""
         lr = self.schedule.lr(it)
+        groups = self.engine.optimizer.param_groups
+        scales = [g.get("lr_scale", 1.0) for g in groups]  # layer-wise decay (pipeline.optim)
         if self.agvm is None:
-            return [lr] * len(self.engine.optimizer.param_groups)
-        return [lr * self.agvm.lr_factor(g["module"], it) for g in self.engine.optimizer.param_groups]
+            return [lr * scale for scale in scales]
+        return [lr * scale * self.agvm.lr_factor(g["module"], it) for g, scale in zip(groups, scales)]
 
     def __call__(self, micro_batches: Iterator[tuple]) -> dict[str, torch.Tensor]:
         it, engine, agvm = self.iteration, self.engine, self.agvm
