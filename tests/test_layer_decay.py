@@ -7,7 +7,6 @@ import itertools
 import json
 
 import pytest
-import torch
 
 from conftest import run_distributed
 from pipeline.config import ConfigError, load_config

@@ -9,10 +9,15 @@ activation checkpointing under ZeRO-3 train like the global model when the windo
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import run_distributed
+from conftest import REPO, run_distributed, tiny_overrides
 from models.vit import ViTBody, create_vit_body, vitdet_global_blocks
 from pipeline.config import ConfigError
 
@@ -97,3 +102,22 @@ def test_windowed_training_with_checkpointing_under_zero3(tmp_path):
         torch.testing.assert_close(whole["weights"][name], w, rtol=0, atol=1e-5, msg=name)
     windows = runs["windows"]["losses"]
     assert all(torch.isfinite(torch.tensor(windows))) and windows != pytest.approx(plain["losses"], rel=1e-4)
+
+
+def test_the_shipped_vitdet_config_trains_a_few_iterations(shapes_root, tmp_path):
+    """configs/coco_vitdet_b.yaml at tiny size: its recipe (windows, layer decay, AdamW, checkpointing)
+    on the embedded shapes data, with AdamW and with AGVM-AdamW."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    for optimizer, extra in [("adamw", []), ("agvm_adamw", ["train.grad_accum=2", "agvm.start_iter=0"])]:
+        cmd = [sys.executable, str(REPO / "launch/train.py"), "--config", str(REPO / "configs/coco_vitdet_b.yaml"),
+               *tiny_overrides(shapes_root, tmp_path / optimizer, "faster_rcnn"), "model.backbone=test_vit",
+               "model.vit_window=2", "train.ds_config=ds_configs/zero1_fp32.json", "train.evaluate=false",
+               "data.train_images=train", "data.train_ann=annotations/instances_train.json", "data.val_images=val",
+               "data.val_ann=annotations/instances_val.json",
+               f"optim.name={optimizer}", "schedule.policy=constant", *extra]
+        done = subprocess.run(cmd, cwd=REPO, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads((tmp_path / optimizer / "run" / "run_summary.json").read_text())
+        assert summary["iterations"] == 4 and not summary["diverged"], summary
