@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ann", type=Path, help="COCO annotation file to evaluate on (default: the run's val set)")
     p.add_argument("--images", type=Path, help="its image folder (with --ann)")
     p.add_argument("--batch", type=int, help="images per forward per process (default: train.micro_batch)")
+    p.add_argument("--weights", choices=["auto", "ema", "live"], default="auto",
+                   help="a checkpoint's weight EMA (train.ema_decay) or its trained weights; auto: the EMA when kept")
     p.add_argument("--out", type=Path, help="where eval_metrics.json goes (default: see above)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.workers=4")
@@ -89,7 +91,7 @@ def _inputs(args) -> tuple[ExperimentConfig, int, Path, Optional[str]]:
 
 
 def evaluate_weights(cfg: ExperimentConfig, num_classes: int, source: Path, tag: Optional[str], batch: int,
-                     out: Optional[Path]) -> dict:
+                     out: Optional[Path], weights: str = "auto") -> dict:
     """Build the model, load the weights, evaluate on every rank; metrics on rank 0 ({} elsewhere)."""
     from pipeline.build import build_model
     from pipeline.data import CocoDetection, _loader, check_image_files, eval_batches
@@ -102,7 +104,7 @@ def evaluate_weights(cfg: ExperimentConfig, num_classes: int, source: Path, tag:
         state = read_export(source)["model"]
         out = out or source.parent / "evaluations" / source.stem
     else:
-        state = consolidated_state_dict(source, tag)
+        state = consolidated_state_dict(source, tag, weights)
         out = out or source / "evaluations" / tag
     model = build_model(cfg, num_classes, pretrained=False)
     model.load_state_dict(state, strict=True)
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg, num_classes, source, tag = _inputs(args)
-        evaluate_weights(cfg, num_classes, source, tag, args.batch or cfg.train.micro_batch, args.out)
+        evaluate_weights(cfg, num_classes, source, tag, args.batch or cfg.train.micro_batch, args.out, args.weights)
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INPUT

@@ -27,6 +27,7 @@ from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.data import CocoDetection, build_datasets, build_loaders
 from pipeline.ds_config import engine_config, zero_stage
 from pipeline.ds_internals import full_numel, gathered, reduced_gradient_reader
+from pipeline.ema import WeightEMA
 from pipeline.memory import current_memory, release_free_heap
 from pipeline.norm import CrossGPUBatchNorm, build_bn_group, convert_norms, job_bn_layout
 from pipeline.optim import build_optimizer, build_param_groups, check_zero_support
@@ -185,6 +186,7 @@ class Training:
     ds_config: dict
     data: Optional[TrainData]
     agvm: Optional[AGVM]
+    ema: Optional[WeightEMA] = None
 
 
 def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = True, model: Optional[nn.Module] = None,
@@ -252,8 +254,9 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
         weights_to_channels_last(engine)
     log_dist("engine: ZeRO stage %d; rank 0 holds %.2f GiB", zero_stage(ds_config),
              current_memory(info.device) / 2**30)
-    step = TrainStep(engine, schedule, cfg.train.grad_accum, agvm)
-    return Training(engine, step, schedule, ds_config, train_data, agvm)
+    ema = WeightEMA(engine, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    step = TrainStep(engine, schedule, cfg.train.grad_accum, agvm, ema=ema)
+    return Training(engine, step, schedule, ds_config, train_data, agvm, ema)
 
 
 def _coupling_bn_groups(model: nn.Module, bn_layout: Optional[list[list[int]]]) -> Optional[list[list[int]]]:

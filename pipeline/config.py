@@ -239,6 +239,8 @@ class TrainConfig(_Section):
     ckpt_every_iters: int = Field(500, ge=0, description="0 = only at the end")
     evaluate: bool = Field(True, description="COCO evaluation at the end; false for memory probes and smoke runs")
     final_checkpoint: bool = Field(True, description="save a checkpoint at the end; false for memory probes")
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="weight EMA (pipeline/ema.py): evaluation and "
+                                       "export use ema <- decay ema + (1 - decay) weights, e.g. 0.9999; None: off")
     progress: bool = True
     compile: bool = Field(False, description="torch.compile the backbone and neck (training and inference); "
                                              "ZeRO 0-2; model.pad_to=auto then pads to one canvas per orientation")

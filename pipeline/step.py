@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 import torch
 
 from pipeline.agvm import AGVM
+from pipeline.ema import WeightEMA
 from pipeline.ds_internals import local_optimizer_chunks, set_gradient_clipping
 from pipeline.schedule import Schedule
 
@@ -27,8 +28,9 @@ class TrainStep:
     the device: reading them is the caller's choice of when to sync with the host.
     """
 
-    def __init__(self, engine, schedule: Schedule, accum: int, agvm: Optional[AGVM] = None, iteration: int = 0):
-        self.engine, self.schedule, self.accum, self.agvm = engine, schedule, accum, agvm
+    def __init__(self, engine, schedule: Schedule, accum: int, agvm: Optional[AGVM] = None, iteration: int = 0,
+                 ema: Optional[WeightEMA] = None):
+        self.engine, self.schedule, self.accum, self.agvm, self.ema = engine, schedule, accum, agvm, ema
         self.iteration = iteration
         self.base_clip = engine.gradient_clipping()
         self.estimated = False  # whether the last iteration estimated AGVM's Phi (its record is fresh)
@@ -59,6 +61,8 @@ class TrainStep:
             engine.step()
             for k, v in out.items():
                 losses[k] = losses.get(k, 0) + v.detach() / self.accum
+        if self.ema is not None:  # after the optimizer step of the last micro-batch
+            self.ema.update()
         self.iteration, self.estimated = it + 1, armed
         return losses
 

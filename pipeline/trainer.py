@@ -7,6 +7,7 @@ list of steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from models.detector import count_parameters
 from pipeline import checkpoint as ckpt
+from pipeline import ema as ema_io
 from pipeline import engine as eng
 from pipeline.build import Training, build_training, log_dist
 from pipeline.config import ExperimentConfig, dump_config
@@ -125,6 +127,8 @@ def save_checkpoint(state: TrainState, it: int) -> None:
     if state.training.agvm is not None:  # identical on every rank: mu is a function of all ranks' gradients
         client["agvm"] = state.training.agvm.state_dict()
     shape = ckpt.launch_shape(state.cfg, state.info.world, state.engine.zero_optimization_stage())
+    if state.training.ema is not None:  # before ckpt.save's completeness marker
+        ema_io.save(state.training.ema, state.ckpt_dir / ckpt.tag_of(it))
     ckpt.save(state.engine, state.ckpt_dir, it, client, shape, state.cfg.train.keep_checkpoints)
 
 
@@ -132,10 +136,12 @@ def run_evaluation(state: TrainState, it: int, final: bool = False) -> dict:
     """COCO evaluation at iteration ``it``; the final one also keeps its detections (``eval_detections.json``)."""
     sync_running_stats(state.engine.module)  # every rank evaluates with the same BN statistics
     report, detections = [], []
-    metrics = evaluate(state.engine, state.data.val_loader, state.data.val_set, state.info.device,
-                       state.cfg.model.detector == "mask_rcnn", progress=state.progress,
-                       detections_file=state.cfg.train.run_dir / "eval_detections.json" if final else None,
-                       report=report, detections=detections, backend=state.cfg.train.coco_eval)
+    ema = state.training.ema
+    with ema.applied() if ema is not None else contextlib.nullcontext():  # the EMA weights, where kept
+        metrics = evaluate(state.engine, state.data.val_loader, state.data.val_set, state.info.device,
+                           state.cfg.model.detector == "mask_rcnn", progress=state.progress,
+                           detections_file=state.cfg.train.run_dir / "eval_detections.json" if final else None,
+                           report=report, detections=detections, backend=state.cfg.train.coco_eval)
     if metrics:
         state.tracker.log({f"val/{k}": v for k, v in metrics.items()}, step=it)
         grid = draw_previews(detections, state.data.val_set, state.cfg.train.preview_images)
@@ -274,6 +280,9 @@ def resume(cfg: ExperimentConfig, info: eng.DistInfo, training: Training, point:
     training.step.iteration = client_state["iteration"]
     if training.agvm is not None:
         training.agvm.load_state_dict(client_state["agvm"])
+    if training.ema is not None and not ema_io.load(training.ema, run_dir / "checkpoints" / point.tag):
+        log_dist("%s has no weight EMA (saved without train.ema_decay): the EMA starts from the loaded weights",
+                 run_dir / "checkpoints" / point.tag)
     log_dist("resuming at iteration %d from %s%s", training.step.iteration, run_dir / "checkpoints" / point.tag,
              " (resharded)" if point.universal else "")
     if info.rank == 0:  # before the tracker opens the log
