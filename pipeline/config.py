@@ -99,8 +99,15 @@ class DataConfig(_Section):
     val_ann: str = "annotations/instances_val.json"
     synthetic_train: int = Field(512, gt=0)
     synthetic_val: int = Field(128, gt=0)
-    min_size: int = Field(800, gt=0, description="shorter image side after resize")
+    min_size: int = Field(800, gt=0, description="shorter image side after resize (evaluation; training too unless "
+                                                 "train_min_sizes); a list [640, ..., 800]: train_min_sizes, and its "
+                                                 "largest here")
     max_size: int = Field(1333, gt=0, description="cap on the longer side after resize")
+    train_min_sizes: Optional[tuple[int, ...]] = Field(
+        None, description="multi-scale training: each training image's shorter side drawn from these")
+    scale_jitter: Optional[tuple[float, float]] = Field(
+        None, description="large-scale jitter (ViTDet: [0.1, 2.0]): training images resized to a random factor in this "
+                          "range of the fit into max_size x max_size, then cropped or padded to max_size x max_size")
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
     keep_empty: bool = Field(False, description="train on images without annotations")
     aspect_grouping: bool = True
@@ -108,6 +115,34 @@ class DataConfig(_Section):
     decode: Literal["workers", "device"] = Field(
         "workers", description="where training JPEGs are decoded and resized: in the loader workers (CPU), or "
                                "batched on the training device (nvJPEG on a GPU; other formats stay in the workers)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _min_size_list(cls, data):
+        """``min_size: [640, 672, ..., 800]`` is multi-scale training, evaluated at the largest."""
+        if isinstance(data, dict) and isinstance(data.get("min_size"), (list, tuple)):
+            sizes = data["min_size"]
+            if data.get("train_min_sizes") is not None:
+                raise ValueError("data.min_size is a list and data.train_min_sizes is set: give the sizes once")
+            if not sizes or not all(isinstance(v, int) and v > 0 for v in sizes):
+                raise ValueError(f"data.min_size={sizes}: a list of positive integer sides")
+            data = dict(data, min_size=max(sizes), train_min_sizes=tuple(sizes))
+        return data
+
+    @model_validator(mode="after")
+    def _augmentation(self) -> "DataConfig":
+        if self.scale_jitter is not None:
+            lo, hi = self.scale_jitter
+            if not 0 < lo <= hi:
+                raise ValueError(f"data.scale_jitter={list(self.scale_jitter)}: need 0 < low <= high, e.g. [0.1, 2.0]")
+            if self.train_min_sizes is not None:
+                raise ValueError("data.scale_jitter and multi-scale data.train_min_sizes: choose one scale augmentation")
+            if self.decode == "device":
+                raise ValueError("data.scale_jitter crops and pads in the loader workers; data.decode=device resizes "
+                                 "on the device and does not crop: use data.decode=workers")
+        if self.train_min_sizes is not None and not all(v > 0 for v in self.train_min_sizes):
+            raise ValueError(f"data.train_min_sizes={list(self.train_min_sizes)}: sides must be positive")
+        return self
 
     def path(self, rel: str) -> Path:
         p = Path(rel)

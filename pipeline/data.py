@@ -37,6 +37,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.memory import release_free_heap
@@ -169,9 +170,13 @@ class CocoDetection(Dataset):
 
     def __init__(self, image_dir: Path, ann_file: Path, min_size: int, max_size: int, flip_prob: float = 0.0,
                  with_masks: bool = False, keep_empty: bool = True, check_files: bool = True,
-                 decode: str = "workers"):
+                 decode: str = "workers", train_min_sizes: Optional[Sequence[int]] = None,
+                 scale_jitter: Optional[tuple[float, float]] = None):
         self.image_dir, self.ann_file = Path(image_dir), Path(ann_file)
         self.min_size, self.max_size, self.flip_prob, self.with_masks = min_size, max_size, flip_prob, with_masks
+        # Scale augmentation (training sets only): multi-scale shorter sides, or large-scale jitter
+        self.train_min_sizes = tuple(train_min_sizes) if train_min_sizes else None
+        self.scale_jitter = scale_jitter
         self.decode = decode  # "workers", or "device": JPEGs leave the workers encoded (decode_on_device)
         self._coco: COCO | None = None
         self._warned_after_resize = False
@@ -364,11 +369,16 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]):
         index, aug_seed = item if isinstance(item, tuple) else (item, index_seed(0, 0, item))
+        rng = random.Random(aug_seed)  # every random choice below: a function of (seed, epoch, index)
+        flip = rng.random() < self.flip_prob  # the first draw: flips are what they were before scale augmentation
+        if self.scale_jitter is not None:
+            return self._jittered(index, rng, flip)
         img_id = self._img_ids[index].item()
         path = self.image_dir / self._file_name(index)
         encoded, image = self._read_encoded(path) if self.decode == "device" else (None, self._read_image(path))
         h, w = _jpeg_size(encoded, path) if encoded is not None else image.shape[-2:]
-        scale = min(self.min_size / min(h, w), self.max_size / max(h, w))
+        min_size = rng.choice(self.train_min_sizes) if self.train_min_sizes else self.min_size
+        scale = min(min_size / min(h, w), self.max_size / max(h, w))
         nh, nw = round(h * scale), round(w * scale)
         if image is not None:
             image = TF.resize(image, [nh, nw], antialias=True)
@@ -386,7 +396,6 @@ class CocoDetection(Dataset):
             masks = torch.from_numpy(np.stack([_ann_mask(s, fh, fw) for s in segs])) if segs \
                 else torch.zeros((0, h, w), dtype=torch.uint8)
             target["masks"] = TF.resize(masks, [nh, nw], interpolation=TF.InterpolationMode.NEAREST_EXACT)
-        flip = self.flip_prob > 0 and random.Random(aug_seed).random() < self.flip_prob
         if flip:
             target["boxes"][:, [0, 2]] = nw - target["boxes"][:, [2, 0]]
             if self.with_masks:
@@ -395,6 +404,45 @@ class CocoDetection(Dataset):
             target["decode"] = (nh, nw, flip)
             return encoded, self._drop_boxes_without_area(target, index, path, (nh, nw))
         return image.flip(-1) if flip else image, self._drop_boxes_without_area(target, index, path, (nh, nw))
+
+    def _jittered(self, index: int, rng: random.Random, flip: bool) -> tuple[torch.Tensor, dict]:
+        """Large-scale jitter (ViTDet's LSJ): resize by ``r * min(S / h, S / w)``, r uniform in
+        ``scale_jitter``, S = ``max_size``; crop a random S x S window where larger, pad to S x S at the
+        bottom and right (the ImageNet mean, which normalises to about 0); flip. torchvision's
+        transforms.v2 functionals move boxes and masks with the image; boxes left without area are
+        dropped. ``target["augment"]`` records the draw (scale, crop offset, flip)."""
+        img_id = self._img_ids[index].item()
+        path = self.image_dir / self._file_name(index)
+        image = self._read_image(path)
+        h, w = image.shape[-2:]
+        side = self.max_size
+        scale = rng.uniform(*self.scale_jitter) * min(side / h, side / w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        top, left = rng.randint(0, max(nh - side, 0)), rng.randint(0, max(nw - side, 0))
+        ch, cw = min(nh, side), min(nw, side)
+        lo, hi = int(self._box_off[index]), int(self._box_off[index + 1])
+        xyxy = torch.from_numpy(self._boxes[lo:hi].copy())
+        xyxy[:, 2:] += xyxy[:, :2]
+        parts = {"image": TF.resize(image, [nh, nw], antialias=True),
+                 "boxes": TF.resize(tv_tensors.BoundingBoxes(xyxy, format="XYXY", canvas_size=(h, w)), [nh, nw])}
+        if self.with_masks:
+            fw, fh = (int(v) for v in self._wh[index])
+            segs = [pickle.loads(self._segs[self._seg_off[j]:self._seg_off[j + 1]].tobytes()) for j in range(lo, hi)]
+            masks = torch.from_numpy(np.stack([_ann_mask(s, fh, fw) for s in segs])) if segs \
+                else torch.zeros((0, h, w), dtype=torch.uint8)
+            parts["masks"] = TF.resize(tv_tensors.Mask(masks), [nh, nw])  # nearest, for a Mask
+        for key, x in parts.items():
+            x = TF.crop(x, top, left, ch, cw)  # boxes: shifted and clamped to the window
+            fill = _MEAN_PIXEL if key == "image" else 0
+            x = TF.pad(x, [0, 0, side - cw, side - ch], fill=fill)
+            parts[key] = TF.horizontal_flip(x) if flip else x
+        boxes = parts["boxes"].as_subclass(torch.Tensor)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # cropped away or rounded to nothing
+        target = {"boxes": boxes[keep], "labels": torch.from_numpy(self._labels[lo:hi].copy())[keep],
+                  "image_id": img_id, "scale": scale, "augment": {"scale": scale, "crop": (top, left), "flip": flip}}
+        if self.with_masks:
+            target["masks"] = parts["masks"].as_subclass(torch.Tensor)[keep]
+        return parts["image"], target
 
     def _read_encoded(self, path: Path) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(the file's bytes, None) for a JPEG; (None, the decoded image) for anything else (PNG, ...),
@@ -412,7 +460,7 @@ class CocoDetection(Dataset):
         if keep.all():
             return target
         keep = torch.from_numpy(keep)
-        if not self._warned_after_resize:
+        if not self._warned_after_resize and self.train_min_sizes is None:  # multi-scale: expected
             self._warned_after_resize = True
             log.warning("%s: dropped %d box(es) of %s (image id %s) with no area at the resized size %dx%d; "
                         "its size in the file is %gx%g (further ones are dropped without a message)",
@@ -425,6 +473,7 @@ class CocoDetection(Dataset):
 
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_MEAN_PIXEL = [124, 116, 104]  # ImageNet's mean RGB in 0-255: padding that normalises to about 0
 
 
 def _jpeg_size(encoded: torch.Tensor, path: Path) -> tuple[int, int]:
@@ -572,7 +621,7 @@ def build_datasets(d, with_masks: bool) -> tuple[CocoDetection, CocoDetection]:
     """
     train = CocoDetection(d.path(d.train_images), d.path(d.train_ann), d.min_size, d.max_size,
                           flip_prob=d.flip_prob, with_masks=with_masks, keep_empty=d.keep_empty, check_files=False,
-                          decode=d.decode)
+                          decode=d.decode, train_min_sizes=d.train_min_sizes, scale_jitter=d.scale_jitter)
     val = CocoDetection(d.path(d.val_images), d.path(d.val_ann), d.min_size, d.max_size,
                         flip_prob=0.0, with_masks=False, keep_empty=True, check_files=False)
     check_image_files([train, val])

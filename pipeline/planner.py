@@ -187,7 +187,10 @@ def _buffers(facts: ModelFacts, ds: dict, world: int) -> float:
 
 def largest_image(cfg: ExperimentConfig) -> tuple[int, int]:
     """The largest (padded) training image after the loader's resize; (min_size, max_size) when the
-    annotations are not there yet (the worst case the resize rule allows)."""
+    annotations are not there yet (the worst case the resize rule allows); with large-scale jitter,
+    its max_size square. Multi-scale training's largest side is min_size (the list's largest)."""
+    if cfg.data.scale_jitter is not None:  # every training image is cropped or padded to this square
+        return 32 * math.ceil(cfg.data.max_size / 32), 32 * math.ceil(cfg.data.max_size / 32)
     ann = cfg.data.path(cfg.data.train_ann)
     if not ann.is_file():
         log.warning("%s not found: planning for the largest size the resize allows", ann)
