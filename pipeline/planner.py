@@ -129,8 +129,9 @@ def model_facts(cfg: ExperimentConfig, num_classes: int, persistence_threshold: 
 
 
 def plan_memory(facts: ModelFacts, ds: dict, world: int, optimizer: str, momentum: float, micro_batch: int,
-                probe: ActivationProbe) -> MemoryPlan:
-    """Per-rank memory of the configured run from the ZeRO formulas and the activation probe."""
+                probe: ActivationProbe, ema: bool = False) -> MemoryPlan:
+    """Per-rank memory of the configured run from the ZeRO formulas and the activation probe;
+    ``ema``: the weight EMA (``train.ema_decay``), fp32, of what the rank holds."""
     psi, n, stage, pb = facts.trainable, world, ds["stage"], ds["param_bytes"]
     state = _STATE_BYTES[optimizer] if not (optimizer in ("sgd", "agvm_sgd", "lars") and momentum == 0) else 0
     master = 4 if pb == 2 else 0  # fp32 master weights only when parameters are half precision
@@ -156,6 +157,8 @@ def plan_memory(facts: ModelFacts, ds: dict, world: int, optimizer: str, momentu
     plan.device["runtime"] = probe.runtime
     if optimizer.startswith("agvm"):
         plan.device["AGVM estimate (every tau)"] = agvm_estimate_bytes(facts, world)
+    if ema:  # pipeline/ema.py: the partitions under ZeRO-3, whole parameters otherwise
+        plan.device["weight EMA"] = 4 * (psi / n if stage == 3 else psi)
     return plan
 
 
@@ -328,7 +331,8 @@ def build_plan(cfg: ExperimentConfig, world: int, image_size: Optional[tuple[int
     num_classes = num_classes or _num_classes(cfg)
     facts = model_facts(cfg, num_classes, ds["stage3_param_persistence_threshold"])
     probe = run_probe(cfg, num_classes, ds["torch_autocast_bf16"], image_size or largest_image(cfg), probe_size)
-    plan = plan_memory(facts, ds, world, cfg.optim.name, cfg.optim.momentum, cfg.train.micro_batch, probe)
+    plan = plan_memory(facts, ds, world, cfg.optim.name, cfg.optim.momentum, cfg.train.micro_batch, probe,
+                       ema=cfg.train.ema_decay is not None)
     return plan, probe
 
 

@@ -87,6 +87,16 @@ def test_command_line_plans_the_shipped_default_config(shapes_root, capsys):
     assert "images 96x96" in out or "images 64x96" in out or "images 96x64" in out
 
 
+def test_weight_ema_adds_an_fp32_copy_of_what_each_rank_holds():
+    facts = ModelFacts(parameters=10**9, trainable=9 * 10**8, small_trainable=0, largest_module=6 * 10**8)
+    none = ActivationProbe(0.0, 0.0, (1, 1), (1, 1), 0.0, "cuda")
+    for stage, held in ((3, 9 * 10**8 / 8), (2, 9 * 10**8), (0, 9 * 10**8)):
+        ds = ds_settings({"zero_optimization": {"stage": stage}})
+        plain = plan_memory(facts, ds, world=8, optimizer="sgd", momentum=0.9, micro_batch=1, probe=none)
+        ema = plan_memory(facts, ds, world=8, optimizer="sgd", momentum=0.9, micro_batch=1, probe=none, ema=True)
+        assert ema.total - plain.total == 4 * held
+
+
 def test_agvm_adds_its_estimate_iteration_to_the_plan():
     """AGVM's estimate iteration: an fp32 copy of every trainable gradient (two with one rank's micro-batch
     halves) plus the S and D chunks of the largest module (2 x 4 bytes x module / world)."""
