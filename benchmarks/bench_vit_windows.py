@@ -39,7 +39,7 @@ def measured_step(step, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - tic, (peak_memory(device) - before) / 2**30
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="vit_small_patch16_224")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="square image sides")
@@ -49,10 +49,13 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --steps steps per variant")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    info = init_distributed()
-    if info.device.type == "cpu":
-        pin_mmap_threshold()  # freed buffers go back to the kernel: the resident set tracks live memory
+    p.add_argument("overrides", nargs="*", help="further key=value overrides of the experiment config")
+    return p.parse_args(argv)
+
+
+def measure(args: argparse.Namespace, info) -> list[dict]:
+    """Rows of seconds per step and peak memory, global and windowed, per image size (the GPU
+    suite's part h calls this in its own process)."""
     variants = {"global": ["model.vit_window=0"], f"window {args.window}": [f"model.vit_window={args.window}"]}
     rows = []
     for size in args.sizes:
@@ -62,7 +65,7 @@ def main(argv=None) -> None:
                 "model.detector=faster_rcnn", f"model.backbone={args.backbone}", "model.norm=frozen",
                 f"data.min_size={size}", f"data.max_size={size}", f"train.micro_batch={args.batch}",
                 f"train.ds_config={REPO}/ds_configs/zero0_{args.precision}.json", "model.rpn_post_nms_train=500",
-                "model.roi_batch_per_image=128", *extra], info, args.batch, size, size)
+                "model.roi_batch_per_image=128", *extra, *args.overrides], info, args.batch, size, size)
             step()  # lazy allocations: gradients, optimizer state
             steps[label] = step
         seconds, peaks = {k: [] for k in steps}, {k: [] for k in steps}
@@ -80,6 +83,15 @@ def main(argv=None) -> None:
                          "vs_global": round(statistics.median(seconds[label]) / base, 3),
                          "peak_above_start_gib": round(max(peaks[label]), 3)})
         del steps
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    info = init_distributed()
+    if info.device.type == "cpu":
+        pin_mmap_threshold()  # freed buffers go back to the kernel: the resident set tracks live memory
+    rows = measure(args, info)
     print(f"\n{args.backbone}, Faster R-CNN, batch {args.batch}, {args.precision}, {info.device}:")
     print(f"{'size':>6} {'variant':>12} {'s/step':>8} {'vs global':>10} {'peak GiB':>9}")
     for r in rows:

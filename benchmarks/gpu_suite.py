@@ -16,6 +16,7 @@ part that fails or runs out of time is a row with its error, and the others stil
      training at the micro-batch it recommends: estimated vs measured peak
   f  the data loader alone at 800x1333: img/s by worker count
   g  pytest -m gpu
+  h  ViTDet's windowed attention vs global attention: ViT-g Faster R-CNN at 1024x1024, step time and peak
 Writes OUT_DIR/suite.md (the table; also printed) and OUT_DIR/suite.json. On CPU every figure is
 a CPU figure, labelled with the device: never read one as a GPU number.
 """
@@ -54,6 +55,7 @@ PARTS = {
     "e": ("memory planner on ViT-g, then training at its micro-batch", 150),
     "f": ("data loader alone", 45),
     "g": ("pytest -m gpu", 60),
+    "h": ("windowed vs global attention (ViT-g, 1024)", 120),
 }
 SMOKE_LIMIT = 900
 
@@ -471,6 +473,22 @@ def part_g(sizes: Sizes, info, out_dir: Path) -> dict:
     (out_dir / "pytest_gpu.log").write_text(done.stdout + done.stderr)
     return {"rows": rows, "note": "the tests marked gpu (they skip without CUDA); full log: pytest_gpu.log",
             "table": _md_table(rows, ["exit", "summary"])}
+
+
+def part_h(sizes: Sizes, info, out_dir: Path) -> dict:
+    import bench_vit_windows
+
+    backbone, side, window = ("test_vit", 64, 2) if sizes.smoke else ("vit_giant_patch14_dinov2", 1024, 14)
+    args = bench_vit_windows.parse_args([
+        "--backbone", backbone, "--sizes", str(side), "--window", str(window), "--precision", sizes.fast_precision,
+        "--rounds", "1" if sizes.smoke else "2", "--steps", "1" if sizes.smoke else "3",
+        "--out", str(out_dir / "vit_windows.jsonl"), *sizes.heads])
+    rows = bench_vit_windows.measure(args, info)
+    (out_dir / "vit_windows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = [{k: r[k] for k in ("size", "variant", "s_per_step", "vs_global", "peak_above_start_gib")} for r in rows]
+    note = (f"{backbone} Faster R-CNN, batch 1, {sizes.fast_precision}, ZeRO-0, window {window} with ViTDet's 4 global "
+            "blocks; peak above the step's start; benchmarks/bench_vit_windows.py")
+    return {"rows": rows, "note": note, "table": _md_table(rows, list(rows[0]))}
 
 
 def _child_env() -> dict:

@@ -23,7 +23,7 @@ def test_every_part_runs_in_smoke_mode(tmp_path):
     assert done.returncode == 0, report[-6000:]
     suite = json.loads((tmp_path / "suite.json").read_text())
     parts = suite["parts"]
-    assert sorted(parts) == list("abcdefg") and all(p["status"] == "ok" for p in parts.values())
+    assert sorted(parts) == list("abcdefgh") and all(p["status"] == "ok" for p in parts.values())
     assert "(smoke: CPU, tiny sizes; not GPU figures)" in report
 
     smoke = parts["a"]["rows"]
@@ -43,6 +43,8 @@ def test_every_part_runs_in_smoke_mode(tmp_path):
     assert {r["decode"] for r in loader} == {"workers (CPU)", "training process (CPU)"}
     assert all(r["img_s"] > 0 for r in loader)
     assert parts["g"]["rows"][0]["exit"] == 0  # the gpu tests skip cleanly without CUDA
+    windows = {r["variant"]: r for r in parts["h"]["rows"]}
+    assert windows["global"]["s_per_step"] > 0 and windows["window 2"]["s_per_step"] > 0
 
 
 def test_a_part_out_of_time_is_reported_and_the_suite_still_writes_its_table(tmp_path):
