@@ -50,7 +50,10 @@ gradient on some rank; while a module is reduced, its S and D chunks (2/W of the
 Communication: one gradient-sized reduce-scatter (D) and one small all-reduce under ZeRO-3 and
 fp32 ZeRO-0, whose reduced gradient is S already (``HalfGradients.reduced_gradient``); under ZeRO
 1/2, whose partitions cover whole parameter groups in another layout, a second reduce-scatter
-computes S.
+computes S. Micro-batch halves under ZeRO-3 (``agvm.halves=micro_batches``, or auto with one BN
+group of every rank) need neither: no tap, no collective beyond the all-reduce, one partition-sized
+copy of the first half's reduced gradient (``HalfGradients.after_backward``); the estimate for
+billion-parameter models.
 """
 
 from __future__ import annotations
@@ -102,16 +105,24 @@ class Halves:
 
 
 def choose_halves(world: int, accum: int, bn_layout: Optional[list[list[int]]] = None,
-                  coupled_ok: bool = False) -> tuple[Halves, Optional[str]]:
+                  coupled_ok: bool = False, prefer: str = "auto") -> tuple[Halves, Optional[str]]:
     """The halves for ``world`` ranks of ``accum`` micro-batches whose cross-GPU BN groups are
     ``bn_layout`` (None: no BN couples ranks); returns them and a warning, if any.
 
-    Ranks split between whole BN groups when there are two or more: the most even split of the
-    groups in rank order (no groups: ranks [0, W/2) and the rest). One group of every rank: the
-    micro-batch halves when ``accum`` >= 2, else ConfigError, unless ``coupled_ok``."""
+    ``prefer`` (``agvm.halves``): micro_batches, ranks, or auto: ranks split between whole BN groups
+    when there are two or more, the most even split of the groups in rank order (no groups: ranks
+    [0, W/2) and the rest); one group of every rank: the micro-batch halves when ``accum`` >= 2,
+    else ConfigError, unless ``coupled_ok``."""
     check_halves(world, accum)
     micro = Halves("micro", frozenset(range(accum // 2)), (world * (accum // 2), world * (accum - accum // 2)))
+    if prefer == "micro_batches":
+        if accum < 2:
+            raise ConfigError("agvm.halves=micro_batches needs train.grad_accum >= 2 (two micro-batches per rank "
+                              "to compare); raise it, or use agvm.halves=auto")
+        return micro, None
     if world == 1:
+        if prefer == "ranks":
+            raise ConfigError("agvm.halves=ranks needs 2 or more ranks; use agvm.halves=auto on one rank")
         return micro, None
     blocks = sorted(bn_layout, key=min) if bn_layout else [[r] for r in range(world)]
     if len(blocks) >= 2:
@@ -119,7 +130,7 @@ def choose_halves(world: int, accum: int, bn_layout: Optional[list[list[int]]] =
         first = min(counts, key=lambda c: abs(2 * c - world))  # the earliest of the most even
         ranks = frozenset(r for b in blocks[:counts.index(first) + 1] for r in b)
         return Halves("ranks", ranks, (first, world - first)), None
-    if accum >= 2:
+    if accum >= 2 and prefer == "auto":
         return micro, None
     straddling = Halves("ranks", frozenset(range(world // 2)), (world // 2, world - world // 2))
     if coupled_ok:
@@ -161,6 +172,11 @@ class HalfGradients:
     ``reduced_gradient`` (``pipeline.ds_internals.reduced_gradient_reader``: ZeRO-3, fp32 ZeRO-0)
     it is read from DeepSpeed's result; otherwise (ZeRO 1/2, whose partitions are laid out
     otherwise) a second reduce-scatter of the unsigned buffer gives it.
+
+    Micro-batch halves under ZeRO-3 need no tap at all: ZeRO-3 reduces after every backward, so
+    after the first half's last micro-batch its partition holds the first half's sum (copied then,
+    ``after_backward``), and at the end S; D = 2 x first - S. Cost: one partition-sized copy, no
+    collective.
     """
 
     def __init__(self, modules: dict[str, list[nn.Parameter]], world: int, rank: int, accum: int,
@@ -179,22 +195,35 @@ class HalfGradients:
                 self.columns[p] = self.width[name]
                 self.width[name] += chunk_of(full_numel(p), world)
         self.armed, self.micro = False, 0
+        self.first_sums: dict[str, torch.Tensor] = {}  # tap-free micro-batch halves: the first half's S chunk
         self.sums: dict[str, torch.Tensor] = {}  # [W, L] per module: this rank's local gradient
         self.signed: dict[str, torch.Tensor] = {}  # micro-batch halves: first half minus second
         # reads this rank's chunk of DeepSpeed's reduced (mean) gradient; set once the engine exists
         self.reduced_gradient: Optional[Callable[[list[nn.Parameter]], list[torch.Tensor]]] = None
         self.handles = [p.register_hook(partial(self._on_grad, p)) for ps in modules.values() for p in ps]
 
+    @property
+    def from_partitions(self) -> bool:
+        """Micro-batch halves read from ZeRO-3's partitions after each half (no tap; class docstring)."""
+        return (not self.by_ranks and self.world >= 2
+                and getattr(self.reduced_gradient, "each_backward", False))
+
     def arm(self) -> None:
         """Tap the gradients of the coming iteration (call before its first backward)."""
-        self.armed, self.sums, self.signed, self.micro = True, {}, {}, 0
+        self.armed, self.sums, self.signed, self.first_sums, self.micro = True, {}, {}, {}, 0
+
+    def after_backward(self, micro: int) -> None:
+        """Micro-batch ``micro``'s backward is done (ZeRO has reduced it where it reduces every
+        backward): after the first half's last one, keep the first half's sum."""
+        if self.armed and self.from_partitions and micro == max(self.halves_of.first):
+            self.first_sums = {name: torch.cat(self.reduced_gradient(params)) for name, params in self.modules.items()}
 
     def begin_micro(self, micro: int) -> None:
         """The next backward is micro-batch ``micro`` of the iteration (which half it belongs to)."""
         self.micro = micro
 
     def _on_grad(self, param: nn.Parameter, grad: torch.Tensor) -> None:
-        if not self.armed:
+        if not self.armed or self.from_partitions:
             return None
         name, chunk = self.module_of[param], chunk_of(grad.numel(), self.world)
         g = F.pad(grad.detach().reshape(-1).float(), (0, chunk * self.world - grad.numel())).view(self.world, chunk)
@@ -221,6 +250,10 @@ class HalfGradients:
             if self.world == 1:  # micro-batch halves; nothing to reduce
                 yield name, self._or_zeros(local, name)[0], self._or_zeros(signed, name)[0]
                 continue
+            if self.from_partitions:  # S and the first half's sum from ZeRO-3 (means over the ranks)
+                s = torch.cat(self.reduced_gradient(params)).mul_(self.world)
+                yield name, s, self.first_sums.pop(name).mul_(2 * self.world).sub_(s)
+                continue
             if self.reduced_gradient is not None:  # DeepSpeed's mean over the ranks, this rank's chunk
                 s = torch.cat(self.reduced_gradient(params)).mul_(self.world)
             else:
@@ -229,7 +262,7 @@ class HalfGradients:
                                 else self._or_zeros(signed, name))
             del local, signed
             yield name, s, d
-        self.sums, self.signed = {}, {}
+        self.sums, self.signed, self.first_sums = {}, {}, {}
 
     def _or_zeros(self, buffer: Optional[torch.Tensor], name: str) -> torch.Tensor:
         """A module's buffer, or zeros where none of its parameters had a gradient on this rank."""

@@ -236,7 +236,7 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
     if cfg.optim.name.startswith("agvm"):  # before initialize: its gradient tap must run before ZeRO's hooks
         adamw = (cfg.optim.betas[1], cfg.optim.eps) if cfg.optim.name == "agvm_adamw" else None
         halves, warning = choose_halves(info.world, cfg.train.grad_accum, _coupling_bn_groups(model, bn_layout),
-                                        cfg.agvm.coupled_halves)
+                                        cfg.agvm.coupled_halves, cfg.agvm.halves)
         if warning:
             log_dist(warning)
         agvm = AGVM(cfg.agvm, modules_of(groups), info.world, info.rank, cfg.train.grad_accum,

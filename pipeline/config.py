@@ -219,6 +219,10 @@ class AGVMConfig(_Section):
                                       "start_after_warmup iterations after the end of warmup")
     start_after_warmup: int = Field(0, ge=0, description="with start_iter unset, modulation starts this many "
                                     "iterations after warmup ends (0: right after, as the public configs)")
+    halves: Literal["auto", "ranks", "micro_batches"] = Field(
+        "auto", description="what AGVM compares: auto (rank halves along BN groups; micro-batch halves when one BN "
+                            "group holds every rank), ranks, or micro_batches (train.grad_accum >= 2; under ZeRO-3 "
+                            "read from ZeRO's own reduced gradients: no tap, no extra communication)")
     coupled_halves: bool = Field(False, description="accept rank halves inside one cross-GPU BN group (its "
                                  "statistics couple them: Phi reads high); by default they are refused")
     stop_iter: Optional[int] = Field(None, gt=0, description="modulation ends here (mu = 1 after); None = never")

@@ -159,6 +159,9 @@ def reduced_gradient_reader(engine, world: int, rank: int):
             chunks.append(torch.nn.functional.pad(g, (0, size - g.numel())))
         return chunks
 
+    # ZeRO-3 reduces (and accumulates) after every backward, so mid-accumulation the partition is the
+    # reduced sum of the micro-batches so far; ZeRO-0 reduces only at the accumulation boundary
+    read.each_backward = stage == 3
     return read
 
 

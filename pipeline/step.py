@@ -56,6 +56,8 @@ class TrainStep:
             if armed:
                 agvm.tap.begin_micro(micro)
             engine.backward(sum(out.values()))
+            if armed:
+                agvm.tap.after_backward(micro)
             if micro == self.accum - 1:  # DeepSpeed steps the optimizer at this engine.step()
                 self._before_optimizer_step(it, armed)
             engine.step()

@@ -78,7 +78,7 @@ def _full_params(engine, stage: int) -> dict[str, list[float]]:
         return {n: p.detach().reshape(-1).tolist() for n, p in params}
 
 
-def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str) -> None:
+def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str, extra: tuple = ()) -> None:
     import gc
 
     import torch.distributed as dist
@@ -93,7 +93,7 @@ def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str) -> 
     counted = lambda buffer: scatters.append(buffer.numel()) or reduce_scatter(buffer)  # noqa: E731
     reduce_scatter, agvm_module._reduce_scatter = agvm_module._reduce_scatter, counted
     for opt, stage in cases:
-        cfg = load_config(None, _overrides(opt, stage, accum))
+        cfg = load_config(None, _overrides(opt, stage, accum) + list(extra))
         training = build_training(cfg, info, data=False, model=_model())
         record, scatters[:] = [], []
         for it in range(ITERS):
@@ -112,8 +112,9 @@ def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str) -> 
         dist.barrier()
 
 
-def _reference(opt: str, world: int, accum: int) -> list[dict]:
-    """Plain torch: per-unit gradients, halves, cosine, mu, and torch's optimizer with lr x mu."""
+def _reference(opt: str, world: int, accum: int, micro_halves: bool = False) -> list[dict]:
+    """Plain torch: per-unit gradients, halves, cosine, mu, and torch's optimizer with lr x mu.
+    ``micro_halves``: the units are (micro-batch, rank) pairs, the first half every rank's first micro-batches."""
     cfg = load_config(None, _overrides(opt, 0, accum))
     model = _model()
     groups = build_param_groups(model, "faster_rcnn", cfg.optim)
@@ -127,17 +128,20 @@ def _reference(opt: str, world: int, accum: int) -> list[dict]:
     out = []
     for it in range(ITERS):
         # Unit gradients: one per rank (mean over its micro-batches) or, for one rank, one per micro-batch.
-        units = []
+        units, by_micro = [], {}
         for rank in range(world):
             per_micro = []
             for micro in range(accum):
                 model.zero_grad()
                 sum(model(*_batch(it, rank, micro)).values()).backward()
                 per_micro.append({id(p): p.grad.clone() for p in model.parameters()})
-            if world >= 2:
+                by_micro.setdefault(micro, []).append(per_micro[-1])
+            if world >= 2 and not micro_halves:
                 units.append({k: sum(g[k] for g in per_micro) / accum for k in per_micro[0]})
-            else:
+            elif world == 1:
                 units.extend(per_micro)
+        if micro_halves and world >= 2:
+            units = [u for micro in range(accum) for u in by_micro[micro]]
         half = len(units) // 2
         first, second = units[:half], units[half:]
         phi = {}
@@ -192,6 +196,20 @@ def test_agvm_sgd_matches_reference_under_every_zero_stage(world, accum, tmp_pat
         # reduce-scatter (D) per module; ZeRO 1/2 lay S out otherwise: a second one
         assert got[-1] == {"reduce_scatters_per_module_and_estimate": 1 if stage in (0, 3) else 2,
                            "reads_s_from_deepspeed": stage in (0, 3)} if world >= 2 else True, (stage, got[-1])
+
+
+def test_micro_batch_halves_on_several_ranks_match_the_reference_and_need_no_tap_under_zero3(tmp_path):
+    """agvm.halves=micro_batches with 2 ranks: every rank's first micro-batch against its second.
+    ZeRO-3 reads both halves from its own reduced partitions (no reduce-scatter at all); the other
+    stages tap as usual. AdamW too: its halves are preconditioned from the same S and D."""
+    for opt in ("agvm_sgd", "agvm_adamw"):
+        cases = [(opt, stage) for stage in (0, 1, 2, 3)]
+        run_distributed(_ds_worker, 2, 2, cases, str(tmp_path), ("agvm.halves=micro_batches",))
+        want = _reference(opt, 2, 2, micro_halves=True)
+        for _, stage in cases:
+            got = json.loads((tmp_path / f"{opt}_zero{stage}.json").read_text())
+            _check(got, want, param_atol=3e-5 if opt == "agvm_adamw" else 1e-6)
+            assert got[-1]["reduce_scatters_per_module_and_estimate"] == {0: 1, 1: 2, 2: 2, 3: 0}[stage], (opt, stage)
 
 
 @pytest.mark.parametrize("world, accum", [(2, 1), (4, 1), (1, 2)])
@@ -464,3 +482,18 @@ def test_bn_aligned_halves_match_the_uncoupled_reference_and_straddling_ones_rea
     aligned = sum(p["backbone"] for p in got["pairs"]) / BN_ITERS
     coupled = sum(p["backbone"] for p in got["world_coupled"]) / BN_ITERS
     assert coupled > aligned + 0.3, (coupled, aligned)  # measured: 1.53 vs 0.92
+
+
+def test_halves_can_be_chosen():
+    from pipeline.agvm import choose_halves
+
+    micro, _ = choose_halves(4, 2, None, prefer="micro_batches")
+    assert micro.by == "micro" and micro.first == {0} and micro.sizes == (4, 4)
+    ranks, _ = choose_halves(4, 2, [[0, 1], [2, 3]], prefer="ranks")
+    assert ranks.by == "ranks" and ranks.first == {0, 1}
+    with pytest.raises(ConfigError, match="train.grad_accum >= 2"):
+        choose_halves(4, 1, None, prefer="micro_batches")
+    with pytest.raises(ConfigError, match="coupled_halves"):  # ranks asked for, but one BN group couples them
+        choose_halves(4, 2, [[0, 1, 2, 3]], prefer="ranks")
+    with pytest.raises(ConfigError, match="2 or more ranks"):
+        choose_halves(1, 2, None, prefer="ranks")
