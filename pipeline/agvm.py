@@ -214,9 +214,10 @@ class HalfGradients:
 
     def after_backward(self, micro: int) -> None:
         """Micro-batch ``micro``'s backward is done (ZeRO has reduced it where it reduces every
-        backward): after the first half's last one, keep the first half's sum."""
+        backward): after the first half's last one, keep the first half's sum, parameter by parameter."""
         if self.armed and self.from_partitions and micro == max(self.halves_of.first):
-            self.first_sums = {name: torch.cat(self.reduced_gradient(params)) for name, params in self.modules.items()}
+            self.first_sums = {name: [c.clone() for c in self.reduced_gradient(params)]
+                               for name, params in self.modules.items()}
 
     def begin_micro(self, micro: int) -> None:
         """The next backward is micro-batch ``micro`` of the iteration (which half it belongs to)."""
@@ -239,30 +240,43 @@ class HalfGradients:
         start = self.columns[param]
         store[name][:, start:start + g.shape[1]].add_(g)
 
-    def reduced(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    def reduced(self) -> Iterator[tuple[str, list[nn.Parameter], torch.Tensor, torch.Tensor]]:
         """Module by module, this rank's shard of S and D over the global batch (the whole vectors
-        with one rank); each module's buffer is freed once reduced, so the caller holds one module's
-        shards at a time. Every rank must consume it whole (collectives); then the tap is disarmed."""
+        with one rank) for the parameters ``params`` of module ``name``: the whole module, or, read
+        from ZeRO-3's partitions, one parameter at a time. Each buffer is freed once reduced, so the
+        caller holds one module's shards at a time. Every rank must consume it whole (collectives);
+        then the tap is disarmed."""
         sign = 1.0 if self.rank in self.halves_of.first else -1.0
         self.armed = False
         for name, params in self.modules.items():
             local, signed = self.sums.pop(name, None), self.signed.pop(name, None)
             if self.world == 1:  # micro-batch halves; nothing to reduce
-                yield name, self._or_zeros(local, name)[0], self._or_zeros(signed, name)[0]
+                yield name, params, self._or_zeros(local, name)[0], self._or_zeros(signed, name)[0]
                 continue
             if self.from_partitions:  # S and the first half's sum from ZeRO-3 (means over the ranks)
-                s = torch.cat(self.reduced_gradient(params)).mul_(self.world)
-                yield name, s, self.first_sums.pop(name).mul_(2 * self.world).sub_(s)
+                firsts = self.first_sums.pop(name)
+                for param, chunk in zip(params, self.reduced_gradient(params)):
+                    s = chunk.mul(self.world)
+                    yield name, [param], s, firsts.pop(0).mul_(2 * self.world).sub_(s)
                 continue
             if self.reduced_gradient is not None:  # DeepSpeed's mean over the ranks, this rank's chunk
-                s = torch.cat(self.reduced_gradient(params)).mul_(self.world)
+                s = self._filled(name, self.reduced_gradient(params)).mul_(self.world)
             else:
                 s = _reduce_scatter(self._or_zeros(local, name))
             d = _reduce_scatter(self._or_zeros(local, name).mul_(sign) if self.by_ranks
                                 else self._or_zeros(signed, name))
             del local, signed
-            yield name, s, d
+            yield name, params, s, d
         self.sums, self.signed, self.first_sums = {}, {}, {}
+
+    def _filled(self, name: str, chunks: Iterator[torch.Tensor]) -> torch.Tensor:
+        """One module's shard from its parameters' chunks, written in place (no concatenated copy)."""
+        out = torch.empty(self.width[name], device=self.modules[name][0].device)
+        start = 0
+        for chunk in chunks:
+            out[start:start + chunk.numel()].copy_(chunk)
+            start += chunk.numel()
+        return out
 
     def _or_zeros(self, buffer: Optional[torch.Tensor], name: str) -> torch.Tensor:
         """A module's buffer, or zeros where none of its parameters had a gradient on this rank."""
@@ -342,19 +356,20 @@ class AGVM:
         Each rank reduces its shards to three numbers per module, summed over the ranks in one
         all-reduce: |S|^2, |D|^2, <S, D> (SGD), or <H1, H2>, |H1|^2, |H2|^2 of the preconditioned
         halves (AdamW)."""
-        names, partial_sums = [], []
-        for name, s, d in self.tap.reduced():
-            names.append(name)
+        partial_sums: dict[str, torch.Tensor] = {}  # module order: the same on every rank
+        for name, params, s, d in self.tap.reduced():
             if self.adamw is None:
                 s, d = s.double(), d.double()
-                partial_sums.append(torch.stack([s.dot(s), d.dot(d), s.dot(d)]))
+                sums = torch.stack([s.dot(s), d.dot(d), s.dot(d)])
             else:
                 beta2, eps = self.adamw
-                v = torch.cat(second_moment(self.tap.modules[name]))
+                v = torch.cat(second_moment(params))
                 h1, h2 = (g / ((beta2 * v + (1 - beta2) * g.square()).sqrt() + eps) for g in self.tap.halves(s, d))
                 h1, h2 = h1.double(), h2.double()
-                partial_sums.append(torch.stack([h1.dot(h2), h1.dot(h1), h2.dot(h2)]))
-        totals = torch.stack(partial_sums)
+                sums = torch.stack([h1.dot(h2), h1.dot(h1), h2.dot(h2)])
+            partial_sums[name] = partial_sums[name] + sums if name in partial_sums else sums
+        names = list(partial_sums)
+        totals = torch.stack([partial_sums[n] for n in names])
         if self.tap.world >= 2:
             dist.all_reduce(totals)
         if self.adamw is None:

@@ -12,6 +12,7 @@ itself is imported only where it is used, so the config checks stay free of it.
 from __future__ import annotations
 
 import os
+from typing import Iterator
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def local_optimizer_chunks(engine, params: list[torch.nn.Parameter], key: str, w
 
 
 def reduced_gradient_reader(engine, world: int, rank: int):
-    """A function ``read(params)`` -> this rank's chunk (AGVM's shard layout: the flat parameter
+    """A function ``read(params)`` -> (an iterator of) this rank's chunk (AGVM's shard layout: the flat parameter
     padded to a multiple of ``world``, chunk ``rank``) of each parameter's gradient as DeepSpeed
     has already reduced it, the mean over the ranks; call it after the iteration's last backward,
     before ``engine.step()``. AGVM's estimate takes its S from it instead of reducing the tapped
@@ -150,14 +151,12 @@ def reduced_gradient_reader(engine, world: int, rank: int):
     else:
         return None
 
-    def read(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-        chunks = []
-        for p in params:
+    def read(params: list[torch.nn.Parameter]) -> Iterator[torch.Tensor]:
+        for p in params:  # one parameter's chunk at a time: the caller decides what to keep
             size = -(-full_numel(p) // world)
             g = local(p)
             g = torch.zeros(size, device=p.device) if g is None else g.reshape(-1).float()
-            chunks.append(torch.nn.functional.pad(g, (0, size - g.numel())))
-        return chunks
+            yield g if g.numel() == size else torch.nn.functional.pad(g, (0, size - g.numel()))
 
     # ZeRO-3 reduces (and accumulates) after every backward, so mid-accumulation the partition is the
     # reduced sum of the micro-batches so far; ZeRO-0 reduces only at the accumulation boundary
