@@ -129,7 +129,7 @@ def model_facts(cfg: ExperimentConfig, num_classes: int, persistence_threshold: 
 
 
 def plan_memory(facts: ModelFacts, ds: dict, world: int, optimizer: str, momentum: float, micro_batch: int,
-                probe: ActivationProbe, ema: bool = False) -> MemoryPlan:
+                probe: ActivationProbe, ema: bool = False, agvm_halves: str = "auto") -> MemoryPlan:
     """Per-rank memory of the configured run from the ZeRO formulas and the activation probe;
     ``ema``: the weight EMA (``train.ema_decay``), fp32, of what the rank holds."""
     psi, n, stage, pb = facts.trainable, world, ds["stage"], ds["param_bytes"]
@@ -156,18 +156,21 @@ def plan_memory(facts: ModelFacts, ds: dict, world: int, optimizer: str, momentu
     plan.device["activations"] = probe.fixed + probe.per_image * micro_batch
     plan.device["runtime"] = probe.runtime
     if optimizer.startswith("agvm"):
-        plan.device["AGVM estimate (every tau)"] = agvm_estimate_bytes(facts, world)
+        plan.device["AGVM estimate (every tau)"] = agvm_estimate_bytes(facts, world, stage, agvm_halves)
     if ema:  # pipeline/ema.py: the partitions under ZeRO-3, whole parameters otherwise
         plan.device["weight EMA"] = 4 * (psi / n if stage == 3 else psi)
     return plan
 
 
-def agvm_estimate_bytes(facts: ModelFacts, world: int) -> float:
+def agvm_estimate_bytes(facts: ModelFacts, world: int, stage: int = 0, halves: str = "auto") -> float:
     """What an AGVM estimate iteration adds (``pipeline/agvm.py``): the fp32 tap of the local
     gradients, twice with micro-batch halves (assumed for one rank; with ranks, micro-batch halves
     arise only when one BN group holds every rank), and the S and D chunks of the module being
     reduced (fp32, 1/world of it each). An upper bound: the tap fills while backward frees
-    activations."""
+    activations. Micro-batch halves on several ranks under ZeRO-3 (``agvm.halves=micro_batches``)
+    tap nothing: the first half's chunk of every parameter (1/world of the model, fp32)."""
+    if halves == "micro_batches" and stage == 3 and world >= 2:
+        return 4 * facts.trainable / world
     copies = 2 if world == 1 else 1
     return 4 * facts.trainable * copies + 2 * 4 * facts.largest_module / world
 
@@ -332,7 +335,7 @@ def build_plan(cfg: ExperimentConfig, world: int, image_size: Optional[tuple[int
     facts = model_facts(cfg, num_classes, ds["stage3_param_persistence_threshold"])
     probe = run_probe(cfg, num_classes, ds["torch_autocast_bf16"], image_size or largest_image(cfg), probe_size)
     plan = plan_memory(facts, ds, world, cfg.optim.name, cfg.optim.momentum, cfg.train.micro_batch, probe,
-                       ema=cfg.train.ema_decay is not None)
+                       ema=cfg.train.ema_decay is not None, agvm_halves=cfg.agvm.halves)
     return plan, probe
 
 

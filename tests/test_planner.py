@@ -107,6 +107,10 @@ def test_agvm_adds_its_estimate_iteration_to_the_plan():
         sgd = plan_memory(facts, ds, world=world, optimizer="sgd", momentum=0.9, micro_batch=1, probe=none)
         agvm = plan_memory(facts, ds, world=world, optimizer="agvm_sgd", momentum=0.9, micro_batch=1, probe=none)
         assert agvm.total - sgd.total == 4 * 9 * 10**8 * copies + 8 * 6 * 10**8 / world
+    tapless = plan_memory(facts, ds, world=8, optimizer="agvm_sgd", momentum=0.9, micro_batch=1, probe=none,
+                          agvm_halves="micro_batches")
+    sgd = plan_memory(facts, ds, world=8, optimizer="sgd", momentum=0.9, micro_batch=1, probe=none)
+    assert tapless.total - sgd.total == 4 * 9 * 10**8 / 8  # ZeRO-3 micro-batch halves: the first half's chunks
     cfg = load_config(None, ["model.backbone=resnet18", "model.fpn_channels=64"])
     from pipeline.planner import model_facts
 
