@@ -7,6 +7,8 @@ it holds: under ZeRO 0-2 every rank holds whole parameters and keeps a whole fp3
 ZeRO-3 a rank holds its partition of each parameter (``ds_tensor``) and averages only that, so the
 EMA is sharded as the model is. Parameters only: buffers (BatchNorm running statistics) are the
 live model's, as the evaluation uses them (torch's ``AveragedModel`` default, ``use_buffers=False``).
+Not torch's ``AveragedModel`` or timm's ``ModelEmaV3`` themselves: both keep a deep copy of the
+whole module, which under ZeRO-3 would put every whole parameter on every rank.
 
 Evaluation runs inside ``applied()``: the EMA is copied into the live tensors (under ZeRO-3 the
 partitions, and the persistent small parameters re-gathered as DeepSpeed does after a step) and
