@@ -195,11 +195,11 @@ class HalfGradients:
                 self.columns[p] = self.width[name]
                 self.width[name] += chunk_of(full_numel(p), world)
         self.armed, self.micro = False, 0
-        self.first_sums: dict[str, torch.Tensor] = {}  # tap-free micro-batch halves: the first half's S chunk
+        self.first_sums: dict[str, list[torch.Tensor]] = {}  # tap-free micro-batch halves: first half, per parameter
         self.sums: dict[str, torch.Tensor] = {}  # [W, L] per module: this rank's local gradient
         self.signed: dict[str, torch.Tensor] = {}  # micro-batch halves: first half minus second
         # reads this rank's chunk of DeepSpeed's reduced (mean) gradient; set once the engine exists
-        self.reduced_gradient: Optional[Callable[[list[nn.Parameter]], list[torch.Tensor]]] = None
+        self.reduced_gradient: Optional[Callable[[list[nn.Parameter]], Iterator[torch.Tensor]]] = None
         self.handles = [p.register_hook(partial(self._on_grad, p)) for ps in modules.values() for p in ps]
 
     @property
@@ -254,10 +254,10 @@ class HalfGradients:
                 yield name, params, self._or_zeros(local, name)[0], self._or_zeros(signed, name)[0]
                 continue
             if self.from_partitions:  # S and the first half's sum from ZeRO-3 (means over the ranks)
-                firsts = self.first_sums.pop(name)
+                firsts = self.first_sums.pop(name)[::-1]  # popped from the end: each freed once used
                 for param, chunk in zip(params, self.reduced_gradient(params)):
                     s = chunk.mul(self.world)
-                    yield name, [param], s, firsts.pop(0).mul_(2 * self.world).sub_(s)
+                    yield name, [param], s, firsts.pop().mul_(2 * self.world).sub_(s)
                 continue
             if self.reduced_gradient is not None:  # DeepSpeed's mean over the ranks, this rank's chunk
                 s = self._filled(name, self.reduced_gradient(params)).mul_(self.world)
