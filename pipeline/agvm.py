@@ -38,19 +38,22 @@ other iterations the hooks return at once: no extra gradient-sized communication
 
 AdamW variant: each half's gradient is preconditioned by the second moment first,
 g / (sqrt(beta2 v + (1 - beta2) g^2) + eps) (the public code), which needs v element by
-element on the rank's chunk: under ZeRO-3 that is v's own local partition, at ZeRO-0 a slice
-of the local state; ZeRO 1/2 partition whole parameter groups instead, so there v is
-assembled one parameter at a time (``pipeline.ds_internals.local_optimizer_chunks``).
+element on the rank's shard: under ZeRO-3 that is v's own local partition, at ZeRO-0 a slice
+of the local state, under ZeRO 1/2 the state of the rank's flat fp32 partitions themselves (the
+shards are laid out as those partitions, ``pipeline.ds_internals.Zero12Partitions``). Never a
+full tensor, never a collective.
 
 Cost of an estimate iteration, per rank (the others cost nothing): the local gradient tap, one
-fp32 copy of every parameter's gradient (at one rank with micro-batch halves, or under ZeRO 1/2
-with micro-batch halves, two), unavoidable because ZeRO 2/3 reduce and free local gradients
+fp32 copy of every parameter's gradient (two at one rank with micro-batch halves, or where S is
+not read from DeepSpeed), unavoidable because ZeRO 2/3 reduce and free local gradients
 inside backward and a collective in a gradient hook would hang whenever a parameter has no
 gradient on some rank; while a module is reduced, its S and D chunks (2/W of the module).
-Communication: one gradient-sized reduce-scatter (D) and one small all-reduce under ZeRO-3 and
-fp32 ZeRO-0, whose reduced gradient is S already (``HalfGradients.reduced_gradient``); under ZeRO
-1/2, whose partitions cover whole parameter groups in another layout, a second reduce-scatter
-computes S. Micro-batch halves under ZeRO-3 (``agvm.halves=micro_batches``, or auto with one BN
+Communication: one gradient-sized reduce-scatter (D) and one small all-reduce: S is DeepSpeed's
+own reduced gradient, read in the layout the stage keeps it in (ZeRO-3: each parameter's
+partition, ``HalfGradients.reduced_gradient``; fp32 ZeRO-0: the whole gradient; ZeRO 1/2: the
+flat partitions of whole param groups, ``HalfGradients.partitions``), and the tap's shards are
+laid out the same way. Where none is readable (bf16 ZeRO-0's BF16 optimizer, CPU offload) a
+second reduce-scatter computes S. Micro-batch halves under ZeRO-3 (``agvm.halves=micro_batches``, or auto with one BN
 group of every rank) need neither: no tap, no collective beyond the all-reduce, one partition-sized
 copy of the first half's reduced gradient (``HalfGradients.after_backward``); the estimate for
 billion-parameter models.
@@ -70,7 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import AGVMConfig, ConfigError
-from pipeline.ds_internals import full_numel
+from pipeline.ds_internals import Zero12Partitions, full_numel
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +167,15 @@ class HalfGradients:
     before DeepSpeed partitions the optimizer's view of them). Shards: each parameter's flat
     gradient is padded to a multiple of W and cut into W chunks, ZeRO-3's partition of that
     parameter; rank r's shard of a module is chunk r of each of its parameters, in order (so
-    AGVM-AdamW's second moment, partitioned so under ZeRO-3, is aligned with it). The hook writes
+    AGVM-AdamW's second moment, partitioned so under ZeRO-3, is aligned with it). Under ZeRO 1/2
+    the shards are those stages' own flat group partitions instead (``use_zero12_partitions``). The hook writes
     each local gradient straight into a [W, L] fp32 buffer of its module, row r holding what rank r
     will own; after backward, the buffer multiplied by this rank's half sign (or, with micro-batch
     halves, filled with the signed micro-batch gradients) is reduce-scattered: each rank gets its
     row of D. S is the sum of the same gradients, which DeepSpeed has just reduced itself: with
     ``reduced_gradient`` (``pipeline.ds_internals.reduced_gradient_reader``: ZeRO-3, fp32 ZeRO-0)
-    it is read from DeepSpeed's result; otherwise (ZeRO 1/2, whose partitions are laid out
-    otherwise) a second reduce-scatter of the unsigned buffer gives it.
+    or ``partitions`` (ZeRO 1/2) it is read from DeepSpeed's result; otherwise a second
+    reduce-scatter of the unsigned buffer gives it.
 
     Micro-batch halves under ZeRO-3 need no tap at all: ZeRO-3 reduces after every backward, so
     after the first half's last micro-batch its partition holds the first half's sum (copied then,
@@ -200,7 +204,19 @@ class HalfGradients:
         self.signed: dict[str, torch.Tensor] = {}  # micro-batch halves: first half minus second
         # reads this rank's chunk of DeepSpeed's reduced (mean) gradient; set once the engine exists
         self.reduced_gradient: Optional[Callable[[list[nn.Parameter]], Iterator[torch.Tensor]]] = None
+        # ZeRO 1/2: their partitions as the shard layout, S read from them (``use_zero12_partitions``)
+        self.partitions: Optional[Zero12Partitions] = None
         self.handles = [p.register_hook(partial(self._on_grad, p)) for ps in modules.values() for p in ps]
+
+    def use_zero12_partitions(self, partitions: Zero12Partitions) -> None:
+        """Lay the shards out as ZeRO 1/2's partitions and read S from them (set once the engine
+        exists, before the first estimate)."""
+        self.partitions, self.width = partitions, dict(partitions.width)
+
+    @property
+    def reads_s(self) -> bool:
+        """Whether S comes from DeepSpeed's own reduction (then only D is reduce-scattered)."""
+        return self.reduced_gradient is not None or self.partitions is not None
 
     @property
     def from_partitions(self) -> bool:
@@ -226,9 +242,11 @@ class HalfGradients:
     def _on_grad(self, param: nn.Parameter, grad: torch.Tensor) -> None:
         if not self.armed or self.from_partitions:
             return None
-        name, chunk = self.module_of[param], chunk_of(grad.numel(), self.world)
-        g = F.pad(grad.detach().reshape(-1).float(), (0, chunk * self.world - grad.numel())).view(self.world, chunk)
-        if self.by_ranks or self.reduced_gradient is None:  # rank halves: D is this, signed, reduced
+        name, g = self.module_of[param], grad.detach().reshape(-1).float()
+        if self.partitions is None:  # ZeRO-3's layout: chunk r of every parameter in row r
+            chunk = chunk_of(grad.numel(), self.world)
+            g = F.pad(g, (0, chunk * self.world - grad.numel())).view(self.world, chunk)
+        if self.by_ranks or not self.reads_s:  # rank halves: D is this, signed, reduced
             self._add(self.sums, name, param, g)
         if not self.by_ranks:  # micro-batch halves: the first half's micro-batches against the rest
             self._add(self.signed, name, param, g if self.micro in self.halves_of.first else -g)
@@ -237,8 +255,12 @@ class HalfGradients:
     def _add(self, store: dict, name: str, param: nn.Parameter, g: torch.Tensor) -> None:
         if name not in store:  # a parameter without a gradient this iteration keeps its zeros
             store[name] = g.new_zeros(self.world, self.width[name])
-        start = self.columns[param]
-        store[name][:, start:start + g.shape[1]].add_(g)
+        if self.partitions is None:  # g: [W, chunk], one column block
+            start = self.columns[param]
+            store[name][:, start:start + g.shape[1]].add_(g)
+            return
+        for row, column, start, length in self.partitions.segments[param]:  # g flat: its rows' pieces
+            store[name][row, column:column + length].add_(g[start:start + length])
 
     def reduced(self) -> Iterator[tuple[str, list[nn.Parameter], torch.Tensor, torch.Tensor]]:
         """Module by module, this rank's shard of S and D over the global batch (the whole vectors
@@ -259,7 +281,9 @@ class HalfGradients:
                     s = chunk.mul(self.world)
                     yield name, [param], s, firsts.pop().mul_(2 * self.world).sub_(s)
                 continue
-            if self.reduced_gradient is not None:  # DeepSpeed's mean over the ranks, this rank's chunk
+            if self.partitions is not None:  # ZeRO 1/2's mean over the ranks, this rank's partitions
+                s = self.partitions.reduced_row(name).mul_(self.world)
+            elif self.reduced_gradient is not None:  # DeepSpeed's mean over the ranks, this rank's chunk
                 s = self._filled(name, self.reduced_gradient(params)).mul_(self.world)
             else:
                 s = _reduce_scatter(self._or_zeros(local, name))
@@ -348,10 +372,11 @@ class AGVM:
     def lr_factor(self, module: str, it: int) -> float:
         return self.mu[module] if self.active(it) else 1.0
 
-    def estimate(self, it: int, second_moment: Optional[Callable[[list[nn.Parameter]], list[torch.Tensor]]] = None) -> None:
+    def estimate(self, it: int,
+                 second_moment: Optional[Callable[[str, list[nn.Parameter]], torch.Tensor]] = None) -> None:
         """Phi and mu from the tapped gradients of iteration ``it`` (every rank calls it: collectives).
-        ``second_moment(params)``: AdamW's exp_avg_sq, this rank's chunk of each parameter (the
-        layout of ``HalfGradients``), for AGVM-AdamW.
+        ``second_moment(module, params)``: AdamW's exp_avg_sq of ``params`` in the layout of
+        ``HalfGradients``' shards (this rank's part, flat), for AGVM-AdamW.
 
         Each rank reduces its shards to three numbers per module, summed over the ranks in one
         all-reduce: |S|^2, |D|^2, <S, D> (SGD), or <H1, H2>, |H1|^2, |H2|^2 of the preconditioned
@@ -363,7 +388,7 @@ class AGVM:
                 sums = torch.stack([s.dot(s), d.dot(d), s.dot(d)])
             else:
                 beta2, eps = self.adamw
-                v = torch.cat(second_moment(params))
+                v = second_moment(name, params)
                 h1, h2 = (g / ((beta2 * v + (1 - beta2) * g.square()).sqrt() + eps) for g in self.tap.halves(s, d))
                 h1, h2 = h1.double(), h2.double()
                 sums = torch.stack([h1.dot(h2), h1.dot(h1), h2.dot(h2)])

@@ -26,7 +26,7 @@ from pipeline.agvm import AGVM, choose_halves, modules_of
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.data import CocoDetection, build_datasets, build_loaders
 from pipeline.ds_config import engine_config, zero_stage
-from pipeline.ds_internals import full_numel, gathered, reduced_gradient_reader
+from pipeline.ds_internals import full_numel, gathered, reduced_gradient_reader, zero12_partitions
 from pipeline.ema import WeightEMA
 from pipeline.memory import current_memory, release_free_heap
 from pipeline.norm import CrossGPUBatchNorm, build_bn_group, convert_norms, job_bn_layout
@@ -248,8 +248,11 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
     release_free_heap()  # ZeRO's flattening copies are freed: give them back before training
     if agvm is not None and info.world >= 2:  # S from DeepSpeed's own reduction where its layout allows
         agvm.tap.reduced_gradient = reduced_gradient_reader(engine, info.world, info.rank)
-        log_dist("AGVM estimate: S %s", "read from DeepSpeed's reduced gradient" if agvm.tap.reduced_gradient
-                 else "reduced by the tap (ZeRO 1/2 or bf16 parameters: DeepSpeed's partitions are laid out otherwise)")
+        partitions = zero12_partitions(engine, agvm.tap.modules, info.world)
+        if partitions is not None:
+            agvm.tap.use_zero12_partitions(partitions)
+        log_dist("AGVM estimate: S %s", "read from DeepSpeed's reduced gradient" if agvm.tap.reads_s
+                 else "reduced by the tap (DeepSpeed's reduced gradient is not readable in this layout)")
     if channels_last and zero_stage(ds_config) == 0:
         weights_to_channels_last(engine)
     log_dist("engine: ZeRO stage %d; rank 0 holds %.2f GiB", zero_stage(ds_config),

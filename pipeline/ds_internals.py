@@ -111,6 +111,8 @@ def local_optimizer_chunks(engine, params: list[torch.nn.Parameter], key: str, w
     ZeRO-3 and ZeRO-0 read it in place (the local partition; the whole local state). ZeRO 1/2
     partition the flat buffer of a whole parameter group, so another layout: each parameter's
     state is assembled there (``full_optimizer_state``, a collective), one parameter at a time.
+    AGVM does not come here under ZeRO 1/2 when it can lay its shards out as their partitions
+    (``Zero12Partitions.state_row``); this is the fallback (e.g. CPU offload).
     """
     from deepspeed.utils import safe_get_local_optimizer_state
 
@@ -135,8 +137,9 @@ def reduced_gradient_reader(engine, world: int, rank: int):
       own partition of the parameter, exactly that chunk.
     - ZeRO-0 with the torch optimizer itself (fp32 parameters): every rank holds the whole mean
       gradient in ``.grad``.
-    - ZeRO 1/2 partition the flat buffer of a whole parameter group (another layout), and bf16
-      parameters reduce through DeepSpeed's BF16_Optimizer: None.
+    - ZeRO 1/2 partition the flat buffer of a whole parameter group (another layout: AGVM reads
+      them through ``Zero12Partitions`` instead), and bf16 parameters at ZeRO-0 reduce through
+      DeepSpeed's BF16_Optimizer: None.
     """
     stage = engine.zero_optimization_stage()
     zero = engine._config.zero_config
@@ -162,6 +165,100 @@ def reduced_gradient_reader(engine, world: int, rank: int):
     # reduced sum of the micro-batches so far; ZeRO-0 reduces only at the accumulation boundary
     read.each_backward = stage == 3
     return read
+
+
+class Zero12Partitions:
+    """ZeRO 1/2's gradient partitions as AGVM's shard layout, so that S is read from DeepSpeed's
+    own reduced partition and only D needs a reduce-scatter (use ``zero12_partitions`` to build it).
+
+    ZeRO 1/2 flatten each optimizer param group (``round_robin_bit16_groups[i]``, each parameter
+    at ``round_robin_bit16_offsets[i]``, padded to W x ``partition_size[i]``) and give rank r
+    elements [r P_i, (r + 1) P_i) of it. A module's shard row is the concatenation of its
+    groups' partitions (AGVM's modules are unions of whole groups, ``pipeline.optim``), so a
+    parameter's flat gradient lands in one or more (row, column) segments of the module's
+    [W, L] buffer. This rank's reduced gradient in that layout is what DeepSpeed's
+    ``_hp_mapping`` fragments hold between the last backward and the step
+    (``get_lp_grad_fragment``, the mean over the ranks, as ``safe_get_full_grad`` reads it before
+    all-reducing), and the client optimizer's state of ``single_partition_of_fp32_groups[i]`` is
+    aligned with it element for element (AGVM-AdamW's second moment, local, no collective).
+    """
+
+    def __init__(self, optimizer, groups: dict[str, list[int]]):
+        self.optimizer, self.groups = optimizer, groups
+        self.width: dict[str, int] = {}
+        # parameter -> [(row, column, start in the parameter's flat gradient, length)]
+        self.segments: dict[torch.nn.Parameter, list[tuple[int, int, int, int]]] = {}
+        for name, indices in groups.items():
+            column = 0
+            for i in indices:
+                size = int(optimizer.partition_size[i])
+                for p, offset in zip(optimizer.round_robin_bit16_groups[i], optimizer.round_robin_bit16_offsets[i]):
+                    self.segments[p] = _segments(offset, p.numel(), size, column)
+                column += size
+            self.width[name] = column
+
+    def reduced_row(self, name: str) -> torch.Tensor:
+        """This rank's row of module ``name``'s mean gradient as DeepSpeed reduced it (fp32)."""
+        opt = self.optimizer
+        out = torch.zeros(self.width[name], device=opt.single_partition_of_fp32_groups[0].device)
+        column = 0
+        for i in self.groups[name]:
+            for p in opt.bit16_groups[i]:
+                frag = p._hp_mapping
+                if frag is None:  # no element of this parameter in this rank's partition
+                    continue
+                lp, hp = frag.lp_fragment_address, frag.get_hp_fragment_address()
+                grad = frag.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+                if grad.numel() != lp.numel:  # a whole-parameter buffer: this rank's fragment of it
+                    grad = grad.narrow(0, lp.start, lp.numel)
+                out[column + hp.start:column + hp.start + lp.numel].copy_(grad)
+            column += int(opt.partition_size[i])
+        return out
+
+    def state_row(self, name: str, key: str) -> torch.Tensor:
+        """This rank's row of the client optimizer's state ``key`` for module ``name``; zeros
+        before the first step."""
+        opt = self.optimizer
+        rows = []
+        for i in self.groups[name]:
+            partition = opt.single_partition_of_fp32_groups[i]
+            state = opt.optimizer.state.get(partition, {}).get(key)
+            rows.append(torch.zeros(int(opt.partition_size[i]), device=partition.device) if state is None
+                        else state.reshape(-1).float())
+        return torch.cat(rows)
+
+
+def _segments(offset: int, numel: int, size: int, column: int) -> list[tuple[int, int, int, int]]:
+    """Where elements [0, numel) of a parameter at ``offset`` in a group flattened into rows of
+    ``size`` go: (row, column + position in the row, start in the parameter, length) per row."""
+    out, start = [], 0
+    while start < numel:
+        row, col = divmod(offset + start, size)
+        length = min(numel - start, size - col)
+        out.append((row, column + col, start, length))
+        start += length
+    return out
+
+
+def zero12_partitions(engine, modules: dict[str, list[torch.nn.Parameter]], world: int) -> "Zero12Partitions | None":
+    """``Zero12Partitions`` for a ZeRO 1/2 engine whose partitions AGVM can read; None otherwise
+    (another stage, the BF16 optimizer of ZeRO-0, CPU offload, a data-parallel group other than
+    the world, or a module that is not a union of whole param groups)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    if not isinstance(opt, DeepSpeedZeroOptimizer) or opt.cpu_offload:
+        return None
+    if any(torch.distributed.get_world_size(group=g) != world for g in opt.real_dp_process_group):
+        return None
+    group_of = {id(p): i for i, ps in enumerate(opt.round_robin_bit16_groups) for p in ps}
+    groups = {}
+    for name, params in modules.items():
+        indices = sorted({group_of[id(p)] for p in params if id(p) in group_of})
+        if {id(p) for i in indices for p in opt.round_robin_bit16_groups[i]} != {id(p) for p in params}:
+            return None
+        groups[name] = indices
+    return Zero12Partitions(opt, groups)
 
 
 def _chunk(flat: torch.Tensor, numel: int, world: int, rank: int) -> torch.Tensor:

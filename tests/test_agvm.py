@@ -101,7 +101,7 @@ def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str, ext
             agvm = training.agvm
             record.append({"phi": agvm.phi, "mu": agvm.mu, "params": _full_params(training.engine, stage)})
         record.append({"reduce_scatters_per_module_and_estimate": len(scatters) / len(agvm.mu) / agvm.estimates,
-                       "reads_s_from_deepspeed": agvm.tap.reduced_gradient is not None})
+                       "reads_s_from_deepspeed": agvm.tap.reads_s})
         if rank == 0:
             Path(out_dir, f"{opt}_zero{stage}.json").write_text(json.dumps(record))
         # Tear the engine down on every rank before any rank starts the next one's collectives.
@@ -192,10 +192,10 @@ def test_agvm_sgd_matches_reference_under_every_zero_stage(world, accum, tmp_pat
     for _, stage in cases:
         got = json.loads((tmp_path / f"agvm_sgd_zero{stage}.json").read_text())
         _check(got, want)
-        # ZeRO-3 and fp32 ZeRO-0 have reduced S themselves (their layout is the estimate's): one
-        # reduce-scatter (D) per module; ZeRO 1/2 lay S out otherwise: a second one
-        assert got[-1] == {"reduce_scatters_per_module_and_estimate": 1 if stage in (0, 3) else 2,
-                           "reads_s_from_deepspeed": stage in (0, 3)} if world >= 2 else True, (stage, got[-1])
+        # Every stage has reduced S itself (the estimate reads it in the stage's own layout): one
+        # reduce-scatter (D) per module
+        assert got[-1] == {"reduce_scatters_per_module_and_estimate": 1,
+                           "reads_s_from_deepspeed": True} if world >= 2 else True, (stage, got[-1])
 
 
 def test_micro_batch_halves_on_several_ranks_match_the_reference_and_need_no_tap_under_zero3(tmp_path):
@@ -209,7 +209,7 @@ def test_micro_batch_halves_on_several_ranks_match_the_reference_and_need_no_tap
         for _, stage in cases:
             got = json.loads((tmp_path / f"{opt}_zero{stage}.json").read_text())
             _check(got, want, param_atol=3e-5 if opt == "agvm_adamw" else 1e-6)
-            assert got[-1]["reduce_scatters_per_module_and_estimate"] == {0: 1, 1: 2, 2: 2, 3: 0}[stage], (opt, stage)
+            assert got[-1]["reduce_scatters_per_module_and_estimate"] == {0: 1, 1: 1, 2: 1, 3: 0}[stage], (opt, stage)
 
 
 @pytest.mark.parametrize("world, accum", [(2, 1), (4, 1), (1, 2)])

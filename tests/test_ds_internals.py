@@ -169,3 +169,21 @@ def test_checkpoint_shards_load_memory_mapped(tmp_path):
     assert all(mmap for _, mmap in shards), f"DeepSpeed no longer loads through the patched engine: {shards}"
     for s, l in zip(got["saved"], got["loaded"]):
         torch.testing.assert_close(l, s, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("offset, numel", [(0, 7), (5, 11), (3, 2), (14, 14), (0, 28)])
+def test_zero12_segments_put_each_element_where_the_flat_partitions_have_it(offset, numel):
+    """A parameter at ``offset`` of a group flattened into 4 partitions of 7, the group's block
+    starting at column 3 of its module's row: its elements land where row r = partition r of the
+    flat group has them (the flat buffer cut into rows, computed here without the segments)."""
+    from pipeline.ds_internals import _segments
+
+    world, size, column = 4, 7, 3
+    values = torch.arange(1.0, numel + 1)
+    flat = torch.zeros(world * size)
+    flat[offset:offset + numel] = values
+    rows = torch.zeros(world, column + size + 2)  # other groups' columns on both sides stay zero
+    for row, col, start, length in _segments(offset, numel, size, column):
+        rows[row, col:col + length] += values[start:start + length]
+    torch.testing.assert_close(rows[:, column:column + size], flat.view(world, size))
+    assert rows.sum() == values.sum()  # nothing written twice or outside the block
