@@ -394,7 +394,7 @@ def _noise_batch(it: int, rank: int, micro: int):
 
 
 def _bn_overrides(spec, accum: int, *extra: str) -> list[str]:
-    return [f"optim.name=agvm_sgd", "optim.base_lr=1e-6", "optim.lr_scaling=none", "schedule.policy=constant",
+    return ["optim.name=agvm_sgd", "optim.base_lr=1e-6", "optim.lr_scaling=none", "schedule.policy=constant",
             "schedule.warmup_iters=0", f"schedule.max_iters={BN_ITERS}", "agvm.tau=1", "agvm.start_iter=0",
             "agvm.clip_norm=0", f"train.micro_batch={MICRO}", f"train.grad_accum={accum}", "model.norm=cgbn",
             f"model.bn_group={spec}", *extra]
