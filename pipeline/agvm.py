@@ -264,10 +264,10 @@ class HalfGradients:
 
     def reduced(self) -> Iterator[tuple[str, list[nn.Parameter], torch.Tensor, torch.Tensor]]:
         """Module by module, this rank's shard of S and D over the global batch (the whole vectors
-        with one rank) for the parameters ``params`` of module ``name``: the whole module, or, read
-        from ZeRO-3's partitions, one parameter at a time. Each buffer is freed once reduced, so the
-        caller holds one module's shards at a time. Every rank must consume it whole (collectives);
-        then the tap is disarmed."""
+        with one rank) for the parameters ``params`` of module ``name``: the whole module, or,
+        where S is DeepSpeed's own reduced gradient, one parameter's piece at a time, S's piece
+        read in place. Each buffer is freed once reduced, so the caller holds one module's D at a
+        time. Every rank must consume it whole (collectives); then the tap is disarmed."""
         sign = 1.0 if self.rank in self.halves_of.first else -1.0
         self.armed = False
         for name, params in self.modules.items():
@@ -281,26 +281,27 @@ class HalfGradients:
                     s = chunk.mul(self.world)
                     yield name, [param], s, firsts.pop().mul_(2 * self.world).sub_(s)
                 continue
-            if self.partitions is not None:  # ZeRO 1/2's mean over the ranks, this rank's partitions
-                s = self.partitions.reduced_row(name).mul_(self.world)
-            elif self.reduced_gradient is not None:  # DeepSpeed's mean over the ranks, this rank's chunk
-                s = self._filled(name, self.reduced_gradient(params)).mul_(self.world)
-            else:
-                s = _reduce_scatter(self._or_zeros(local, name))
+            if not self.reads_s:  # S reduced here too: two reduce-scatters, whole rows
+                yield name, params, _reduce_scatter(self._or_zeros(local, name)), _reduce_scatter(
+                    self._or_zeros(local, name).mul_(sign) if self.by_ranks else self._or_zeros(signed, name))
+                continue
             d = _reduce_scatter(self._or_zeros(local, name).mul_(sign) if self.by_ranks
                                 else self._or_zeros(signed, name))
             del local, signed
-            yield name, params, s, d
+            yield from self._beside_s(name, params, d)
         self.sums, self.signed, self.first_sums = {}, {}, {}
 
-    def _filled(self, name: str, chunks: Iterator[torch.Tensor]) -> torch.Tensor:
-        """One module's shard from its parameters' chunks, written in place (no concatenated copy)."""
-        out = torch.empty(self.width[name], device=self.modules[name][0].device)
-        start = 0
-        for chunk in chunks:
-            out[start:start + chunk.numel()].copy_(chunk)
-            start += chunk.numel()
-        return out
+    def _beside_s(self, name: str, params: list[nn.Parameter], d: torch.Tensor):
+        """D's row cut into the pieces that DeepSpeed's reduced gradient (S, a mean over the ranks)
+        holds for this rank, each next to S's piece, read where DeepSpeed keeps it: no copy of a
+        module's S is ever assembled (the estimate only needs sums over pieces)."""
+        if self.partitions is not None:  # ZeRO 1/2: each parameter's fragment of the flat partitions
+            for param, grad, column in self.partitions.reduced_pieces(name):
+                yield name, [param], grad.float() * self.world, d[column:column + grad.numel()]
+            return
+        for param, chunk in zip(params, self.reduced_gradient(params)):  # chunk r of each parameter
+            start = self.columns[param]
+            yield name, [param], chunk * self.world, d[start:start + chunk.numel()]
 
     def _or_zeros(self, buffer: Optional[torch.Tensor], name: str) -> torch.Tensor:
         """A module's buffer, or zeros where none of its parameters had a gradient on this rank."""
@@ -373,10 +374,10 @@ class AGVM:
         return self.mu[module] if self.active(it) else 1.0
 
     def estimate(self, it: int,
-                 second_moment: Optional[Callable[[str, list[nn.Parameter]], torch.Tensor]] = None) -> None:
+                 second_moment: Optional[Callable[[list[nn.Parameter]], torch.Tensor]] = None) -> None:
         """Phi and mu from the tapped gradients of iteration ``it`` (every rank calls it: collectives).
-        ``second_moment(module, params)``: AdamW's exp_avg_sq of ``params`` in the layout of
-        ``HalfGradients``' shards (this rank's part, flat), for AGVM-AdamW.
+        ``second_moment(params)``: AdamW's exp_avg_sq of ``params`` in the layout of the shards
+        ``HalfGradients.reduced`` yields for them (this rank's part, flat), for AGVM-AdamW.
 
         Each rank reduces its shards to three numbers per module, summed over the ranks in one
         all-reduce: |S|^2, |D|^2, <S, D> (SGD), or <H1, H2>, |H1|^2, |H2|^2 of the preconditioned
@@ -388,7 +389,7 @@ class AGVM:
                 sums = torch.stack([s.dot(s), d.dot(d), s.dot(d)])
             else:
                 beta2, eps = self.adamw
-                v = second_moment(name, params)
+                v = second_moment(params)
                 h1, h2 = (g / ((beta2 * v + (1 - beta2) * g.square()).sqrt() + eps) for g in self.tap.halves(s, d))
                 h1, h2 = h1.double(), h2.double()
                 sums = torch.stack([h1.dot(h2), h1.dot(h1), h2.dot(h2)])

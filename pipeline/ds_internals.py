@@ -197,35 +197,37 @@ class Zero12Partitions:
                 column += size
             self.width[name] = column
 
-    def reduced_row(self, name: str) -> torch.Tensor:
-        """This rank's row of module ``name``'s mean gradient as DeepSpeed reduced it (fp32)."""
-        opt = self.optimizer
-        out = torch.zeros(self.width[name], device=opt.single_partition_of_fp32_groups[0].device)
-        column = 0
+    def reduced_pieces(self, name: str) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor, int]]:
+        """(parameter, its fragment of the mean gradient as DeepSpeed reduced it, the fragment's
+        column in the module's row) for each parameter of module ``name`` with elements in this
+        rank's partitions; the fragment is DeepSpeed's own tensor, not a copy."""
+        opt, column = self.optimizer, 0
         for i in self.groups[name]:
             for p in opt.bit16_groups[i]:
                 frag = p._hp_mapping
                 if frag is None:  # no element of this parameter in this rank's partition
                     continue
-                lp, hp = frag.lp_fragment_address, frag.get_hp_fragment_address()
+                lp = frag.lp_fragment_address
                 grad = frag.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
                 if grad.numel() != lp.numel:  # a whole-parameter buffer: this rank's fragment of it
                     grad = grad.narrow(0, lp.start, lp.numel)
-                out[column + hp.start:column + hp.start + lp.numel].copy_(grad)
+                yield p, grad, column + frag.get_hp_fragment_address().start
             column += int(opt.partition_size[i])
-        return out
 
-    def state_row(self, name: str, key: str) -> torch.Tensor:
-        """This rank's row of the client optimizer's state ``key`` for module ``name``; zeros
-        before the first step."""
-        opt = self.optimizer
-        rows = []
-        for i in self.groups[name]:
-            partition = opt.single_partition_of_fp32_groups[i]
+    def state_pieces(self, params: list[torch.nn.Parameter], key: str) -> torch.Tensor:
+        """The client optimizer's state ``key`` on the fragments of ``params`` in this rank's
+        partitions (``reduced_pieces``' order), flat; zeros before the first step."""
+        opt, pieces = self.optimizer, []
+        for p in params:
+            frag = p._hp_mapping
+            if frag is None:
+                continue
+            partition = opt.single_partition_of_fp32_groups[frag.param_group_index]
             state = opt.optimizer.state.get(partition, {}).get(key)
-            rows.append(torch.zeros(int(opt.partition_size[i]), device=partition.device) if state is None
-                        else state.reshape(-1).float())
-        return torch.cat(rows)
+            hp = frag.get_hp_fragment_address()
+            pieces.append(torch.zeros(hp.numel, device=partition.device) if state is None
+                          else state.reshape(-1).narrow(0, hp.start, hp.numel).float())
+        return torch.cat(pieces)
 
 
 def _segments(offset: int, numel: int, size: int, column: int) -> list[tuple[int, int, int, int]]:

@@ -79,11 +79,11 @@ class TrainStep:
             clip = agvm.clip_norm(it)
             set_gradient_clipping(self.engine, self.base_clip if clip is None else clip)
 
-    def _second_moment(self, module: str, params: list) -> torch.Tensor:
-        """AdamW's second moment of ``params`` (of ``module``) in AGVM's shard layout: ZeRO 1/2's
-        own partition row, else this rank's chunk of each parameter."""
+    def _second_moment(self, params: list) -> torch.Tensor:
+        """AdamW's second moment of ``params`` in AGVM's shard layout: their
+        fragments of ZeRO 1/2's own partitions, else this rank's chunk of each parameter."""
         tap = self.agvm.tap
         if tap.partitions is not None:
-            return tap.partitions.state_row(module, "exp_avg_sq")
+            return tap.partitions.state_pieces(params, "exp_avg_sq")
         return torch.cat(local_optimizer_chunks(self.engine, params, "exp_avg_sq", tap.world, tap.rank,
                                                 self.engine.zero_optimization_stage()))

@@ -6,6 +6,7 @@ The command is ``launch/study.py``; this module is its logic.
     python launch/study.py STUDY --list                               # the points, nothing run
     python launch/study.py STUDY --plan --hostfile hosts --gpus-per-node 8   # launch_plan.sh for a cluster
     python launch/study.py STUDY --report                             # CSV, table and plots from what ran
+    python launch/study.py STUDY --archive docs/studies/NAME/runs     # finished points' results, no checkpoints
 
 Every point is validated for its launch shape (``pipeline.validate``) before the first one
 starts. Running is resumable: finished points (trained to the end, or diverged) are skipped; a
@@ -19,6 +20,7 @@ named after the study.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -30,10 +32,15 @@ from tqdm import tqdm
 
 from pipeline.config import REPO_ROOT, ConfigError, load_config, resolve_repo_path
 from pipeline.launcher import free_port
-from pipeline.study import (Point, Study, aggregate_seeds, collect_rows, load_study, markdown_table, point_result,
+from pipeline.study import (STATUS_FILE, Point, Study, aggregate_seeds, collect_rows, load_study, markdown_table, point_result,
                             read_status, series_key, write_csv, write_status)
 from pipeline.validate import validate
 
+# What a finished point's results are (``collect_rows``, the plots) without its checkpoints: an
+# archive of them is a few tens of KB per point, small enough for git, and copied back into the
+# study directory (``cp -r ARCHIVE/. runs/NAME/``) the runner counts those points as finished.
+ARCHIVED_FILES = ("run_summary.json", "metrics.jsonl", "config.yaml", "model.json", "eval_metrics.json",
+                  "schedule.json")
 MAX_ATTEMPTS = 2  # the first run and one retry from the last checkpoint
 EXIT_CONFIG = 2  # launch/train.py's exit status for a configuration or data error
 RESULT_COLUMNS = ["point", "global_batch", "status", "AP", "AP50", "iterations", "wall_s", "images_per_s",
@@ -141,6 +148,26 @@ def write_plan(study: Study, hostfile: Path, gpus_per_node: int) -> Path:
     return path
 
 
+def archive(study: Study, dest: Path) -> list[str]:
+    """Copy each finished point's results (``ARCHIVED_FILES``) and their status to ``dest``, so that
+    a study survives the machine it ran on; returns the points archived."""
+    import shutil
+
+    status, kept = read_status(study), {}
+    for point in study.points:
+        run_dir = study.run_dir(point)
+        if point_result(run_dir) is None:
+            continue
+        (dest / point.name).mkdir(parents=True, exist_ok=True)
+        for name in ARCHIVED_FILES:
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, dest / point.name / name)
+        kept[point.name] = status.get(point.name, {"status": point_result(run_dir), "attempts": 1})
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / STATUS_FILE).write_text(json.dumps(kept, indent=2))
+    return list(kept)
+
+
 def report(study: Study) -> dict[str, Path]:
     """results.csv, results.md and plots under the study directory; returns what was written."""
     from pipeline.plots import plot_agvm, plot_series
@@ -197,12 +224,19 @@ def main(argv=None) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--report", action="store_true", help="only collect results and draw plots")
     parser.add_argument("--retry-failed", action="store_true", help="run points marked failed again")
+    parser.add_argument("--archive", type=Path, metavar="DIR",
+                        help="copy the finished points' results (no checkpoints) to DIR and exit; copy them back "
+                        "into the study directory (cp -r DIR/. runs/NAME/) to resume or report elsewhere")
     args = parser.parse_args(argv)
     try:
         study = load_study(args.study, args.output_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.archive:
+        done = archive(study, args.archive)
+        print(f"archived {len(done)} of {len(study.points)} finished points to {args.archive}")
+        return 0
     if args.list:
         for p in study.points:
             print(f"{p.name:<48} ranks={p.ranks} {' '.join(p.override_args())}")

@@ -22,7 +22,14 @@ from test_export import _zero3_predict_worker
 pytestmark = pytest.mark.slow
 
 
-def test_billion_parameter_detector_zero3(shapes_root, tmp_path, monkeypatch):
+# AGVM-SGD estimates at both iterations, from micro-batch halves read out of ZeRO-3's partitions
+# (no tap: 1/W of the model in fp32 on top of plain SGD, where a tap would be a whole fp32 gradient)
+AGVM = ["optim.name=agvm_sgd", "train.grad_accum=2", "agvm.halves=micro_batches", "agvm.start_iter=0", "agvm.tau=1",
+        "agvm.clip_norm=0"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "agvm_sgd"])
+def test_billion_parameter_detector_zero3(optimizer, shapes_root, tmp_path, monkeypatch):
     from pipeline.export import load_exported, main
     from pipeline.tracking import read_metrics
 
@@ -30,6 +37,7 @@ def test_billion_parameter_detector_zero3(shapes_root, tmp_path, monkeypatch):
         "model.backbone=vit_giant_patch14_dinov2", "model.fpn_channels=64", "train.micro_batch=1",
         "train.ds_config=ds_configs/zero3_lowmem_fp32.json", "schedule.max_iters=2", "train.ckpt_every_iters=1",
         "model.norm=per_gpu", "optim.name=sgd", "optim.momentum=0"]  # no optimizer state: fits 24 GB
+    overrides += AGVM if optimizer == "agvm_sgd" else []
     run_dir = tmp_path / "run"
     # glibc keeps freed tensors of < 32 MiB in its heap, and ZeRO-3's flattening and gathering free
     # many: with its default dynamic threshold the ranks' resident memory grew to 2.3x what was live
@@ -50,6 +58,9 @@ def test_billion_parameter_detector_zero3(shapes_root, tmp_path, monkeypatch):
     run_distributed(_train_worker, 2, overrides + ["train.resume=true"], str(tmp_path))
     again = {r["iteration"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
     assert again[2] == pytest.approx(first[2], rel=1e-4)
+    if optimizer == "agvm_sgd":  # both iterations estimated Phi for every module, and finitely
+        phis = [r for r in read_metrics(run_dir) if "agvm/phi/backbone" in r]
+        assert len(phis) >= 2 and all(0 < v < 2 for r in phis for k, v in r.items() if k.startswith("agvm/phi/"))
     # 4) the consolidated fp32 export predicts what the engine predicted
     assert main([str(run_dir)]) == 0
     model = load_exported(run_dir / "model_fp32.pt")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import yaml
@@ -243,3 +244,36 @@ def test_seeds_of_a_point_merge_into_mean_std_and_n(tmp_path):
     assert len(list(csv.DictReader(out["runs_csv"].open()))) == 6
     assert "| 1x8__agvm |" in out["md"].read_text() and "AP50_std" in out["md"].read_text()
     assert out["ap_vs_batch"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_archived_results_report_and_resume_like_the_study_itself(tmp_path):
+    """Finished points archived without their checkpoints and copied into a fresh study directory
+    (another machine) give the same results.csv, count as finished, and leave unfinished points out."""
+    from pipeline.study import point_result, write_status
+
+    spec = {"name": "kept", "fixed": {"schedule.epochs": 1}, "grid": {"batch": ["1x8", "1x16"], "seed": [0, 1]}}
+    path = _write(tmp_path, spec)
+    study = load_study(path, tmp_path / "runs")
+    status = {}
+    for i, p in enumerate(study.points[:3]):  # the fourth point never ran
+        run = study.run_dir(p)
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints/big.pt").write_bytes(b"0" * 1000)
+        (run / "run_summary.json").write_text(json.dumps({
+            "metrics": {"bbox/AP50": 0.5 + i / 10, "bbox/AP": 0.2 + i / 10}, "global_batch": 8, "diverged": False,
+            "iterations": 10, "total_iterations": 10 if i < 2 else 20, "train_seconds": 60, "images_per_s": 2.0,
+            "peak_mem_gib": 1.0}))  # the third stopped half-way: not finished
+        (run / "metrics.jsonl").write_text(json.dumps({"iteration": 10, "train/loss": 1.0 + i}) + "\n")
+        status[p.name] = {"status": "done" if i < 2 else "running", "attempts": 1, "wall_s": 100.0 + i}
+    write_status(study, status)
+    archive_dir = tmp_path / "archive"
+    assert study_cli.main([str(path), "--output-dir", str(tmp_path / "runs"), "--archive", str(archive_dir)]) == 0
+    assert sorted(f.name for f in archive_dir.iterdir()) == sorted([p.name for p in study.points[:2]] +
+                                                                   ["study_status.json"])
+    assert not list(archive_dir.rglob("*.pt"))
+    elsewhere = load_study(path, tmp_path / "elsewhere")
+    shutil.copytree(archive_dir, elsewhere.root)
+    assert [point_result(elsewhere.run_dir(p)) for p in elsewhere.points] == ["done", "done", None, None]
+    rows = lambda s: [{k: v for k, v in r.items()} for r in csv.DictReader(study_cli.report(s)["runs_csv"].open())]  # noqa: E731
+    finished = [r for r in rows(study) if r["status"] == "done"]
+    assert [r for r in rows(elsewhere) if r["status"] == "done"] == finished and len(finished) == 2
