@@ -236,7 +236,9 @@ class AGVMConfig(_Section):
             raise ValueError(f"agvm.ratio_min={self.ratio_min} > agvm.ratio_max={self.ratio_max}")
         if self.start_iter is not None and self.stop_iter is not None and self.stop_iter <= self.start_iter:
             raise ValueError(f"agvm.stop_iter={self.stop_iter} must be after agvm.start_iter={self.start_iter}")
-        if self.start_iter is not None and "start_after_warmup" in self.model_fields_set:
+        # A resolved config (a run's config.yaml, read back by export or evaluate) states the default
+        # start_after_warmup=0 beside start_iter: only another value is a conflict
+        if self.start_iter is not None and self.start_after_warmup != 0:
             raise ValueError(f"agvm.start_iter={self.start_iter} and agvm.start_after_warmup="
                              f"{self.start_after_warmup} both set the start: keep one")
         return self

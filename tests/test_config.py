@@ -58,3 +58,15 @@ def test_shipped_configs_validate():
 
     for f in sorted((REPO / "configs").glob("*.yaml")):
         load_config(f)
+
+
+def test_a_run_config_with_an_absolute_agvm_start_reads_back(tmp_path):
+    """The billion check found it: a run's config.yaml states every field, so start_iter came back
+    beside the default start_after_warmup=0 and export refused its own run's config."""
+    from pipeline.config import ConfigError, dump_config, load_config
+
+    cfg = load_config(None, ["optim.name=agvm_sgd", "agvm.start_iter=5"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").agvm.start_iter == 5
+    with pytest.raises(ConfigError, match="start_after_warmup"):
+        load_config(None, ["optim.name=agvm_sgd", "agvm.start_iter=5", "agvm.start_after_warmup=3"])
