@@ -112,7 +112,7 @@ def local_optimizer_chunks(engine, params: list[torch.nn.Parameter], key: str, w
     partition the flat buffer of a whole parameter group, so another layout: each parameter's
     state is assembled there (``full_optimizer_state``, a collective), one parameter at a time.
     AGVM does not come here under ZeRO 1/2 when it can lay its shards out as their partitions
-    (``Zero12Partitions.state_row``); this is the fallback (e.g. CPU offload).
+    (``Zero12Partitions.state_pieces``); this is the fallback (e.g. CPU offload).
     """
     from deepspeed.utils import safe_get_local_optimizer_state
 
