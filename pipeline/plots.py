@@ -59,10 +59,11 @@ def plot_agvm(run_dirs: list[Path], out: Path) -> Path:
 
 
 def plot_series(rows: list[dict], x: str, y: str, series: "callable", out: Path, title: str,
-                logx: bool = True, marked: "callable" = None) -> Path | None:
+                logx: bool = True, marked: "callable" = None, baseline: float | None = None) -> Path | None:
     """One line per ``series(row)`` of ``y`` against ``x``, with error bars where rows carry
     ``<y>_std`` (merged seeds); rows where ``marked(row)`` (e.g. diverged) are crosses at the
-    bottom in their line's colour. None when no row has both values."""
+    bottom in their line's colour; ``baseline``: a horizontal reference line (e.g. 0 for differences).
+    None when no row has both values."""
     lines: dict[str, list[tuple[float, float, float]]] = {}
     crosses: dict[str, list[float]] = {}
     for row in rows:
@@ -86,6 +87,8 @@ def plot_series(rows: list[dict], x: str, y: str, series: "callable", out: Path,
         if label in crosses:  # side by side, so several diverged series at one x stay visible
             xs = [v * (1 + 0.04 * k) for v in crosses[label]]
             ax.scatter(xs, [0] * len(xs), marker="x", color=colour, s=70, zorder=3, label=f"{label}: diverged")
+    if baseline is not None:
+        ax.axhline(baseline, color="black", linewidth=0.8)
     if logx:
         ax.set_xscale("log", base=2)
     ax.set(title=title, xlabel=x, ylabel=y)

@@ -22,6 +22,15 @@ a mapping of labels to override sets, for values that move several keys together
     method:
       sgd: {optim.name: sgd, schedule.warmup_iters: 0, model.norm: per_gpu}
       agvm: {optim.name: agvm_sgd}
+
+With a seed axis, ``compare`` pairs the runs of two labels of one axis that share a seed (the
+same initialisation and data order) and reports the difference of a metric per seed, its mean,
+standard deviation and sign count: a paired difference is what tells an effect from seed noise.
+
+    compare:
+      axis: method
+      pairs: [[agvm, sgd]]     # agvm minus sgd, at every value of the other axes
+      metric: AP50             # default
 """
 
 from __future__ import annotations
@@ -42,7 +51,8 @@ SHORTHAND = ("batch", "optimizer", "norm", "backbone", "zero", "lr_scaling", "se
 SEED_AXES = ("seed", "train.seed")
 # What differs between the seeds of a point, merged as mean, std and n; the rest is the same in every seed.
 SEED_METRICS = ("AP", "AP50", "iterations", "wall_s", "train_s", "images_per_s", "peak_mem_gib")
-_STUDY_KEYS = {"name", "config", "fixed", "grid", "precision", "mode", "output_dir", "plots", "measure_iters"}
+_STUDY_KEYS = {"name", "config", "fixed", "grid", "precision", "mode", "output_dir", "plots", "measure_iters",
+               "compare"}
 STATUS_FILE = "study_status.json"
 
 
@@ -60,6 +70,15 @@ class Point:
 
 
 @dataclass
+class Comparison:
+    """Paired differences over seeds: ``metric`` of ``a`` minus ``b`` for each (a, b) label pair of ``axis``."""
+
+    axis: str
+    pairs: list[tuple[str, str]]
+    metric: str = "AP50"
+
+
+@dataclass
 class Study:
     name: str
     config: Optional[Path]
@@ -68,6 +87,7 @@ class Study:
     mode: str = "train"  # or "model_size"
     plots: dict = field(default_factory=dict)
     source: str = ""
+    compare: Optional[Comparison] = None
 
     @property
     def root(self) -> Path:
@@ -170,13 +190,40 @@ def load_study(path: Path, output_dir: Optional[Path] = None) -> Study:
             labels[axis] = label
             ranks = axis_ranks or ranks
         points.append(Point("__".join(labels.values()), labels, int(ranks), overrides))
+    labels = {axis: [v[1] for v in values] for axis, values in zip(spec["grid"], axes)}
     study = Study(spec["name"], config, points, Path(output_dir or spec.get("output_dir", "runs")),
-                  spec.get("mode", "train"), spec.get("plots") or {}, str(path))
+                  spec.get("mode", "train"), spec.get("plots") or {}, str(path),
+                  _comparison(spec.get("compare"), labels, f"{path}: compare"))
     if study.mode not in ("train", "model_size"):
         raise ConfigError(f"{path}: mode={study.mode!r}; use train or model_size")
     for p in points:  # a typo fails here, before hours of earlier points have run
         load_config(config, p.override_args() + [f"train.run_name={p.name}"])
     return study
+
+
+def _comparison(spec: Any, labels: dict[str, list[str]], where: str) -> Optional[Comparison]:
+    """The ``compare`` block, checked against the grid: pairs of labels of one non-seed axis."""
+    if spec is None:
+        return None
+    usage = "compare takes {axis: AXIS, pairs: [[A, B], ...], metric: AP50}"
+    if not isinstance(spec, dict) or not {"axis", "pairs"} <= set(spec) or set(spec) - {"axis", "pairs", "metric"}:
+        raise ConfigError(f"{where}: {usage}")
+    axis, metric = spec["axis"], spec.get("metric", "AP50")
+    if not any(a in SEED_AXES for a in labels):
+        raise ConfigError(f"{where}: paired differences pair runs of the same seed; add a seed axis to the grid")
+    if axis not in labels or axis in SEED_AXES:
+        raise ConfigError(f"{where}: axis {axis!r} is not a non-seed grid axis; the grid has {list(labels)}")
+    if metric not in SEED_METRICS:
+        raise ConfigError(f"{where}: metric {metric!r}; use one of {list(SEED_METRICS)}")
+    pairs = spec["pairs"]
+    if not isinstance(pairs, list) or not pairs or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise ConfigError(f"{where}: {usage}")
+    for a, b in pairs:
+        bad = [v for v in (a, b) if str(v) not in labels[axis]]
+        if bad or a == b:
+            raise ConfigError(f"{where}: pair [{a}, {b}]: {bad or 'the same label twice'}; "
+                              f"the labels of {axis} are {labels[axis]}")
+    return Comparison(axis, [(str(a), str(b)) for a, b in pairs], metric)
 
 
 # ---- status on disk: what has run, what failed ----
@@ -274,6 +321,31 @@ def aggregate_seeds(rows: list[dict], axes: list[str]) -> tuple[list[dict], Opti
             row[f"{metric}_std"] = stdev(values) if len(values) >= 2 else None
         merged.append(row)
     return merged, seed_axis
+
+
+def paired_differences(runs: list[dict], axes: list[str], seed_axis: str, compare: Comparison) -> list[dict]:
+    """One row per pair and combination of the other axes: ``<metric>_diff``, the mean over the
+    seeds where both runs finished of (a's metric - b's) in the same seed, ``_std`` beside it,
+    ``n``, ``higher`` (in how many seeds a was above b) and every seed's difference."""
+    from statistics import fmean, stdev
+
+    m = compare.metric
+    rest = [a for a in axes if a not in (seed_axis, compare.axis)]
+    runs_by = {(tuple(r[a] for a in rest), r[compare.axis], r[seed_axis]): r for r in runs}
+    seeds = list(dict.fromkeys(r[seed_axis] for r in runs))
+    rows = []
+    for key in dict.fromkeys(k[0] for k in runs_by):
+        for a, b in compare.pairs:
+            both = [(runs_by.get((key, a, s)), runs_by.get((key, b, s))) for s in seeds]
+            diffs = [ra[m] - rb[m] for ra, rb in both if ra and rb and ra.get("status") == rb.get("status") == "done"
+                     and ra.get(m) is not None and rb.get(m) is not None]
+            first = next((ra for ra, _ in both if ra), {})
+            rows.append({**dict(zip(rest, key)), "pair": f"{a} - {b}", "global_batch": first.get("global_batch"),
+                         "n": len(diffs), f"{m}_diff": fmean(diffs) if diffs else None,
+                         f"{m}_diff_std": stdev(diffs) if len(diffs) >= 2 else None,
+                         "higher": f"{sum(d > 0 for d in diffs)}/{len(diffs)}",
+                         "per_seed": " ".join(f"{d:+.3f}" for d in diffs)})
+    return rows
 
 
 def _parameters(run_dir: Path) -> Optional[int]:

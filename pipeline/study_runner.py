@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from pipeline.config import REPO_ROOT, ConfigError, load_config, resolve_repo_path
 from pipeline.launcher import free_port
-from pipeline.study import (STATUS_FILE, Point, Study, aggregate_seeds, collect_rows, load_study, markdown_table, point_result,
-                            read_status, series_key, write_csv, write_status)
+from pipeline.study import (STATUS_FILE, Comparison, Point, Study, aggregate_seeds, collect_rows, load_study, markdown_table,
+                            paired_differences, point_result, read_status, series_key, write_csv, write_status)
 from pipeline.validate import validate
 
 # What a finished point's results are (``collect_rows``, the plots) without its checkpoints: an
@@ -188,9 +188,21 @@ def report(study: Study) -> dict[str, Path]:
     extra = sorted({k for r in rows for k in r if k.startswith(("mu_final/", "phi_median/")) and
                     not k.endswith("_std")})
     table = markdown_table(rows, columns + extra)
+    batch_axis = "batch" if "batch" in axes else None
+    if study.compare is not None and seed_axis is not None:
+        compare, metric = study.compare, study.compare.metric
+        paired = paired_differences(runs, axes, seed_axis, compare)
+        out["paired_csv"] = write_csv(paired, study.root / "paired.csv")
+        table += _paired_section(paired, [a for a in axes if a != compare.axis], compare)
+        others = [a for a in axes if a not in (batch_axis, compare.axis)]
+        written = plot_series(paired, "global_batch", f"{metric}_diff",
+                              lambda r: " / ".join([r["pair"]] + [r[a] for a in others]),
+                              study.root / "paired_vs_batch.png",
+                              f"paired {metric} difference (mean +- std over seeds)", baseline=0.0)
+        if written:
+            out["paired_vs_batch"] = written
     (study.root / "results.md").write_text(f"# Study {study.name}\n\nFrom `{study.source}`.\n\n{note}{table}")
     out["md"] = study.root / "results.md"
-    batch_axis = "batch" if "batch" in axes else None
     by_rest = (lambda r: series_key(r, axes, batch_axis))
     plots = {"ap_vs_batch": ("global_batch", "AP50", by_rest, "AP50 vs global batch"),
              "time_vs_batch": ("global_batch", "wall_s", by_rest, "wall time (s) vs global batch"),
@@ -207,6 +219,15 @@ def report(study: Study) -> dict[str, Path]:
     if phi_dirs:
         out["agvm_phi_mu"] = plot_agvm(phi_dirs, study.root / "agvm_phi_mu.png")
     return out
+
+
+def _paired_section(rows: list[dict], axes: list[str], compare: Comparison) -> str:
+    m = compare.metric
+    return (f"\n## Paired differences of {m} (same seed)\n\n`{m}_diff`: the mean over the seeds where both runs "
+            f"finished (`n`) of the first label's {m} minus the second's in the same seed (same initialisation and "
+            "data order), `_std` its sample standard deviation, `higher`: in how many seeds the first was above; "
+            "`per_seed` lists them.\n\n"
+            + markdown_table(rows, axes + ["pair", "n", f"{m}_diff", f"{m}_diff_std", "higher", "per_seed"]))
 
 
 def _all_diverged(row: dict) -> bool:

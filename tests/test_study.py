@@ -246,6 +246,82 @@ def test_seeds_of_a_point_merge_into_mean_std_and_n(tmp_path):
     assert out["ap_vs_batch"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _fake_runs(study, ap50: dict) -> None:
+    """Finished run directories with the given AP50 per point name (None: that run diverged)."""
+    from pipeline.study import write_status
+
+    status = {}
+    for p in study.points:
+        value = ap50[p.name]
+        run = study.run_dir(p)
+        run.mkdir(parents=True)
+        (run / "run_summary.json").write_text(json.dumps({
+            "metrics": {"bbox/AP50": value, "bbox/AP": value and value / 2}, "diverged": value is None,
+            "global_batch": int(p.labels["batch"][2:]), "iterations": 10, "total_iterations": 10,
+            "train_seconds": 60, "images_per_s": 1.0, "peak_mem_gib": 1.0}))
+        status[p.name] = {"status": "diverged" if value is None else "done", "attempts": 1, "wall_s": 100.0}
+    write_status(study, status)
+
+
+def test_paired_differences_pair_the_runs_of_one_seed(tmp_path):
+    """compare: the difference of AP50 between two recipes in the same seed, per batch: mean and sample
+    std over the seeds where both finished (numpy on the arrays, here), the sign count, a diverged seed
+    left out of its pair only; in results.md, paired.csv and a plot."""
+    import numpy as np
+
+    spec = {"name": "paired", "fixed": {"schedule.epochs": 1},
+            "grid": {"seed": [0, 1, 2], "batch": ["1x8", "1x16"],
+                     "recipe": {"sgd": {"optim.name": "sgd"}, "agvm": {"optim.name": "agvm_sgd", "train.grad_accum": 2},
+                                "mu1": {"optim.name": "agvm_sgd", "train.grad_accum": 2, "agvm.ratio_min": 1.0,
+                                        "agvm.ratio_max": 1.0}}},
+            "compare": {"axis": "recipe", "pairs": [["agvm", "mu1"], ["agvm", "sgd"]]}}
+    study = load_study(_write(tmp_path, spec), tmp_path / "runs")
+    ap50 = {"1x8": {"sgd": [0.50, 0.56, 0.47], "agvm": [0.52, 0.60, 0.46], "mu1": [0.51, 0.57, 0.49]},
+            "1x16": {"sgd": [0.30, None, 0.35], "agvm": [0.33, 0.31, 0.40], "mu1": [0.30, 0.30, 0.36]}}
+    _fake_runs(study, {f"seed{s}__{b}__{r}": v[s] for b, recipes in ap50.items() for r, v in recipes.items()
+                       for s in range(3)})
+    out = study_cli.report(study)
+    rows = {(r["batch"], r["pair"]): r for r in csv.DictReader(out["paired_csv"].open())}
+    assert set(rows) == {(b, p) for b in ("1x8", "1x16") for p in ("agvm - mu1", "agvm - sgd")}
+    for batch in ("1x8", "1x16"):
+        agvm, mu1 = np.array(ap50[batch]["agvm"]), np.array(ap50[batch]["mu1"])
+        row = rows[(batch, "agvm - mu1")]
+        assert float(row["AP50_diff"]) == pytest.approx(np.mean(agvm - mu1))
+        assert float(row["AP50_diff_std"]) == pytest.approx(np.std(agvm - mu1, ddof=1))
+        assert row["n"] == "3" and row["higher"] == f"{int(np.sum(agvm > mu1))}/3"
+    sgd_pair = rows[("1x16", "agvm - sgd")]  # seed 1's sgd diverged: that seed has no difference
+    assert sgd_pair["n"] == "2" and sgd_pair["per_seed"] == "+0.030 +0.050"
+    assert float(sgd_pair["AP50_diff"]) == pytest.approx(0.04)
+    assert float(sgd_pair["AP50_diff_std"]) == pytest.approx(np.std([0.03, 0.05], ddof=1))
+    md = out["md"].read_text()
+    assert "## Paired differences of AP50 (same seed)" in md and "| 1x16 | agvm - sgd | 2 | 0.040 |" in md
+    assert out["paired_vs_batch"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("compare, words", [
+    ({"axis": "recipe", "pairs": [["agvm", "adam"]]}, ["pair [agvm, adam]", "['adam']", "['sgd', 'agvm']"]),
+    ({"axis": "colour", "pairs": [["agvm", "sgd"]]}, ["axis 'colour'", "['seed', 'recipe']"]),
+    ({"axis": "seed", "pairs": [["seed0", "seed1"]]}, ["not a non-seed grid axis"]),
+    ({"axis": "recipe", "pairs": [["agvm", "sgd"]], "metric": "AP75"}, ["metric 'AP75'"]),
+    ({"axis": "recipe", "pairs": ["agvm", "sgd"]}, ["compare takes {axis"]),
+])
+def test_bad_comparison_names_the_label_and_the_fix(tmp_path, compare, words):
+    spec = {"name": "s", "grid": {"seed": [0, 1], "recipe": {"sgd": {"optim.name": "sgd"},
+                                                             "agvm": {"optim.name": "agvm_sgd"}}},
+            "compare": compare}
+    with pytest.raises(ConfigError) as err:
+        load_study(_write(tmp_path, spec))
+    for word in words:
+        assert word in str(err.value), err.value
+
+
+def test_paired_differences_need_a_seed_axis(tmp_path):
+    spec = {"name": "s", "grid": {"recipe": {"sgd": {"optim.name": "sgd"}, "agvm": {"optim.name": "agvm_sgd"}}},
+            "compare": {"axis": "recipe", "pairs": [["agvm", "sgd"]]}}
+    with pytest.raises(ConfigError, match="add a seed axis"):
+        load_study(_write(tmp_path, spec))
+
+
 def test_archived_results_report_and_resume_like_the_study_itself(tmp_path):
     """Finished points archived without their checkpoints and copied into a fresh study directory
     (another machine) give the same results.csv, count as finished, and leave unfinished points out."""
