@@ -214,6 +214,13 @@ def report(study: Study) -> dict[str, Path]:
                               marked=_all_diverged if y == "AP50" else None)
         if written:
             out[name] = written
+    phi_rows = [{"global_batch": r["global_batch"], "phi": r[k], "phi_std": r.get(f"{k}_std"),
+                 "line": f"{by_rest(r)}: {k.split('/', 1)[1]}"}
+                for r in rows for k in sorted(r) if k.startswith("phi_median/") and not k.endswith("_std")]
+    if batch_axis and (written := plot_series(phi_rows, "global_batch", "phi", lambda r: r["line"],
+                                              study.root / "phi_vs_batch.png",
+                                              "AGVM: median Phi per module vs global batch")):
+        out["phi_vs_batch"] = written
     phi_points = study.plots.get("phi_points") or [r["point"] for r in runs if any(k.startswith("phi_median/") for k in r)]
     phi_dirs = [study.root / p for p in phi_points if (study.root / p / "metrics.jsonl").is_file()][:6]
     if phi_dirs:

@@ -260,13 +260,16 @@ def _fake_runs(study, ap50: dict) -> None:
             "global_batch": int(p.labels["batch"][2:]), "iterations": 10, "total_iterations": 10,
             "train_seconds": 60, "images_per_s": 1.0, "peak_mem_gib": 1.0}))
         status[p.name] = {"status": "diverged" if value is None else "done", "attempts": 1, "wall_s": 100.0}
+        if value is not None and p.overrides["optim.name"] == "agvm_sgd":  # AGVM records: Phi of one module
+            records = [{"iteration": i, "agvm/phi/backbone": value + d} for i, d in ((10, 0.3), (20, 0.0), (30, 0.1))]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     write_status(study, status)
 
 
 def test_paired_differences_pair_the_runs_of_one_seed(tmp_path):
     """compare: the difference of AP50 between two recipes in the same seed, per batch: mean and sample
     std over the seeds where both finished (numpy on the arrays, here), the sign count, a diverged seed
-    left out of its pair only; in results.md, paired.csv and a plot."""
+    left out of its pair only; in results.md, paired.csv and a plot; AGVM's median Phi merged and plotted."""
     import numpy as np
 
     spec = {"name": "paired", "fixed": {"schedule.epochs": 1},
@@ -296,6 +299,11 @@ def test_paired_differences_pair_the_runs_of_one_seed(tmp_path):
     md = out["md"].read_text()
     assert "## Paired differences of AP50 (same seed)" in md and "| 1x16 | agvm - sgd | 2 | 0.040 |" in md
     assert out["paired_vs_batch"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    merged = {r["point"]: r for r in csv.DictReader(out["csv"].open())}  # Phi: the median of each run, merged
+    medians = [np.median([v + 0.3, v, v + 0.1]) for v in ap50["1x16"]["agvm"]]
+    assert float(merged["1x16__agvm"]["phi_median/backbone"]) == pytest.approx(np.mean(medians))
+    assert float(merged["1x16__agvm"]["phi_median/backbone_std"]) == pytest.approx(np.std(medians, ddof=1))
+    assert out["phi_vs_batch"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("compare, words", [
