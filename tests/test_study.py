@@ -260,8 +260,9 @@ def _fake_runs(study, ap50: dict) -> None:
             "global_batch": int(p.labels["batch"][2:]), "iterations": 10, "total_iterations": 10,
             "train_seconds": 60, "images_per_s": 1.0, "peak_mem_gib": 1.0}))
         status[p.name] = {"status": "diverged" if value is None else "done", "attempts": 1, "wall_s": 100.0}
-        if value is not None and p.overrides["optim.name"] == "agvm_sgd":  # AGVM records: Phi of one module
-            records = [{"iteration": i, "agvm/phi/backbone": value + d} for i, d in ((10, 0.3), (20, 0.0), (30, 0.1))]
+        if value is not None and p.overrides["optim.name"] == "agvm_sgd":  # AGVM records of one module
+            records = [{"iteration": i, "agvm/phi/backbone": value + d, "agvm/mu/backbone": 1.0}
+                       for i, d in ((10, 0.3), (20, 0.0), (30, 0.1))]
             (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     write_status(study, status)
 
