@@ -190,10 +190,10 @@ def load_study(path: Path, output_dir: Optional[Path] = None) -> Study:
             labels[axis] = label
             ranks = axis_ranks or ranks
         points.append(Point("__".join(labels.values()), labels, int(ranks), overrides))
-    labels = {axis: [v[1] for v in values] for axis, values in zip(spec["grid"], axes)}
+    axis_labels = {axis: [v[1] for v in values] for axis, values in zip(spec["grid"], axes)}
     study = Study(spec["name"], config, points, Path(output_dir or spec.get("output_dir", "runs")),
                   spec.get("mode", "train"), spec.get("plots") or {}, str(path),
-                  _comparison(spec.get("compare"), labels, f"{path}: compare"))
+                  _comparison(spec.get("compare"), axis_labels, f"{path}: compare"))
     if study.mode not in ("train", "model_size"):
         raise ConfigError(f"{path}: mode={study.mode!r}; use train or model_size")
     for p in points:  # a typo fails here, before hours of earlier points have run
