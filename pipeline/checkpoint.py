@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import zipfile
@@ -103,8 +104,16 @@ def save(engine, ckpt_dir: Path, iteration: int, client_state: dict[str, Any], s
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, iteration=iteration))
     dist.barrier()  # every rank's files are written: only now is the checkpoint complete
     if dist.get_rank() == 0:
-        (ckpt_dir / tag / MARKER).write_text(json.dumps(dict(shape, iteration=iteration), indent=2))
+        mark_complete(ckpt_dir, tag, dict(shape, iteration=iteration))
         prune(ckpt_dir, keep)
+
+
+def mark_complete(ckpt_dir: Path, tag: str, record: dict) -> None:
+    """Write the marker whole or not at all: a kill mid-write must not leave a half-written marker
+    that makes the checkpoint look complete (a rename within one directory is atomic)."""
+    staged = ckpt_dir / tag / (MARKER + ".tmp")
+    staged.write_text(json.dumps(record, indent=2))
+    os.replace(staged, ckpt_dir / tag / MARKER)
 
 
 def prune(ckpt_dir: Path, keep: int) -> list[str]:

@@ -14,6 +14,9 @@ from pipeline.synthetic import make_dataset
 REPO = Path(__file__).resolve().parent.parent
 
 torch.set_num_threads(1)
+# Every process a test starts dumps its Python stacks if it dies of a signal (SIGABRT, SIGSEGV), so a
+# rare crash in CI says where it happened: in training, or at interpreter exit.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 TINY_BACKBONE = "test_byobnet"  # timm's 0.2M-parameter test network
 
 

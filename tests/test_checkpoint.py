@@ -57,6 +57,29 @@ def test_resume_never_picks_a_partial_checkpoint(tmp_path):
         ckpt.choose(tmp_path, "iter_00000009")
 
 
+def test_a_marker_cut_short_does_not_mark_a_checkpoint_complete(tmp_path, monkeypatch):
+    """A crash while the marker is written must leave no marker at all, never an empty one that
+    makes the checkpoint look complete and then breaks the resume that reads it."""
+    _fake_checkpoint(tmp_path, 2)
+    (tmp_path / "iter_00000004").mkdir()
+
+    real_write_text = Path.write_text
+
+    def crash_mid_write(path, text, *args, **kwargs):
+        real_write_text(path, text[:5], *args, **kwargs)
+        raise KeyboardInterrupt  # the process dies after a few bytes
+
+    monkeypatch.setattr(Path, "write_text", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.mark_complete(tmp_path, "iter_00000004", {"iteration": 4, "global_batch": 8})
+    monkeypatch.undo()
+    assert ckpt.complete_tags(tmp_path) == ["iter_00000002"]
+    assert ckpt.choose(tmp_path) == "iter_00000002"
+    ckpt.mark_complete(tmp_path, "iter_00000004", {"iteration": 4, "global_batch": 8})
+    assert ckpt.saved_shape(tmp_path, "iter_00000004") == {"iteration": 4, "global_batch": 8}
+    assert [p.name for p in (tmp_path / "iter_00000004").iterdir()] == [ckpt.MARKER]  # no temporary left
+
+
 def test_a_damaged_file_is_named_with_the_checkpoint_to_go_back_to(tmp_path):
     _fake_checkpoint(tmp_path, 2)
     _fake_checkpoint(tmp_path, 4)
@@ -135,7 +158,7 @@ def _two_ranks_then_one(root: Path, tmp_path: Path, *common: str) -> tuple[dict,
     run_dir = tmp_path / "run"
     ref = subprocess.run(_train(root, tmp_path, 2, *common), env=ENV, cwd=REPO, capture_output=True, text=True,
                          timeout=600)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert ref.returncode == 0, (ref.stdout[-1500:], ref.stderr[-3000:])  # stdout: the launcher names the rank
     expected = _losses(run_dir)
     resumed = subprocess.run(_train(root, tmp_path, 1, *common, "train.grad_accum=2",
                                     "train.resume_from=iter_00000002"),

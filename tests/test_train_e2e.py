@@ -42,9 +42,11 @@ def test_killed_run_resumes_exactly(shapes_root, tmp_path):
 
     victim = subprocess.Popen(_train_cmd(shapes_root, tmp_path / "cut", *common), env=ENV, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = tmp_path / "cut/run/checkpoints/latest"
+    # DeepSpeed writes `latest` before the files are done; only our marker says the checkpoint is whole,
+    # so the kill waits for it (killing between the two leaves no complete checkpoint to resume, by design).
+    marker = tmp_path / "cut/run/checkpoints/iter_00000004/complete.json"
     deadline = time.time() + 300
-    while not (latest.is_file() and latest.read_text().strip() == "iter_00000004") and time.time() < deadline:
+    while not marker.is_file() and time.time() < deadline:
         assert victim.poll() is None, "training ended before it could be killed"
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
