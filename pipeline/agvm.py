@@ -321,6 +321,15 @@ class HalfGradients:
         return (s + d) * (unit / (2 * self.first)), (s - d) * (unit / (2 * self.second))
 
 
+def check_loss_scaling(optimizer: str, ds_config: dict, source: str = "train.ds_config") -> None:
+    """AGVM-AdamW preconditions the half gradients with the second moment, which holds unscaled
+    gradients; fp16's loss scaling would leave the halves scaled by it (SGD's cosine does not care)."""
+    if optimizer == "agvm_adamw" and ds_config.get("fp16", {}).get("enabled", False):
+        raise ConfigError(f"optim.name=agvm_adamw cannot run with fp16 loss scaling ({source} enables fp16): its "
+                          "half gradients would carry the loss scale that its second moment does not; use bf16 "
+                          "(a *_bf16.json preset) or fp32")
+
+
 def check_halves(world: int, accum: int) -> None:
     """AGVM compares two half-batch gradients: ranks, or one rank's accumulated micro-batches."""
     if world < 2 and accum < 2:
@@ -382,7 +391,10 @@ class AGVM:
         Each rank reduces its shards to three numbers per module, summed over the ranks in one
         all-reduce: |S|^2, |D|^2, <S, D> (SGD), or <H1, H2>, |H1|^2, |H2|^2 of the preconditioned
         halves (AdamW)."""
-        partial_sums: dict[str, torch.Tensor] = {}  # module order: the same on every rank
+        # Every module, in the same order on every rank, even one with no piece on this rank (ZeRO 1/2
+        # can leave a small module's groups wholly on other ranks): the all-reduce must match.
+        partial_sums = {name: torch.zeros(3, dtype=torch.float64, device=params[0].device)
+                        for name, params in self.tap.modules.items()}
         for name, params, s, d in self.tap.reduced():
             if self.adamw is None:
                 s, d = s.double(), d.double()
@@ -393,7 +405,7 @@ class AGVM:
                 h1, h2 = (g / ((beta2 * v + (1 - beta2) * g.square()).sqrt() + eps) for g in self.tap.halves(s, d))
                 h1, h2 = h1.double(), h2.double()
                 sums = torch.stack([h1.dot(h2), h1.dot(h1), h2.dot(h2)])
-            partial_sums[name] = partial_sums[name] + sums if name in partial_sums else sums
+            partial_sums[name] += sums
         names = list(partial_sums)
         totals = torch.stack([partial_sums[n] for n in names])
         if self.tap.world >= 2:

@@ -162,8 +162,10 @@ def reduced_gradient_reader(engine, world: int, rank: int):
             yield g if g.numel() == size else torch.nn.functional.pad(g, (0, size - g.numel()))
 
     # ZeRO-3 reduces (and accumulates) after every backward, so mid-accumulation the partition is the
-    # reduced sum of the micro-batches so far; ZeRO-0 reduces only at the accumulation boundary
-    read.each_backward = stage == 3
+    # reduced sum of the micro-batches so far; ZeRO-0 reduces only at the accumulation boundary, and
+    # so does ZeRO-3 with the optimizer offloaded: ``safe_get_local_grad`` then reads the host copy,
+    # written at the boundary only (stage3's ``_offload_grad_partition_at_boundary``): stale before it
+    read.each_backward = stage == 3 and not engine.zero_use_cpu_optimizer()
     return read
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from models.detector import MODULE_PREFIXES, check_backbone_name
-from pipeline.agvm import check_halves
+from pipeline.agvm import check_halves, check_loss_scaling
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.ds_config import engine_config, zero_stage
 from pipeline.norm import bn_group_layout
@@ -54,6 +54,7 @@ def validate(cfg: ExperimentConfig, world: int, ranks_per_node: int) -> None:
 def _check_engine(cfg: ExperimentConfig, world: int) -> None:
     ds = engine_config(cfg, world)
     check_zero_support(cfg.optim.name, zero_stage(ds), str(cfg.train.ds_config))
+    check_loss_scaling(cfg.optim.name, ds, str(cfg.train.ds_config))
 
 
 def _missing_files(cfg: ExperimentConfig) -> list[str]:

@@ -33,18 +33,19 @@ CLIP = 0.05
 class ToyDetector(nn.Module):
     """Parameters named like a Faster R-CNN, so the real module map groups them."""
 
-    def __init__(self):
+    def __init__(self, rpn_in: int = 12, rpn_out: int = 3):
         super().__init__()
         self.backbone = nn.Module()
         self.backbone.body = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16))
         self.backbone.neck = nn.Linear(16, 12)
-        self.rpn = nn.Linear(12, 3)
+        self.rpn = nn.Linear(rpn_in, rpn_out)
         self.roi_heads = nn.Module()
         self.roi_heads.box_head = nn.Linear(12, 2)
 
     def forward(self, x, y):
         h = torch.tanh(self.backbone.neck(self.backbone.body(x)))
-        return {"loss_rpn": (self.rpn(h) - y[:, :3]).square().mean(),
+        rpn = self.rpn(h[:, :self.rpn.in_features]) - y[:, :self.rpn.out_features]
+        return {"loss_rpn": rpn.square().mean(),
                 "loss_box": (self.roi_heads.box_head(h) - y[:, 3:]).abs().mean()}
 
 
@@ -65,20 +66,22 @@ def _overrides(opt: str, stage: int, accum: int) -> list[str]:
             f"train.ds_config=ds_configs/zero{stage}_fp32.json"]
 
 
-def _model() -> ToyDetector:
+def _model(tiny_rpn: bool = False) -> ToyDetector:
+    """``tiny_rpn``: an RPN of 2 elements (1 weight, 1 bias), which ZeRO 1/2 on 2 ranks put on rank 0 only."""
     torch.manual_seed(0)
-    return ToyDetector()
+    return ToyDetector(1, 1) if tiny_rpn else ToyDetector()
 
 
-def _full_params(engine, stage: int) -> dict[str, list[float]]:
+def _full_params(engine, stage) -> dict[str, list[float]]:
     import deepspeed
 
     params = list(engine.module.named_parameters())
-    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=str(stage).startswith("3")):
         return {n: p.detach().reshape(-1).tolist() for n, p in params}
 
 
-def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str, extra: tuple = ()) -> None:
+def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str, extra: tuple = (),
+               tiny_rpn: bool = False) -> None:
     import gc
 
     import torch.distributed as dist
@@ -94,7 +97,7 @@ def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str, ext
     reduce_scatter, agvm_module._reduce_scatter = agvm_module._reduce_scatter, counted
     for opt, stage in cases:
         cfg = load_config(None, _overrides(opt, stage, accum) + list(extra))
-        training = build_training(cfg, info, data=False, model=_model())
+        training = build_training(cfg, info, data=False, model=_model(tiny_rpn))
         record, scatters[:] = [], []
         for it in range(ITERS):
             training.step(iter([_batch(it, rank, micro) for micro in range(accum)]))
@@ -112,11 +115,11 @@ def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str, ext
         dist.barrier()
 
 
-def _reference(opt: str, world: int, accum: int, micro_halves: bool = False) -> list[dict]:
+def _reference(opt: str, world: int, accum: int, micro_halves: bool = False, tiny_rpn: bool = False) -> list[dict]:
     """Plain torch: per-unit gradients, halves, cosine, mu, and torch's optimizer with lr x mu.
     ``micro_halves``: the units are (micro-batch, rank) pairs, the first half every rank's first micro-batches."""
     cfg = load_config(None, _overrides(opt, 0, accum))
-    model = _model()
+    model = _model(tiny_rpn)
     groups = build_param_groups(model, "faster_rcnn", cfg.optim)
     names = {id(p): n for n, p in model.named_parameters()}
     modules = {g["module"]: g["params"] for g in groups}
@@ -201,15 +204,29 @@ def test_agvm_sgd_matches_reference_under_every_zero_stage(world, accum, tmp_pat
 def test_micro_batch_halves_on_several_ranks_match_the_reference_and_need_no_tap_under_zero3(tmp_path):
     """agvm.halves=micro_batches with 2 ranks: every rank's first micro-batch against its second.
     ZeRO-3 reads both halves from its own reduced partitions (no reduce-scatter at all); the other
-    stages tap as usual. AdamW too: its halves are preconditioned from the same S and D."""
+    stages tap as usual. AdamW too: its halves are preconditioned from the same S and D. ZeRO-3 with
+    the optimizer offloaded to the CPU writes its gradient partition only at the accumulation
+    boundary, so mid-iteration there is no first half to read: it taps like the others."""
     for opt in ("agvm_sgd", "agvm_adamw"):
-        cases = [(opt, stage) for stage in (0, 1, 2, 3)]
+        cases = [(opt, stage) for stage in (0, 1, 2, 3, "3_offload")]
         run_distributed(_ds_worker, 2, 2, cases, str(tmp_path), ("agvm.halves=micro_batches",))
         want = _reference(opt, 2, 2, micro_halves=True)
         for _, stage in cases:
             got = json.loads((tmp_path / f"{opt}_zero{stage}.json").read_text())
             _check(got, want, param_atol=3e-5 if opt == "agvm_adamw" else 1e-6)
-            assert got[-1]["reduce_scatters_per_module_and_estimate"] == {0: 1, 1: 1, 2: 1, 3: 0}[stage], (opt, stage)
+            scatters = {0: 1, 1: 1, 2: 1, 3: 0, "3_offload": 1}[stage]
+            assert got[-1]["reduce_scatters_per_module_and_estimate"] == scatters, (opt, stage)
+
+
+def test_a_module_with_no_element_in_a_ranks_zero12_partition_is_still_estimated(tmp_path):
+    """ZeRO 1/2 give rank 1 of 2 only padding of the 2-element RPN's groups: that rank has no piece of
+    the module to sum, yet every rank must reduce the same modules (else the all-reduce of the
+    per-module sums mismatches) and the RPN's Phi must be the one of the whole batch."""
+    cases = [("agvm_sgd", stage) for stage in (1, 2)]
+    run_distributed(_ds_worker, 2, 1, cases, str(tmp_path), (), True)
+    want = _reference("agvm_sgd", 2, 1, tiny_rpn=True)
+    for _, stage in cases:
+        _check(json.loads((tmp_path / f"agvm_sgd_zero{stage}.json").read_text()), want)
 
 
 @pytest.mark.parametrize("world, accum", [(2, 1), (4, 1), (1, 2)])

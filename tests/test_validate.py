@@ -41,6 +41,15 @@ def test_agvm_needs_two_halves():
     assert "agvm.anchor='trunk'" in _errors(["optim.name=agvm_sgd", "agvm.anchor=trunk"], 2, 2)
 
 
+def test_agvm_adamw_refuses_fp16_loss_scaling(tmp_path):
+    """The halves would carry the loss scale, the second moment that preconditions them would not."""
+    fp16 = tmp_path / "fp16.json"
+    fp16.write_text(json.dumps({"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+    message = _errors(["optim.name=agvm_adamw", f"train.ds_config={fp16}"], 2, 2)
+    assert "optim.name=agvm_adamw" in message and "fp16.json enables fp16" in message and "use bf16" in message
+    validate(load_config(None, ["optim.name=agvm_sgd", f"train.ds_config={fp16}"]), 2, 2)  # a cosine: scale-free
+
+
 def test_bn_groups_must_fit_the_machines():
     message = _errors(["model.bn_group=3"], 16, 8)
     assert "model.bn_group=3" in message and "machine 0's 8 ranks" in message and "divisor of 8" in message
