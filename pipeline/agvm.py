@@ -54,7 +54,8 @@ partition, ``HalfGradients.reduced_gradient``; fp32 ZeRO-0: the whole gradient; 
 flat partitions of whole param groups, ``HalfGradients.partitions``), and the tap's shards are
 laid out the same way. Where none is readable (bf16 ZeRO-0's BF16 optimizer, CPU offload) a
 second reduce-scatter computes S. Micro-batch halves under ZeRO-3 (``agvm.halves=micro_batches``, or auto with one BN
-group of every rank) need neither: no tap, no collective beyond the all-reduce, one partition-sized
+group of every rank; not with the optimizer offloaded, whose host gradient is written only at the accumulation
+boundary) need neither: no tap, no collective beyond the all-reduce, one partition-sized
 copy of the first half's reduced gradient (``HalfGradients.after_backward``); the estimate for
 billion-parameter models.
 """
@@ -180,7 +181,8 @@ class HalfGradients:
     Micro-batch halves under ZeRO-3 need no tap at all: ZeRO-3 reduces after every backward, so
     after the first half's last micro-batch its partition holds the first half's sum (copied then,
     ``after_backward``), and at the end S; D = 2 x first - S. Cost: one partition-sized copy, no
-    collective.
+    collective. (Not with the optimizer offloaded: the partition it reads is then the host copy,
+    written at the accumulation boundary only; the tap runs as for the other stages.)
     """
 
     def __init__(self, modules: dict[str, list[nn.Parameter]], world: int, rank: int, accum: int,
