@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DS=".venv/bin/deepspeed --num_gpus 2"
 COMMON=(--config configs/shapes_default.yaml train.micro_batch=8 train.grad_accum=4 train.progress=false
-        schedule.warmup_epochs=2 agvm.tau=2 agvm.clip_before=0)
+        schedule.warmup_epochs=2 agvm.tau=2 agvm.clip_before=0 agvm.start_after_warmup=0)
 ADAMW=(optim.base_lr=0.0002 optim.weight_decay=0.05)
 export OMP_NUM_THREADS=1
 

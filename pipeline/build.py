@@ -243,6 +243,11 @@ def build_training(cfg: ExperimentConfig, info: eng.DistInfo, *, data: bool = Tr
                     schedule.warmup_iters, adamw, halves)
         log_dist("AGVM: modules %s, halves: %s, tau %d, modulation from iteration %d%s", list(agvm.mu),
                  halves.describe(), cfg.agvm.tau, agvm.start, f" to {cfg.agvm.stop_iter}" if cfg.agvm.stop_iter else "")
+        if agvm.start >= schedule.total_iters and (not dist.is_initialized() or dist.get_rank() == 0):
+            log.warning("AGVM never modulates this run: it starts at iteration %d (warmup %d + agvm.start_after_warmup "
+                        "%d, or agvm.start_iter) but the run has %d iterations; set agvm.start_after_warmup lower "
+                        "(0: right after warmup) or agvm.start_iter", agvm.start, schedule.warmup_iters,
+                        cfg.agvm.start_after_warmup, schedule.total_iters)
     engine = eng.build_engine(model, build_optimizer(groups, cfg.optim, schedule.lr(0)),
                               with_universal_load(ds_config) if load_universal else ds_config)
     release_free_heap()  # ZeRO's flattening copies are freed: give them back before training

@@ -207,6 +207,9 @@ class ScheduleConfig(_Section):
         return self
 
 
+START_AFTER_WARMUP = 100  # the public AGVM configs: warmup 920 -> start 1020, 460 -> 560
+
+
 class AGVMConfig(_Section):
     """AGVM (Xue et al., NeurIPS 2022); defaults are the public code's (tau: its configs' 10)."""
 
@@ -217,8 +220,9 @@ class AGVMConfig(_Section):
     ratio_max: float = Field(10.0, gt=0)
     start_iter: Optional[int] = Field(None, ge=0, description="first modulated iteration (absolute); None: "
                                       "start_after_warmup iterations after the end of warmup")
-    start_after_warmup: int = Field(0, ge=0, description="with start_iter unset, modulation starts this many "
-                                    "iterations after warmup ends (0: right after, as the public configs)")
+    start_after_warmup: int = Field(START_AFTER_WARMUP, ge=0, description="with start_iter unset, modulation starts this many "
+                                    "iterations after warmup ends (the public configs: warmup 920, start 1020 at "
+                                    "batch 256; 460 and 560 at 512)")
     halves: Literal["auto", "ranks", "micro_batches"] = Field(
         "auto", description="what AGVM compares: auto (rank halves along BN groups; micro-batch halves when one BN "
                             "group holds every rank), ranks, or micro_batches (train.grad_accum >= 2; under ZeRO-3 "
@@ -237,8 +241,8 @@ class AGVMConfig(_Section):
         if self.start_iter is not None and self.stop_iter is not None and self.stop_iter <= self.start_iter:
             raise ValueError(f"agvm.stop_iter={self.stop_iter} must be after agvm.start_iter={self.start_iter}")
         # A resolved config (a run's config.yaml, read back by export or evaluate) states the default
-        # start_after_warmup=0 beside start_iter: only another value is a conflict
-        if self.start_iter is not None and self.start_after_warmup != 0:
+        # start_after_warmup beside start_iter (100; 0 in runs before 2026-12-05): only another value conflicts
+        if self.start_iter is not None and self.start_after_warmup not in (0, START_AFTER_WARMUP):
             raise ValueError(f"agvm.start_iter={self.start_iter} and agvm.start_after_warmup="
                              f"{self.start_after_warmup} both set the start: keep one")
         return self

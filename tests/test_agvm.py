@@ -254,10 +254,37 @@ def test_modulation_starts_relative_to_the_end_of_warmup_unless_given():
 
     cfg = load_config(None, ["agvm.start_after_warmup=20"]).agvm
     assert start_iteration(cfg, warmup_iters=100) == 120 and start_iteration(cfg, warmup_iters=400) == 420
-    assert start_iteration(load_config(None, []).agvm, warmup_iters=100) == 100  # default: right after warmup
+    # the default is the public configs': warmup 920 -> start 1020 (batch 256), 460 -> 560 (batch 512)
+    default = load_config(None, []).agvm
+    assert start_iteration(default, warmup_iters=920) == 1020 and start_iteration(default, warmup_iters=460) == 560
     assert start_iteration(load_config(None, ["agvm.start_iter=7"]).agvm, warmup_iters=100) == 7
     with pytest.raises(ConfigError, match="both set the start"):
         load_config(None, ["agvm.start_iter=7", "agvm.start_after_warmup=20"])
+
+
+def _build_worker(rank: int, world: int, overrides: list, out: str) -> None:
+    import logging
+
+    from pipeline.build import build_training
+    from pipeline.engine import init_distributed
+
+    handler = logging.FileHandler(out)
+    logging.getLogger("pipeline").addHandler(handler)
+    training = build_training(load_config(None, overrides), init_distributed(), data=False, model=_model())
+    training.engine.destroy()
+    handler.close()
+
+
+@pytest.mark.parametrize("start, warns", [([], True), (["agvm.start_after_warmup=0"], False)])
+def test_a_run_that_ends_before_agvm_starts_says_so(start, warns, tmp_path):
+    """The default start (100 iterations after warmup) lies beyond a 10-iteration run: a warning with
+    the fix, not a silent run of plain SGD."""
+    overrides = ["optim.name=agvm_sgd", "train.grad_accum=2", "schedule.max_iters=10", "schedule.warmup_iters=2",
+                 *start]
+    run_distributed(_build_worker, 1, overrides, str(tmp_path / "log.txt"))
+    log = (tmp_path / "log.txt").read_text()
+    assert ("AGVM never modulates this run: it starts at iteration 102" in log) == warns, log
+    assert ("set agvm.start_after_warmup lower" in log) == warns
 
 
 def test_one_rank_without_accumulation_is_refused():

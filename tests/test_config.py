@@ -68,5 +68,10 @@ def test_a_run_config_with_an_absolute_agvm_start_reads_back(tmp_path):
     cfg = load_config(None, ["optim.name=agvm_sgd", "agvm.start_iter=5"])
     dump_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml").agvm.start_iter == 5
+    # and so do the runs written when the default start_after_warmup was 0
+    old = (tmp_path / "config.yaml").read_text().replace("start_after_warmup: 100", "start_after_warmup: 0")
+    assert "start_after_warmup: 0" in old
+    (tmp_path / "old.yaml").write_text(old)
+    assert load_config(tmp_path / "old.yaml").agvm.start_iter == 5
     with pytest.raises(ConfigError, match="start_after_warmup"):
         load_config(None, ["optim.name=agvm_sgd", "agvm.start_iter=5", "agvm.start_after_warmup=3"])

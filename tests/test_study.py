@@ -78,6 +78,7 @@ def _tiny_fixed(shapes_root, tmp_path) -> dict:
         if not key.startswith("train.output_dir") and not key.startswith("train.run_name"):
             fixed[key] = yaml.safe_load(value)
     fixed["train.evaluate"] = True
+    fixed["agvm.start_after_warmup"] = 0  # 4 iterations: AGVM's points estimate from the end of warmup on
     return fixed
 
 
