@@ -158,7 +158,9 @@ def _two_ranks_then_one(root: Path, tmp_path: Path, *common: str) -> tuple[dict,
     run_dir = tmp_path / "run"
     ref = subprocess.run(_train(root, tmp_path, 2, *common), env=ENV, cwd=REPO, capture_output=True, text=True,
                          timeout=600)
-    assert ref.returncode == 0, (ref.stdout[-1500:], ref.stderr[-3000:])  # stdout: the launcher names the rank
+    fatal = ref.stderr[ref.stderr.find("Fatal Python error"):][:4000] if "Fatal Python error" in ref.stderr else ""
+    # stdout: the launcher names the rank; fatal: the stacks faulthandler dumped (conftest), if a signal killed it
+    assert ref.returncode == 0, (ref.stdout[-1500:], fatal, ref.stderr[-3000:])
     expected = _losses(run_dir)
     resumed = subprocess.run(_train(root, tmp_path, 1, *common, "train.grad_accum=2",
                                     "train.resume_from=iter_00000002"),
