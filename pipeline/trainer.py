@@ -130,6 +130,7 @@ def save_checkpoint(state: TrainState, it: int) -> None:
     if state.training.ema is not None:  # before ckpt.save's completeness marker
         ema_io.save(state.training.ema, state.ckpt_dir / ckpt.tag_of(it))
     ckpt.save(state.engine, state.ckpt_dir, it, client, shape, state.cfg.train.keep_checkpoints)
+    log_dist("checkpoint %s saved", ckpt.tag_of(it))
 
 
 def run_evaluation(state: TrainState, it: int, final: bool = False) -> dict:
@@ -249,7 +250,10 @@ def train_loop(state: TrainState) -> dict:
             pause = time.time()
             if state.eval_every and it % state.eval_every == 0 and it < schedule.total_iters:
                 metrics = run_evaluation(state, it)
-            if cfg.train.ckpt_every_iters and it % cfg.train.ckpt_every_iters == 0:
+            # the last iteration's checkpoint is the final one, saved once: rewriting a complete
+            # checkpoint in place would leave a damaged one marked complete if the rewrite were cut short
+            last = it == schedule.total_iters and cfg.train.final_checkpoint
+            if cfg.train.ckpt_every_iters and it % cfg.train.ckpt_every_iters == 0 and not last:
                 save_checkpoint(state, it)
             tic += time.time() - pause  # evaluations and checkpoints are not training time
     bar.close()

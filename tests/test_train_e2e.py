@@ -37,6 +37,8 @@ def test_killed_run_resumes_exactly(shapes_root, tmp_path):
     ref = subprocess.run(_train_cmd(shapes_root, tmp_path / "ref", *common), env=ENV, cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
+    # every 4th iteration once; the 16th, periodic and final at once, once too
+    assert [ref.stderr.count(f"checkpoint iter_{i:08d} saved") for i in (4, 8, 12, 16)] == [1, 1, 1, 1]
     expected = _losses(tmp_path / "ref/run")
     assert sorted(expected) == list(range(1, 17))
 
