@@ -393,10 +393,7 @@ class AGVM:
         Each rank reduces its shards to three numbers per module, summed over the ranks in one
         all-reduce: |S|^2, |D|^2, <S, D> (SGD), or <H1, H2>, |H1|^2, |H2|^2 of the preconditioned
         halves (AdamW)."""
-        # Every module, in the same order on every rank, even one with no piece on this rank (ZeRO 1/2
-        # can leave a small module's groups wholly on other ranks): the all-reduce must match.
-        partial_sums = {name: torch.zeros(3, dtype=torch.float64, device=params[0].device)
-                        for name, params in self.tap.modules.items()}
+        partial_sums: dict[str, torch.Tensor] = {}
         for name, params, s, d in self.tap.reduced():
             if self.adamw is None:
                 s, d = s.double(), d.double()
@@ -407,9 +404,14 @@ class AGVM:
                 h1, h2 = (g / ((beta2 * v + (1 - beta2) * g.square()).sqrt() + eps) for g in self.tap.halves(s, d))
                 h1, h2 = h1.double(), h2.double()
                 sums = torch.stack([h1.dot(h2), h1.dot(h1), h2.dot(h2)])
-            partial_sums[name] += sums
-        names = list(partial_sums)
-        totals = torch.stack([partial_sums[n] for n in names])
+            partial_sums[name] = partial_sums[name] + sums if name in partial_sums else sums
+        # Every module, in the same order on every rank, even one with no piece on this rank (ZeRO 1/2
+        # can leave a small module's groups wholly on other ranks): the all-reduce must match.
+        names = list(self.tap.modules)
+        like = next(iter(partial_sums.values()), None)  # where the sums live (a parameter's device otherwise)
+        zeros = torch.zeros(3, dtype=torch.float64,
+                            device=like.device if like is not None else self.tap.modules[names[0]][0].device)
+        totals = torch.stack([partial_sums.get(n, zeros) for n in names])
         if self.tap.world >= 2:
             dist.all_reduce(totals)
         if self.adamw is None:
