@@ -151,4 +151,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.ds_internals import exit_skipping_teardown
+
+    code = main()
+    exit_skipping_teardown(code, finished=code == 0)

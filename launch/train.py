@@ -76,20 +76,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def exit_skipping_teardown(code: int) -> None:
-    """End a finished run without the interpreter's teardown. After ``leave_job`` every file is
-    written, yet freeing the process groups' C++ objects during finalization (gloo worker threads
-    holding work with tensors) aborted a finished 2-rank CPU run now and then in CI ("terminate
-    called without an active exception", exit 250): a finished run reported failed, which the
-    study runner would retry. Only for runs that ended as such (done, or diverged with the
-    tracker closed); errors keep the normal exit, whose atexit hooks close W&B."""
-    if code not in (0, EXIT_DIVERGED):
-        sys.exit(code)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    exit_skipping_teardown(main())
+    from pipeline.ds_internals import exit_skipping_teardown
+
+    code = main()
+    exit_skipping_teardown(code, finished=code in (0, EXIT_DIVERGED))  # diverged: its tracker is closed too
