@@ -56,18 +56,12 @@ def _worker(rank: int, world: int, port: int, fn, args) -> None:
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    import torch.distributed as dist
+    from pipeline.ds_internals import exit_skipping_teardown, leave_job
 
     try:
         fn(rank, world, *args)
     finally:
-        if dist.is_initialized():
-            from pipeline.ds_internals import release_cpu_allreduce_segment
-
-            release_cpu_allreduce_segment(rank)
-            dist.destroy_process_group()
-    from pipeline.ds_internals import exit_skipping_teardown
-
+        leave_job()  # as the launch scripts end: the shm segment unlinked, the process group destroyed
     exit_skipping_teardown(0, finished=True)  # as launch/train.py: no abort in the interpreter's teardown
 
 
