@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common import REPO, RESULTS, pipeline_step, row_label, time_steps
-from pipeline.engine import init_distributed
+from pipeline.distributed.job import init_distributed
 
 VARIANTS = [("sgd", None), ("agvm_sgd", 10), ("agvm_sgd", 1)]
 

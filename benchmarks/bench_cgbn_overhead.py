@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common import REPO, RESULTS, pipeline_step, row_label, time_steps
-from pipeline.engine import init_distributed
+from pipeline.distributed.job import init_distributed
 
 
 def build_norm_variant(args, norm: str, info):

@@ -20,7 +20,7 @@ from pathlib import Path
 from pycocotools.coco import COCO
 
 from common import RESULTS, row_label
-from pipeline.evaluation import STAT_NAMES, coco_evaluate
+from pipeline.evaluation.coco import coco_evaluate, STAT_NAMES
 
 
 def synthetic_set(images: int, seed: int = 0) -> tuple[dict, list[dict]]:

@@ -10,7 +10,7 @@ Writes (once, kept in ``--workdir``) a synthetic annotation file of COCO train20
 disk, not a shared filesystem's latency). File names carry the image size
 (``000000391895_640x480.jpg``) so the worker can fake the image read.
 
-Each variant runs in a fresh process, alternating (ref, new, ref, new, ...): ``pipeline/data.py``
+Each variant runs in a fresh process, alternating (ref, new, ref, new, ...): ``pipeline/data/dataset.py``
 at ``--ref`` (from ``git show``) and the working tree's. Per process it measures:
 
 - construct_s: the dataset's constructor (file check switched off) plus ``aspect_ratios()``,
@@ -177,7 +177,7 @@ def child(args) -> None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     else:
-        from pipeline import data as module  # the installed package (pip install -e .)
+        from pipeline.data import dataset as module  # the installed package (pip install -e .)
     cls = module.CocoDetection
     gc.collect()
     base = _status_mib("VmRSS")
@@ -224,7 +224,7 @@ def child(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ref", default="ab590b0", help="commit whose pipeline/data.py is the reference")
+    p.add_argument("--ref", default="ab590b0", help="commit whose pipeline/data/dataset.py is the reference")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_data_startup"))
     p.add_argument("--images", type=int, default=118_287)
@@ -243,11 +243,11 @@ def main() -> None:
     ann, image_dir = prepare(args.workdir, args.images, args.anns, args.poly_points)
     ref_commit = _git("rev-parse", "--short", args.ref)
     ref_file = args.workdir / f"data_{ref_commit}.py"
-    ref_file.write_text(_git("show", f"{args.ref}:pipeline/data.py") + "\n")
-    dirty = bool(_git("status", "--porcelain", "pipeline/data.py"))
+    ref_file.write_text(_git("show", f"{args.ref}:pipeline/data/dataset.py") + "\n")
+    dirty = bool(_git("status", "--porcelain", "pipeline/data/dataset.py"))
     commits = {"ref": ref_commit, "new": _git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")}
-    blobs = {"ref": _git("rev-parse", "--short", f"{args.ref}:pipeline/data.py"),  # the file measured, by content
-             "new": _git("hash-object", "pipeline/data.py")[:7]}
+    blobs = {"ref": _git("rev-parse", "--short", f"{args.ref}:pipeline/data/dataset.py"),  # the file measured, by content
+             "new": _git("hash-object", "pipeline/data/dataset.py")[:7]}
     label = {"bench": "data_startup", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "device": cpu_model(), "images": args.images, "annotations": args.anns,
              "poly_points": args.poly_points, "json_mib": round(ann.stat().st_size / 2**20, 1), "masks": args.masks}

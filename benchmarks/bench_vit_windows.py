@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from common import REPO, RESULTS, pipeline_step, row_label
-from pipeline.ds_internals import leave_job
-from pipeline.engine import init_distributed
-from pipeline.memory import current_memory, peak_memory, pin_mmap_threshold, reset_peak_memory
+from pipeline.distributed.job import leave_job
+from pipeline.distributed.job import init_distributed
+from pipeline.utils.memory import current_memory, peak_memory, pin_mmap_threshold, reset_peak_memory
 
 
 def measured_step(step, device: torch.device) -> tuple[float, float]:

@@ -2,7 +2,7 @@
 
 Both train on the same synthetic images (same size, batch, boxes, precision) for
 the same number of timed steps after warm-up. Ours is built and stepped as a training
-run is (``pipeline.build.build_training`` and its train step), with the experiment's detector (timm resnet50 + FPN + torchvision heads at
+run is (``pipeline.train.build.build_training`` and its train step), with the experiment's detector (timm resnet50 + FPN + torchvision heads at
 torchvision's default head sizes); torchvision's runs in plain torch with SGD.
 Prints a table with the ratio and appends the rows to benchmarks/results.jsonl.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common import REPO, RESULTS, pipeline_step, row_label, time_steps, torchvision_step
-from pipeline.engine import init_distributed
+from pipeline.distributed.job import init_distributed
 
 
 def bench_torchvision(args, batch, device) -> float:

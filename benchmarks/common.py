@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.build import build_training
+from pipeline.train.build import build_training
 from pipeline.config import load_config
-from pipeline.synthetic import synthetic_batch  # noqa: F401  (the benchmarks import it from here)
+from pipeline.data.synthetic import synthetic_batch  # noqa: F401  (the benchmarks import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks/results.jsonl"

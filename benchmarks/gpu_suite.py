@@ -92,7 +92,7 @@ def _force_bn_group(model: torch.nn.Module) -> int:
     GPU's BN group is otherwise that GPU alone, which is torch's own BN); returns the layer count."""
     import torch.distributed as dist
 
-    from pipeline.norm import CrossGPUBatchNorm
+    from pipeline.distributed.norm import CrossGPUBatchNorm
 
     layers = [m for m in model.modules() if isinstance(m, CrossGPUBatchNorm)]
     for m in layers:
@@ -107,13 +107,13 @@ def _release() -> None:
 
 
 def _peak_gib(device: torch.device) -> float:
-    from pipeline.memory import peak_memory
+    from pipeline.utils.memory import peak_memory
 
     return round(peak_memory(device) / 2**30, 2)
 
 
 def _reset_peak(device: torch.device) -> None:
-    from pipeline.memory import reset_peak_memory
+    from pipeline.utils.memory import reset_peak_memory
 
     reset_peak_memory(device)
 
@@ -247,7 +247,7 @@ def _count_iteration(step, device: torch.device) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.host_syncs import HostSyncCounter
+    from pipeline.utils.host_syncs import HostSyncCounter
 
     step()  # steady state
     with FlopCounterMode(display=False) as flops:
@@ -392,7 +392,7 @@ def part_e(sizes: Sizes, info, out_dir: Path) -> dict:
                  "model.norm=frozen", f"train.ds_config={REPO}/ds_configs/zero3_{sizes.fast_precision}.json",
                  f"data.min_size={side}", f"data.max_size={side}", "data.workers=2", *sizes.heads]
     plan_json = out_dir / "planner.json"
-    from pipeline.planner import main as planner  # python -m pipeline.planner, in this process
+    from pipeline.tools.planner import main as planner  # python launch/plan.py, in this process
 
     report = io.StringIO()
     with contextlib.redirect_stdout(report), contextlib.redirect_stderr(report):
@@ -414,7 +414,7 @@ def part_e(sizes: Sizes, info, out_dir: Path) -> dict:
                          + (f" (smoke: the planner's measured run, micro-batch {micro})" if sizes.smoke else ""),
                  "peak_gib": summary["peak_mem_gib"], "img_s": summary["images_per_s"], "images_per_step": micro})
     note = (f"{backbone} Faster R-CNN, ZeRO-3 {sizes.fast_precision}, activation checkpointing, {side}x{side}, "
-            f"{gpu_memory} GiB device; planner: python -m pipeline.planner --measure")
+            f"{gpu_memory} GiB device; planner: python launch/plan.py --measure")
     return {"rows": rows, "note": note, "table": _md_table(rows, ["what", "peak_gib", "img_s", "images_per_step"])}
 
 
@@ -433,8 +433,9 @@ def _train_once(overrides: list[str]) -> dict:
 
 def part_f(sizes: Sizes, info, out_dir: Path) -> dict:
     from pipeline.config import load_config
-    from pipeline.data import build_datasets, build_loaders, decode_on_device
-    from pipeline.synthetic import make_dataset
+    from pipeline.data.dataset import decode_on_device
+    from pipeline.data.loaders import build_datasets, build_loaders
+    from pipeline.data.synthetic import make_dataset
 
     side = (96, 128) if sizes.smoke else (800, 1333)
     root = out_dir / "loader_images"
@@ -504,7 +505,7 @@ def _child_env() -> dict:
 def run_parts(keys: str, out_dir: Path, smoke: bool, batches: list[int] | None) -> None:
     """The child process: the parts ``keys``, each result as JSON (an exception: the part's error,
     and the next part still runs)."""
-    from pipeline.engine import init_distributed
+    from pipeline.distributed.job import init_distributed
 
     logging.basicConfig(level=logging.WARNING)
     info = init_distributed()

@@ -29,4 +29,4 @@ run agvm_b64_agvm_adamw optim.name=agvm_adamw "${ADAMW[@]}"
 # Both SGD runs diverge in warmup at lr 0.16; with gradient clipping at norm 1.0 for the whole run:
 run agvm_b64_sgd_clip      optim.name=sgd optim.clip_grad_norm=1.0
 run agvm_b64_agvm_sgd_clip optim.name=agvm_sgd optim.clip_grad_norm=1.0
-.venv/bin/python -m pipeline.plots agvm runs/agvm_b64_agvm_sgd_clip runs/agvm_b64_agvm_adamw --out docs/agvm_phi_mu.png
+.venv/bin/python launch/plots.py agvm runs/agvm_b64_agvm_sgd_clip runs/agvm_b64_agvm_adamw --out docs/agvm_phi_mu.png

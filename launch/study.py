@@ -5,12 +5,12 @@
     python launch/study.py STUDY --plan --hostfile hosts --gpus-per-node 8   # launch_plan.sh for a cluster
     python launch/study.py STUDY --report                             # CSV, table and plots from what ran
 
-The study file format is in pipeline/study.py, the runner in pipeline/study_runner.py.
+The study file format is in pipeline/studies/spec.py, the runner in pipeline/studies/runner.py.
 """
 
 import sys
 
-from pipeline.study_runner import main
+from pipeline.studies.runner import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,7 @@ and inference path, and compute the training losses with fixed-shape, masked, ba
 - losses: the RPN's and the box head's, as weighted sums over the sampled slots, divided by the
   sampled count as torchvision divides (exact up to summation order).
 
-Left as torchvision's, named by ``pipeline.host_syncs``: the NMS itself (one per image; its output
+Left as torchvision's, named by ``pipeline.utils.host_syncs``: the NMS itself (one per image; its output
 size is data-dependent and torchvision's CUDA kernel finishes it on the host) and
 ``MultiScaleRoIAlign``'s split of the RoIs by level (one per pyramid level, per iteration).
 Mask R-CNN keeps torchvision's heads: its mask branch selects positives per image.
@@ -237,7 +237,7 @@ class BatchedFasterRCNN(FasterRCNN):
         if not self.training:
             return super().forward(images, targets)
         # torchvision checks every target for degenerate boxes with a sync per image; the loader
-        # (pipeline.data) has dropped them already, and the synthetic batches have none
+        # (pipeline.data.dataset) has dropped them already, and the synthetic batches have none
         images, targets = self.transform(images, targets)
         features = self.backbone(images.tensors)
         proposals, rpn_losses = self.rpn(images, features, targets)

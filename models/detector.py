@@ -3,7 +3,7 @@
 The backbone is any timm model: CNNs through ``features_only=True`` (channels and strides
 from ``feature_info``, so no table of backbones is kept here) + FPN; plain ViTs through
 ViTDet's simple feature pyramid (``models/vit.py``). ``model.activation_checkpointing``
-checkpoints every backbone block (``models/checkpointing.py``).
+checkpoints every backbone block (``models/activation_checkpointing.py``).
 Heads are torchvision's own (Faster/Mask R-CNN, RetinaNet, FCOS): we do not
 re-implement what torchvision does well.
 
@@ -36,10 +36,9 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from models.batched_heads import BatchedFasterRCNN
-from models.checkpointing import enable_activation_checkpointing
+from models.activation_checkpointing import enable_activation_checkpointing
+from models.errors import ModelConfigError
 from models.vit import SimpleFeaturePyramid, ViTBody, create_vit_body, is_plain_vit
-from pipeline.config import ConfigError, ModelConfig
-from pipeline.ds_internals import full_numel
 
 # ImageNet statistics, in the 0-255 range because images reach the model as uint8-valued floats.
 IMAGE_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
@@ -78,7 +77,7 @@ class BackboneWithNeck(nn.Module):
         self.strides = strides
         self.levels = levels  # which of the body's outputs feed the neck (None: all)
         self.nhwc = str(getattr(body, "output_fmt", "NCHW")).endswith("NHWC")  # timm's Swin features
-        self.channels_last = False  # set by pipeline.build.to_channels_last
+        self.channels_last = False  # set by pipeline.train.build.to_channels_last
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         if self.channels_last:  # torchvision's transform batches (and pads) into a new NCHW tensor
@@ -119,15 +118,15 @@ class CanvasTransform(GeneralizedRCNNTransform):
 
 
 def check_backbone_name(name: str) -> None:
-    """Raise ConfigError when timm has no model ``name``, suggesting the closest names it has."""
+    """Raise ModelConfigError when timm has no model ``name``, suggesting the closest names it has."""
     if timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f"close names: {', '.join(close)}" if close else "timm.list_models('*pattern*') lists them"
-    raise ConfigError(f"model.backbone={name!r}: timm {timm.__version__} has no model of that name; {hint}")
+    raise ModelConfigError(f"model.backbone={name!r}: timm {timm.__version__} has no model of that name; {hint}")
 
 
-def _pretrained_kwargs(cfg: ModelConfig) -> dict:
+def _pretrained_kwargs(cfg) -> dict:
     if cfg.pretrained is None:
         return {}
     if not Path(cfg.pretrained).is_file():
@@ -153,7 +152,7 @@ class _MissingKeys(logging.Handler):
 
 
 @contextlib.contextmanager
-def _strict_pretrained_load(cfg: ModelConfig):
+def _strict_pretrained_load(cfg):
     """Raise when the pretrained file leaves backbone parameters (other than the classifier) unloaded."""
     if cfg.pretrained is None:
         yield
@@ -185,7 +184,7 @@ def _family_kwargs(name: str) -> dict:
     return {"strict_img_size": False} if module.endswith(".swin_transformer") else {}
 
 
-def _create_body(cfg: ModelConfig, out_indices: Optional[tuple[int, ...]]) -> nn.Module:
+def _create_body(cfg, out_indices: Optional[tuple[int, ...]]) -> nn.Module:
     """The timm body; all its feature levels when ``out_indices`` is None (selected by stride later)."""
     check_backbone_name(cfg.backbone)
     try:
@@ -193,12 +192,12 @@ def _create_body(cfg: ModelConfig, out_indices: Optional[tuple[int, ...]]) -> nn
             if is_plain_vit(cfg.backbone):
                 return create_vit_body(cfg.backbone, _pretrained_kwargs(cfg), cfg.vit_window, cfg.vit_global_blocks)
             if cfg.vit_window:
-                raise ConfigError(f"model.vit_window={cfg.vit_window}: windowed attention is for plain ViT backbones, "
+                raise ModelConfigError(f"model.vit_window={cfg.vit_window}: windowed attention is for plain ViT backbones, "
                                  f"not {cfg.backbone!r}; set model.vit_window=0")
             chosen = {} if out_indices is None else {"out_indices": out_indices}
             return timm.create_model(cfg.backbone, features_only=True, **chosen, **_family_kwargs(cfg.backbone),
                                      **_pretrained_kwargs(cfg))
-    except ConfigError:
+    except ModelConfigError:
         raise
     except RuntimeError as err:  # timm's strict load names the missing/unexpected keys
         raise RuntimeError(f"model.pretrained={cfg.pretrained} does not fit backbone "
@@ -208,7 +207,7 @@ def _create_body(cfg: ModelConfig, out_indices: Optional[tuple[int, ...]]) -> nn
                          "(use a timm name that supports features_only, or a plain ViT)") from None
 
 
-def build_backbone(cfg: ModelConfig) -> BackboneWithNeck:
+def build_backbone(cfg) -> BackboneWithNeck:
     """timm body + FPN (CNNs) or simple feature pyramid (plain ViTs); P6/P7 extra levels for the
     one-stage detectors, max-pool level for R-CNNs."""
     one_stage = cfg.detector in ("retinanet", "fcos")
@@ -239,7 +238,7 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithNeck:
     return backbone
 
 
-def _anchors(cfg: ModelConfig, strides: list[int]) -> AnchorGenerator:
+def _anchors(cfg, strides: list[int]) -> AnchorGenerator:
     if cfg.detector == "retinanet":  # three octave scales per level, as in the RetinaNet paper
         sizes = tuple(tuple(cfg.anchor_scale * s * 2 ** (k / 3) for k in range(3)) for s in strides)
         return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(strides))
@@ -248,16 +247,16 @@ def _anchors(cfg: ModelConfig, strides: list[int]) -> AnchorGenerator:
     return AnchorGenerator(tuple((cfg.anchor_scale * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
 
 
-def _score_thresh(cfg: ModelConfig, key: str) -> dict:
+def _score_thresh(cfg, key: str) -> dict:
     return {} if cfg.score_thresh is None else {key: cfg.score_thresh}
 
 
-def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: int,
+def build_detector(cfg, num_classes: int, min_size: int, max_size: int,
                    batched_heads: bool = False) -> nn.Module:
     """Build the configured detector for ``num_classes`` foreground classes (labels 1..num_classes).
 
     ``batched_heads``: a Faster R-CNN trains with ``models.batched_heads`` (same parameters and
-    inference; ``pipeline.build.uses_batched_heads`` reads ``model.heads``)."""
+    inference; ``pipeline.train.build.uses_batched_heads`` reads ``model.heads``)."""
     if cfg.detector == "fcos" and cfg.fpn_channels % 32:
         raise ValueError(f"model.fpn_channels={cfg.fpn_channels}: FCOS's head uses GroupNorm(32), "
                          "so use a multiple of 32")
@@ -287,11 +286,6 @@ def build_detector(cfg: ModelConfig, num_classes: int, min_size: int, max_size: 
         mask_predictor = MaskRCNNPredictor(256, 256, num_classes + 1)  # torchvision's mask head is 256 wide
         return MaskRCNN(backbone, None, mask_roi_pool=mask_pool, mask_predictor=mask_predictor, **kwargs)
     return (BatchedFasterRCNN if batched_heads else FasterRCNN)(backbone, None, **kwargs)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """All parameters, trainable or not, counting ZeRO-3-partitioned ones at their full size."""
-    return sum(full_numel(p) for p in model.parameters())
 
 
 def module_parameters(model: nn.Module, detector: str,

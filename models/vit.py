@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ConfigError
+from models.errors import ModelConfigError
 
 # timm modules whose models are plain (single-scale) ViTs.
 PLAIN_VIT_MODULES = ("vision_transformer", "eva", "deit", "beit")
@@ -191,11 +191,11 @@ def create_vit_body(name: str, pretrained_kwargs: dict, window: int = 0,
         return ViTBody(vit)
     module = type(vit).__module__.rsplit(".", 1)[-1]
     if module not in WINDOWED_VIT_MODULES:
-        raise ConfigError(f"model.vit_window={window}: windowed attention is built for timm's "
+        raise ModelConfigError(f"model.vit_window={window}: windowed attention is built for timm's "
                          f"{'/'.join(WINDOWED_VIT_MODULES)} ViTs, not {name!r} ({module}: its position encoding "
                          "covers the whole grid); set model.vit_window=0")
     depth = len(vit.blocks)
     global_blocks = vitdet_global_blocks(depth) if global_blocks is None else tuple(global_blocks)
     if any(not 0 <= i < depth for i in global_blocks):
-        raise ConfigError(f"model.vit_global_blocks={list(global_blocks)}: {name!r} has blocks 0..{depth - 1}")
+        raise ModelConfigError(f"model.vit_global_blocks={list(global_blocks)}: {name!r} has blocks 0..{depth - 1}")
     return ViTBody(vit, window, global_blocks)

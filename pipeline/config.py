@@ -5,7 +5,7 @@ model; unknown keys and bad values are rejected at start-up with the dotted fiel
 name and, where it helps, the fix. The resolved config is written into the run
 directory and handed to W&B as is. Engine settings (ZeRO stage, precision,
 offload) live in ``ds_configs/*.json``; batch sizes and gradient clipping live here
-and are filled into the DeepSpeed dict in one place (``pipeline.engine.fill_ds_config``);
+and are filled into the DeepSpeed dict in one place (``pipeline.distributed.engine.fill_ds_config``);
 the optimizer is built from ``optim`` as a torch optimizer and handed to DeepSpeed as is.
 """
 
@@ -17,11 +17,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class ConfigError(ValueError):
-    """A config problem a user must fix; the message names the file and field."""
 
 
 class _Section(BaseModel):
@@ -284,7 +282,7 @@ class TrainConfig(_Section):
     ckpt_every_iters: int = Field(500, ge=0, description="0 = only at the end")
     evaluate: bool = Field(True, description="COCO evaluation at the end; false for memory probes and smoke runs")
     final_checkpoint: bool = Field(True, description="save a checkpoint at the end; false for memory probes")
-    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="weight EMA (pipeline/ema.py): evaluation and "
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="weight EMA (pipeline/optim/ema.py): evaluation and "
                                        "export use ema <- decay ema + (1 - decay) weights, e.g. 0.9999; None: off")
     progress: bool = True
     compile: bool = Field(False, description="torch.compile the backbone and neck (training and inference); "

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.launcher import free_port
-from pipeline.synthetic import make_dataset
+from pipeline.distributed.launcher import free_port
+from pipeline.data.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,7 +56,7 @@ def _worker(rank: int, world: int, port: int, fn, args) -> None:
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from pipeline.ds_internals import exit_skipping_teardown, leave_job
+    from pipeline.distributed.job import exit_skipping_teardown, leave_job
 
     try:
         fn(rank, world, *args)
@@ -69,6 +69,6 @@ def run_distributed(fn, world: int, *args) -> None:
     """Run ``fn(rank, world, *args)`` in ``world`` real processes (gloo via the env:// rendezvous).
 
     ``fn`` must be a module-level function; it initialises the process group itself
-    (usually through ``pipeline.engine.init_distributed``). Failures in any rank fail the test.
+    (usually through ``pipeline.distributed.job.init_distributed``). Failures in any rank fail the test.
     """
     torch.multiprocessing.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)

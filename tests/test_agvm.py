@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from conftest import run_distributed
-from pipeline.agvm import AGVM, check_halves, phi_from_sums
-from pipeline.config import ConfigError, load_config
-from pipeline.optim import build_optimizer, build_param_groups, check_zero_support
+from pipeline.optim.agvm import AGVM, check_halves, phi_from_sums
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.optim.optimizers import build_optimizer, build_param_groups, check_zero_support
 
 ITERS = 3
 MICRO = 4
@@ -86,10 +87,10 @@ def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str, ext
 
     import torch.distributed as dist
 
-    from pipeline.build import build_training
-    from pipeline.engine import init_distributed
+    from pipeline.train.build import build_training
+    from pipeline.distributed.job import init_distributed
 
-    import pipeline.agvm as agvm_module
+    import pipeline.optim.agvm as agvm_module
 
     info = init_distributed()
     scatters = []  # the estimate's gradient-sized collectives, counted per module
@@ -250,7 +251,7 @@ def test_phi_identity_equals_cosine_of_halves():
 
 
 def test_modulation_starts_relative_to_the_end_of_warmup_unless_given():
-    from pipeline.agvm import start_iteration
+    from pipeline.optim.agvm import start_iteration
 
     cfg = load_config(None, ["agvm.start_after_warmup=20"]).agvm
     assert start_iteration(cfg, warmup_iters=100) == 120 and start_iteration(cfg, warmup_iters=400) == 420
@@ -265,8 +266,8 @@ def test_modulation_starts_relative_to_the_end_of_warmup_unless_given():
 def _build_worker(rank: int, world: int, overrides: list, out: str) -> None:
     import logging
 
-    from pipeline.build import build_training
-    from pipeline.engine import init_distributed
+    from pipeline.train.build import build_training
+    from pipeline.distributed.job import init_distributed
 
     handler = logging.FileHandler(out)
     logging.getLogger("pipeline").addHandler(handler)
@@ -323,7 +324,7 @@ def _resume_worker(rank: int, world: int, overrides: list, out: str) -> None:
 
     import torch.distributed as dist
 
-    from pipeline.trainer import run
+    from pipeline.train.trainer import run
 
     full = Path(out) / "full/run"
     run(load_config(None, overrides + [f"train.output_dir={Path(out) / 'full'}"]))
@@ -341,7 +342,7 @@ def test_agvm_state_survives_checkpoint_resume(stage, shapes_root, tmp_path):
     """A run resumed from its mid-training checkpoint (AGVM active, mu != 1) logs the same
     losses, Phi and mu as the uninterrupted run."""
     from conftest import tiny_overrides
-    from pipeline.tracking import read_metrics
+    from pipeline.train.tracking import read_metrics
 
     overrides = tiny_overrides(shapes_root, tmp_path, "retinanet") + [
         "optim.name=agvm_sgd", "agvm.tau=2", "agvm.start_iter=2", "agvm.clip_before=2", "agvm.alpha=0.5",
@@ -362,7 +363,7 @@ def test_agvm_state_survives_checkpoint_resume(stage, shapes_root, tmp_path):
 
 
 def test_plot_command_draws_phi_and_mu(tmp_path):
-    from pipeline.plots import agvm_series, main
+    from pipeline.tools.plots import agvm_series, main
 
     run = tmp_path / "run"
     run.mkdir()
@@ -399,7 +400,7 @@ def test_non_finite_phi_keeps_mu():
 # ---------------------------------------------------------------------------- halves and BN groups
 
 def test_halves_follow_bn_groups():
-    from pipeline.agvm import choose_halves
+    from pipeline.optim.agvm import choose_halves
 
     pairs = [[0, 1], [2, 3], [4, 5], [6, 7]]
     halves, warning = choose_halves(8, 1, pairs)
@@ -450,10 +451,10 @@ BN_CASES = {"pairs": ("2", 1), "world_micro": ("world", 2), "world_coupled": ("w
 def _bn_worker(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
 
-    from pipeline.build import build_training
+    from pipeline.train.build import build_training
     from pipeline.config import ModelConfig
-    from pipeline.engine import init_distributed
-    from pipeline.norm import build_bn_group, convert_norms
+    from pipeline.distributed.job import init_distributed
+    from pipeline.distributed.norm import build_bn_group, convert_norms
 
     info = init_distributed()
     phis = {}
@@ -529,7 +530,7 @@ def test_bn_aligned_halves_match_the_uncoupled_reference_and_straddling_ones_rea
 
 
 def test_halves_can_be_chosen():
-    from pipeline.agvm import choose_halves
+    from pipeline.optim.agvm import choose_halves
 
     micro, _ = choose_halves(4, 2, None, prefer="micro_batches")
     assert micro.by == "micro" and micro.first == {0} and micro.sizes == (4, 4)

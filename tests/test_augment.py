@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ConfigError, dump_config, load_config
-from pipeline.data import CocoDetection, index_seed
+from pipeline.config import dump_config, load_config
+from pipeline.errors import ConfigError
+from pipeline.data.dataset import CocoDetection
+from pipeline.data.samplers import index_seed
 
 SIDE = 96
 

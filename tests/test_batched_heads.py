@@ -119,18 +119,19 @@ def test_batched_heads_train_like_torchvisions(tmp_path, backbone, stage, optimi
 
 
 def test_batched_heads_are_refused_where_they_do_not_apply():
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
 
     with pytest.raises((ConfigError, ValueError), match="model.heads=batched is built for faster_rcnn"):
         load_config(None, ["model.detector=mask_rcnn", "model.heads=batched"])
 
 
 def _sync_worker(rank: int, world: int, out: str) -> None:
-    from pipeline.build import build_training
+    from pipeline.train.build import build_training
     from pipeline.config import load_config
-    from pipeline.engine import init_distributed
-    from pipeline.host_syncs import HostSyncCounter
-    from pipeline.synthetic import synthetic_batch
+    from pipeline.distributed.job import init_distributed
+    from pipeline.utils.host_syncs import HostSyncCounter
+    from pipeline.data.synthetic import synthetic_batch
 
     info = init_distributed()
     cfg = load_config(None, [

@@ -30,8 +30,8 @@ AGVM = ["optim.name=agvm_sgd", "train.grad_accum=2", "agvm.halves=micro_batches"
 
 @pytest.mark.parametrize("optimizer", ["sgd", "agvm_sgd"])
 def test_billion_parameter_detector_zero3(optimizer, shapes_root, tmp_path, monkeypatch):
-    from pipeline.export import load_exported, main
-    from pipeline.tracking import read_metrics
+    from pipeline.tools.export import load_exported, main
+    from pipeline.train.tracking import read_metrics
 
     overrides = tiny_overrides(shapes_root, tmp_path, "faster_rcnn") + [
         "model.backbone=vit_giant_patch14_dinov2", "model.fpn_channels=64", "train.micro_batch=1",
@@ -74,6 +74,6 @@ def test_billion_parameter_detector_zero3(optimizer, shapes_root, tmp_path, monk
 
 def _train_worker(rank: int, world: int, overrides: list, out: str) -> None:
     from pipeline.config import load_config
-    from pipeline.trainer import run
+    from pipeline.train.trainer import run
 
     run(load_config(None, overrides))

@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_overrides
-from pipeline import checkpoint as ckpt
-from pipeline.config import ConfigError, load_config
-from pipeline.launcher import free_port
-from pipeline.tracking import read_metrics
+from pipeline.checkpoint import manager as ckpt
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.distributed.launcher import free_port
+from pipeline.train.tracking import read_metrics
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):

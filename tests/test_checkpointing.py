@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from models.checkpointing import find_blocks
+from models.activation_checkpointing import find_blocks
 from models.detector import build_detector
 from models.vit import is_plain_vit
 from pipeline.config import ModelConfig

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError, dump_config, load_config
+from pipeline.config import dump_config, load_config
+from pipeline.errors import ConfigError
 
 
 def test_defaults_and_overrides():
@@ -47,7 +48,7 @@ def test_bad_values_are_refused():
 ])
 def test_resolved_config_round_trips(tmp_path, source, overrides):
     """A run's config.yaml (every field, resolved) loads back to the same config: export and
-    launch/evaluate.py rebuild the model from it."""
+    pipeline/tools/evaluate.py rebuild the model from it."""
     cfg = load_config(source, overrides)
     dump_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
@@ -63,7 +64,8 @@ def test_shipped_configs_validate():
 def test_a_run_config_with_an_absolute_agvm_start_reads_back(tmp_path):
     """The billion check found it: a run's config.yaml states every field, so start_iter came back
     beside the default start_after_warmup=0 and export refused its own run's config."""
-    from pipeline.config import ConfigError, dump_config, load_config
+    from pipeline.config import dump_config, load_config
+    from pipeline.errors import ConfigError
 
     cfg = load_config(None, ["optim.name=agvm_sgd", "agvm.start_iter=5"])
     dump_config(cfg, tmp_path / "config.yaml")

@@ -1,6 +1,6 @@
-"""Tests for pipeline.data: dataset round trip, flip, sharded sampler, eval split, bad input.
+"""Tests for pipeline.data.dataset: dataset round trip, flip, sharded sampler, eval split, bad input.
 
-Every expectation is computed independently of pipeline.data: sizes and boxes from
+Every expectation is computed independently of pipeline.data.dataset: sizes and boxes from
 the annotation JSON, masks through pycocotools + PIL, sampler properties from counting.
 """
 from __future__ import annotations
@@ -22,7 +22,9 @@ from pycocotools.coco import COCO
 
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.data import CocoDetection, DataError, ShardedBatchSampler, check_image_files, eval_batches
+from pipeline.data.dataset import check_image_files, CocoDetection
+from pipeline.data.samplers import eval_batches, ShardedBatchSampler
+from pipeline.errors import DataError
 
 # pycocotools' decode trips a numpy-2 DeprecationWarning that is not ours.
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
@@ -431,7 +433,7 @@ def test_missing_image_file(copied: tuple[Path, Path]) -> None:
 def _check_files_worker(rank: int, port: int, good: tuple[Path, Path], damaged: tuple[Path, Path], out: Path) -> None:
     import torch.distributed as dist
 
-    from pipeline import data
+    from pipeline.data import dataset as data
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     checked = []
     own = data.CocoDetection.missing_files
@@ -459,7 +461,7 @@ def test_missing_files_checked_on_rank0_every_rank_fails_alike(shapes_root: Path
     """Two ranks: only rank 0 looks at the files; both raise the same DataError naming the file."""
     import multiprocessing
 
-    from pipeline.launcher import free_port
+    from pipeline.distributed.launcher import free_port
 
     image_dir, ann_file = copied
     name = json.loads(ann_file.read_text())["images"][5]["file_name"]
@@ -501,7 +503,7 @@ def test_training_items_need_no_pycocotools_index(shapes_root: Path, monkeypatch
     (evaluation), and then matches the file; the pickled dataset leaves it behind."""
     import pickle
 
-    import pipeline.data as data
+    import pipeline.data.dataset as data
     ds = CocoDetection(*_paths(shapes_root), MIN, MAX, with_masks=True)
     monkeypatch.setattr(data, "load_coco", lambda *a: pytest.fail("items must not build a COCO index"))
     for i in range(len(ds)):
@@ -543,10 +545,10 @@ def test_negative_width_skipped(shapes_root: Path, tmp_path: Path, caplog) -> No
     bad = data["annotations"][4]
     bad["bbox"][2] = -3.0
     ann_file = _write(tmp_path, data)
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.dataset"):
         ds = CocoDetection(_paths(shapes_root)[0], ann_file, MIN, MAX, with_masks=True)
     assert ds.skipped_boxes == 1
-    records = [r for r in caplog.records if r.name == "pipeline.data" and r.levelno >= logging.WARNING]
+    records = [r for r in caplog.records if r.name == "pipeline.data.dataset" and r.levelno >= logging.WARNING]
     assert len(records) == 1
     msg = records[0].getMessage()
     assert str(ann_file) in msg and " 1 " in msg
@@ -573,7 +575,7 @@ def _one_image(tmp_path: Path, boxes: dict, size: tuple[int, int] = (80, 60), js
 
 
 def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "pipeline.data" and r.levelno >= logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == "pipeline.data.dataset" and r.levelno >= logging.WARNING]
 
 
 def _ids_in(msg: str) -> set[int]:
@@ -585,7 +587,7 @@ def test_box_outside_image_dropped(tmp_path: Path, caplog, flip: float) -> None:
     """A box at x == image width has no area in the image: dropped when read, reported once with the
     file and its id; the item's targets all have positive width and height."""
     image_dir, ann_file = _one_image(tmp_path, {11: [10.0, 10.0, 20.0, 15.0], 12: [80.0, 5.0, 10.0, 10.0]})
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.dataset"):
         ds = CocoDetection(image_dir, ann_file, MIN, MAX, flip_prob=flip, with_masks=True)
         _, target = ds[0]
         ds[0]
@@ -612,7 +614,7 @@ def test_no_area_boxes_reported_once_with_at_most_five_ids(tmp_path: Path, caplo
            24: [5.0, -30.0, 10.0, 29.5], 25: [95.0, 70.0, 4.0, 4.0], 26: [79.8, 10.0, 0.2, 10.0],
            27: [40.0, 10.0, 1e-7, 10.0]}
     image_dir, ann_file = _one_image(tmp_path, {20: [10.0, 10.0, 20.0, 15.0], **bad})
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.dataset"):
         ds = CocoDetection(image_dir, ann_file, MIN, MAX, flip_prob=0.5, keep_empty=False)
         targets = [ds[(0, seed)][1] for seed in range(4)]
     assert ds.skipped_boxes == 7
@@ -635,7 +637,7 @@ def test_box_with_no_area_after_resize_never_reaches_a_target(tmp_path: Path, ca
     item, with a single warning."""
     image_dir, ann_file = _one_image(tmp_path, {41: [10.0, 10.0, 20.0, 15.0], 42: [100.0, 10.0, 20.0, 10.0]},
                                      json_size=(160, 60))
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.dataset"):
         ds = CocoDetection(image_dir, ann_file, MIN, MAX, with_masks=True)
         assert ds.skipped_boxes == 0
         targets = [ds[0][1] for _ in range(3)]
@@ -705,7 +707,7 @@ def test_no_usable_annotations(shapes_root: Path, tmp_path: Path) -> None:
 
 def _decoded_like_the_workers(image_dir: Path, ann_file: Path, device: torch.device):
     """Every item through both paths (flips included): the workers' images and the device-decoded ones."""
-    from pipeline.data import decode_on_device
+    from pipeline.data.dataset import decode_on_device
 
     workers = CocoDetection(image_dir, ann_file, MIN, MAX, flip_prob=0.5)
     device_side = CocoDetection(image_dir, ann_file, MIN, MAX, flip_prob=0.5, decode="device")

@@ -1,4 +1,4 @@
-"""Each workaround in pipeline/ds_internals.py against the behaviour it relies on, so that a DeepSpeed
+"""Each workaround in pipeline/distributed/ds_internals.py against the behaviour it relies on, so that a DeepSpeed
 that changes under us fails here, by name, rather than training silently wrong.
 
 Truths: torch's own ``clip_grad_norm_`` and ``AdamW`` on the same gradients, and the bytes that
@@ -19,7 +19,7 @@ from conftest import run_distributed
 def test_version_check_names_installed_and_tested_range():
     from importlib.metadata import version
 
-    from pipeline.ds_internals import TESTED_RANGE, check_version
+    from pipeline.distributed.ds_internals import check_version, TESTED_RANGE
 
     check_version()  # the installed DeepSpeed is inside the range the requirements pin
     for outside in ("0.18.9", "0.20.0", "1.0.0"):
@@ -41,8 +41,8 @@ class _Two(nn.Module):
 
 def _engine(stage: int, optimizer: str):
     from pipeline.config import load_config
-    from pipeline.ds_config import fill_ds_config
-    from pipeline.engine import build_engine
+    from pipeline.distributed.ds_config import fill_ds_config
+    from pipeline.distributed.engine import build_engine
 
     torch.manual_seed(0)
     model = _Two()
@@ -58,8 +58,8 @@ def _x(step: int) -> torch.Tensor:
 
 
 def _clip_worker(rank: int, world: int, stage: int, out: str) -> None:
-    from pipeline.ds_internals import gathered, set_gradient_clipping
-    from pipeline.engine import init_distributed
+    from pipeline.distributed.ds_internals import gathered, set_gradient_clipping
+    from pipeline.distributed.job import init_distributed
 
     init_distributed()
     engine = _engine(stage, "sgd")
@@ -92,8 +92,8 @@ def test_gradient_clipping_changes_between_steps(stage, tmp_path):
 def _state_worker(rank: int, world: int, stage: int, out: str) -> None:
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    from pipeline.ds_internals import full_optimizer_state
-    from pipeline.engine import init_distributed
+    from pipeline.distributed.ds_internals import full_optimizer_state
+    from pipeline.distributed.job import init_distributed
 
     init_distributed()
     engine = _engine(stage, "adamw")
@@ -135,8 +135,8 @@ def test_full_optimizer_state_matches_torch_adamw(stage, tmp_path):
 
 
 def _mmap_worker(rank: int, world: int, out: str) -> None:
-    from pipeline import checkpoint as ckpt
-    from pipeline.engine import init_distributed
+    from pipeline.checkpoint import manager as ckpt
+    from pipeline.distributed.job import init_distributed
 
     init_distributed()
     engine = _engine(2, "sgd")
@@ -176,7 +176,7 @@ def test_zero12_segments_put_each_element_where_the_flat_partitions_have_it(offs
     """A parameter at ``offset`` of a group flattened into 4 partitions of 7, the group's block
     starting at column 3 of its module's row: its elements land where row r = partition r of the
     flat group has them (the flat buffer cut into rows, computed here without the segments)."""
-    from pipeline.ds_internals import _segments
+    from pipeline.distributed.ds_internals import _segments
 
     world, size, column = 4, 7, 3
     values = torch.arange(1.0, numel + 1)

@@ -1,4 +1,4 @@
-"""Weight EMA (``train.ema_decay``, pipeline/ema.py) against an EMA computed by hand from the
+"""Weight EMA (``train.ema_decay``, pipeline/optim/ema.py) against an EMA computed by hand from the
 weights after each step, under ZeRO 0, 2 and 3 on 2 ranks; the EMA weights are what the model
 computes with inside ``applied()`` (persistent ZeRO-3 parameters included) and the live ones after;
 a saved EMA loads into another ZeRO stage unchanged; export and evaluation pick it."""
@@ -37,11 +37,11 @@ def _full_weights(engine) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, out: str) -> None:
-    from pipeline import ema as ema_io
-    from pipeline.build import build_training
+    from pipeline.optim import ema as ema_io
+    from pipeline.train.build import build_training
     from pipeline.config import load_config
-    from pipeline.engine import init_distributed
-    from pipeline.synthetic import synthetic_batch
+    from pipeline.distributed.job import init_distributed
+    from pipeline.data.synthetic import synthetic_batch
 
     info = init_distributed()
     result = {}
@@ -101,18 +101,18 @@ def test_a_run_with_ema_checkpoints_exports_and_evaluates_it(shapes_root, tmp_pa
     tag = (run_dir / "checkpoints/latest").read_text().strip()
     ema = torch.load(run_dir / "checkpoints" / tag / "ema.pt", weights_only=True)
     assert ema["updates"] == 4 and ema["decay"] == 0.5
-    from pipeline.export import consolidated_state_dict
+    from pipeline.tools.export import consolidated_state_dict
 
     picked, live = consolidated_state_dict(run_dir), consolidated_state_dict(run_dir, weights="live")
     assert set(picked) == set(live)
     differs = [n for n, v in ema["state_dict"].items() if not torch.equal(live[n], v)]
     assert differs and all(torch.equal(picked[n], v) for n, v in ema["state_dict"].items())
-    # launch/evaluate.py on the checkpoint evaluates the EMA (auto), as the training run's final evaluation
+    # pipeline/tools/evaluate.py on the checkpoint evaluates the EMA (auto), as the training run's final evaluation
     # did: the same detections; with --weights live, other ones
     trained = _detections(run_dir / "eval_detections.json")
     for weights in ("auto", "live"):
         out = tmp_path / weights
-        done = subprocess.run([sys.executable, str(REPO / "launch/evaluate.py"), str(run_dir), "--weights", weights,
+        done = subprocess.run([sys.executable, str(REPO / "pipeline/tools/evaluate.py"), str(run_dir), "--weights", weights,
                                "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         got = _detections(out / "eval_detections.json")

@@ -16,10 +16,11 @@ import torch.distributed as dist
 
 from conftest import TINY_BACKBONE, run_distributed
 from models.detector import build_detector
-from pipeline.build import build_training
-from pipeline.config import ConfigError, ModelConfig, load_config
-from pipeline.ds_config import fill_ds_config, load_ds_config
-from pipeline.engine import init_distributed
+from pipeline.train.build import build_training
+from pipeline.config import load_config, ModelConfig
+from pipeline.errors import ConfigError
+from pipeline.distributed.ds_config import fill_ds_config, load_ds_config
+from pipeline.distributed.job import init_distributed
 
 # MegDet's linear warmup over the 3 steps, from 0.25 x 0.02: the lr changes every step, which checks
 # that the train step's lr reaches the optimizer under each stage.
@@ -80,7 +81,7 @@ def _train_with_deepspeed(rank: int, world: int, preset: str, accum: int, result
     assert training.step.iteration == len(LRS)
     params = list(training.engine.module.parameters())
     if training.engine.zero_optimization_stage() == 3:
-        from pipeline.ds_internals import gathered
+        from pipeline.distributed.ds_internals import gathered
 
         with gathered(params):
             final = [p.detach().clone() for p in params]

@@ -1,4 +1,4 @@
-"""Tests for pipeline.evaluation against hand-computed COCO truths.
+"""Tests for pipeline.evaluation.coco against hand-computed COCO truths.
 
 Every AP below is worked out by hand from COCO's definition (greedy matching by
 score, precision made non-increasing from the right, sampled at the 101 recall
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline.evaluation import STAT_NAMES, coco_evaluate, gather_to_rank0, to_coco_results
+from pipeline.evaluation.coco import coco_evaluate, gather_to_rank0, STAT_NAMES, to_coco_results
 
 # pycocotools trips numpy-2 DeprecationWarnings that are not ours.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

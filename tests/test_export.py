@@ -14,7 +14,7 @@ from conftest import run_distributed, tiny_overrides
 def _zero3_worker(rank: int, world: int, overrides: list, out: str) -> None:
     """Train, then predict with the partitioned model rebuilt from the checkpoint."""
     from pipeline.config import load_config
-    from pipeline.trainer import run
+    from pipeline.train.trainer import run
 
     run(load_config(None, overrides))
     _zero3_predict_worker(rank, world, overrides, out)
@@ -23,14 +23,14 @@ def _zero3_worker(rank: int, world: int, overrides: list, out: str) -> None:
 def _zero3_predict_worker(rank: int, world: int, overrides: list, out: str) -> None:
     """Predictions of the trained, partitioned model: a fresh run loads the checkpoint.
     (In its own processes for big models: DeepSpeed keeps a finished engine alive.)"""
-    from pipeline import checkpoint as ckpt
-    from pipeline import engine as eng
-    from pipeline.build import build_training
+    from pipeline.checkpoint import manager as ckpt
+    from pipeline.distributed.job import init_distributed
+    from pipeline.train.build import build_training
     from pipeline.config import load_config
-    from pipeline.ds_internals import full_numel, is_partitioned
+    from pipeline.distributed.ds_internals import full_numel, is_partitioned
 
     cfg = load_config(None, overrides)
-    training = build_training(cfg, eng.init_distributed(), data=False, num_classes=3)
+    training = build_training(cfg, init_distributed(), data=False, num_classes=3)
     assert all(is_partitioned(p) for p in training.engine.module.parameters()), \
         "zero.Init must partition at construction"
     ckpt.load(training.engine, cfg.train.run_dir / "checkpoints", ckpt.choose(cfg.train.run_dir / "checkpoints"))
@@ -47,7 +47,7 @@ def _zero3_predict_worker(rank: int, world: int, overrides: list, out: str) -> N
 
 
 def test_zero3_export_loads_and_predicts_the_same(shapes_root, tmp_path):
-    from pipeline.export import load_exported, main
+    from pipeline.tools.export import load_exported, main
 
     overrides = tiny_overrides(shapes_root, tmp_path, "retinanet") + [
         "train.ds_config=ds_configs/zero3_fp32.json", "schedule.max_iters=3", "model.detections_per_img=20",
@@ -70,9 +70,9 @@ def test_export_rebuilds_without_the_pretrained_file(tmp_path):
     """The exported file alone rebuilds the model: the backbone weights the run started from
     (model.pretrained) may be gone since, and are not read again."""
     from conftest import TINY_BACKBONE
-    from pipeline.build import build_model
+    from pipeline.train.build import build_model
     from pipeline.config import load_config
-    from pipeline.export import load_exported
+    from pipeline.tools.export import load_exported
 
     weights = tmp_path / "backbone.pth"
     cfg = load_config(None, ["model.detector=retinanet", f"model.backbone={TINY_BACKBONE}", "model.fpn_channels=16",

@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from conftest import REPO, TINY_BACKBONE, run_distributed
-from pipeline.host_syncs import HostSyncCounter
+from pipeline.utils.host_syncs import HostSyncCounter
 
 
 def test_the_counter_counts_exactly_the_syncing_calls():
@@ -67,10 +67,10 @@ def test_compiled_code_is_counted_eagerly_not_compiled_again():
 
 
 def _hot_path_worker(rank: int, world: int, optimizer: str, out: str) -> None:
-    from pipeline.build import build_training
+    from pipeline.train.build import build_training
     from pipeline.config import load_config
-    from pipeline.engine import init_distributed
-    from pipeline.synthetic import synthetic_batch
+    from pipeline.distributed.job import init_distributed
+    from pipeline.data.synthetic import synthetic_batch
 
     info = init_distributed()
     cfg = load_config(None, [

@@ -1,4 +1,4 @@
-"""Every launcher forms one job: the resolver (pipeline.launcher) on each launcher's exact variable
+"""Every launcher forms one job: the resolver (pipeline.distributed.launcher) on each launcher's exact variable
 set, conflicting and partial sets, the GPU mapping, and real 4-process jobs started the way srun
 and mpirun start them (2 fake nodes x 2 tasks, gloo). The resolver tests import no deepspeed."""
 
@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from conftest import REPO
-from pipeline import launcher
-from pipeline.launcher import (PLAIN, LaunchError, check_node_layout, device_index, export_env, first_host,
-                               free_port, resolve, slurm_port, tasks_on_node)
+from pipeline.distributed import launcher
+from pipeline.distributed.launcher import (check_node_layout, device_index, export_env, first_host, free_port, PLAIN, resolve, slurm_port, tasks_on_node)
+from pipeline.errors import LaunchError
 
 # --------------------------------------------------------------- each launcher's variables, as it sets them
 
@@ -298,8 +298,8 @@ _JOBS = """
 import json, multiprocessing as mp, os, sys, time
 import torch.distributed as dist
 from pipeline.config import ModelConfig
-from pipeline.engine import init_distributed
-from pipeline.norm import build_bn_group
+from pipeline.distributed.job import init_distributed
+from pipeline.distributed.norm import build_bn_group
 
 def rank(env):
     os.environ.update(env)  # on top of an environment free of launcher variables

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from conftest import run_distributed
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 
 DECAY, LR = 0.5, 0.01
 # timm's test_vit: 6 blocks. Layer l's lr = lr x 0.5^(7 - l); embeddings l = 0, block i l = i + 1, final norm l = 7.
@@ -39,7 +40,7 @@ def _overrides(optimizer: str, stage: int) -> list[str]:
 
 def test_every_backbone_parameter_gets_its_layers_scale():
     from models.detector import build_detector
-    from pipeline.optim import build_param_groups
+    from pipeline.optim.optimizers import build_param_groups
 
     cfg = load_config(None, _overrides("sgd", 0))
     model = build_detector(cfg.model, 3, 32, 32)
@@ -56,9 +57,9 @@ def test_every_backbone_parameter_gets_its_layers_scale():
 
 
 def _worker(rank: int, world: int, out: str) -> None:
-    from pipeline.build import build_training
-    from pipeline.engine import init_distributed
-    from pipeline.synthetic import synthetic_batch
+    from pipeline.train.build import build_training
+    from pipeline.distributed.job import init_distributed
+    from pipeline.data.synthetic import synthetic_batch
 
     info = init_distributed()
     got = {}
@@ -67,7 +68,7 @@ def _worker(rank: int, world: int, out: str) -> None:
         training = build_training(cfg, info, data=False, num_classes=3)
         names = {id(p): n for n, p in training.engine.module.named_parameters()}
         # the groups as built, in order: DeepSpeed's (flattened under ZeRO 2) keep that order
-        from pipeline.optim import build_param_groups
+        from pipeline.optim.optimizers import build_param_groups
 
         built = build_param_groups(training.engine.module, "faster_rcnn", cfg.optim)
         batches = itertools.cycle([synthetic_batch(2, 32, 32, info.device, seed=s, num_classes=3) for s in (1, 2)])
@@ -97,7 +98,7 @@ def test_group_lrs_follow_the_table_with_and_without_agvm(tmp_path):
 
 def test_layer_decay_needs_a_plain_vit():
     from models.detector import build_detector
-    from pipeline.optim import build_param_groups
+    from pipeline.optim.optimizers import build_param_groups
 
     cfg = load_config(None, ["model.backbone=test_byobnet", "optim.layer_decay=0.8"])
     with pytest.raises(ConfigError, match="optim.layer_decay"):

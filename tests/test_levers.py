@@ -24,7 +24,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conftest import run_distributed
-from pipeline.norm import CrossGPUBatchNorm
+from pipeline.distributed.norm import CrossGPUBatchNorm
 
 CNN, VIT = "test_byobnet", "test_vit"
 CHANNELS_LAST = torch.channels_last
@@ -57,10 +57,10 @@ def _run(backbone: str, stage: int, optimizer: str, overrides: list[str]) -> dic
 
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from pipeline.build import build_training
+    from pipeline.train.build import build_training
     from pipeline.config import load_config
-    from pipeline.engine import init_distributed
-    from pipeline.synthetic import synthetic_batch
+    from pipeline.distributed.job import init_distributed
+    from pipeline.data.synthetic import synthetic_batch
 
     info = init_distributed()
     size = 64 if backbone == CNN else 32  # a 2 x 2 token grid for timm's test_vit (patch 16)
@@ -140,9 +140,10 @@ def test_compiled_backbone_trains_like_the_eager_one(tmp_path, backbone, stage, 
 
 
 def _refused_worker(rank: int, world: int, overrides: list[str], out: str) -> None:
-    from pipeline.build import build_training
-    from pipeline.config import ConfigError, load_config
-    from pipeline.engine import init_distributed
+    from pipeline.train.build import build_training
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from pipeline.distributed.job import init_distributed
 
     info = init_distributed()
     try:

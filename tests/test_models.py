@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from conftest import TINY_BACKBONE
-from models.detector import MODULE_PREFIXES, build_detector, module_parameters
-from pipeline.config import ConfigError, ModelConfig, load_config
-from pipeline.validate import validate
+from models.detector import build_detector, module_parameters, MODULE_PREFIXES
+from pipeline.config import load_config, ModelConfig
+from pipeline.errors import ConfigError
+from pipeline.train.validate import validate
 
 DETECTORS = ["faster_rcnn", "mask_rcnn", "retinanet", "fcos"]
 

@@ -34,5 +34,5 @@ def test_package_is_importable_from_anywhere(tmp_path, monkeypatch):
     import importlib
 
     monkeypatch.chdir(tmp_path)
-    for name in ("pipeline.config", "pipeline.validate", "models.detector"):
+    for name in ("pipeline.config", "pipeline.train.validate", "models.detector"):
         assert importlib.import_module(name).__file__.startswith(str(REPO))

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import tiny_overrides
 from pipeline.config import load_config
-from pipeline.planner import GIB, ActivationProbe, ModelFacts, build_plan, ds_settings, measure_peak, plan_memory
+from pipeline.tools.planner import (ActivationProbe, build_plan, ds_settings, GIB, measure_peak, ModelFacts, plan_memory)
 
 MODEL_STATE = ("parameters", "gradients", "fp32 master / partition", "optimizer state")
 
@@ -73,10 +73,10 @@ def test_estimate_within_measured_error_of_peak(shapes_root, tmp_path, backbone,
 
 
 def test_command_line_plans_the_shipped_default_config(shapes_root, capsys):
-    """`python -m pipeline.planner --config configs/shapes_default.yaml` (MegDet's named policy,
+    """`python launch/plan.py --config configs/shapes_default.yaml` (MegDet's named policy,
     whose fixed fields must not leak into the probe's config) on the test dataset."""
     from conftest import REPO
-    from pipeline.planner import main
+    from pipeline.tools.planner import main
 
     rc = main(["--config", str(REPO / "configs/shapes_default.yaml"), "--world-size", "2", "--gpu-memory", "16",
                f"data.root={shapes_root}", "data.source=coco", "model.backbone=test_byobnet",
@@ -112,7 +112,7 @@ def test_agvm_adds_its_estimate_iteration_to_the_plan():
     sgd = plan_memory(facts, ds, world=8, optimizer="sgd", momentum=0.9, micro_batch=1, probe=none)
     assert tapless.total - sgd.total == 4 * 9 * 10**8 / 8  # ZeRO-3 micro-batch halves: the first half's chunks
     cfg = load_config(None, ["model.backbone=resnet18", "model.fpn_channels=64"])
-    from pipeline.planner import model_facts
+    from pipeline.tools.planner import model_facts
 
     counted = model_facts(cfg, 3)
     assert 0 < counted.largest_module < counted.trainable  # the backbone, here

@@ -1,4 +1,4 @@
-"""launch/predict.py on the embedded dataset's images: COCO-format results and one drawn PNG per image,
+"""pipeline/tools/predict.py on the embedded dataset's images: COCO-format results and one drawn PNG per image,
 bad inputs named and skipped while the others are processed, a file that is no export refused."""
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("predict_cli", REPO / "launch/predict.py")
+    spec = importlib.util.spec_from_file_location("predict_cli", REPO / "pipeline/tools/predict.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def _export(path, detector="faster_rcnn", weights_of=None):
-    """An export as pipeline.export writes it, of a freshly initialised tiny detector."""
-    from pipeline.build import build_model
+    """An export as pipeline.tools.export writes it, of a freshly initialised tiny detector."""
+    from pipeline.train.build import build_model
 
     def config(kind):
         return load_config(None, [f"model.detector={kind}", f"model.backbone={TINY_BACKBONE}", "model.fpn_channels=16",
@@ -86,8 +86,8 @@ def test_a_file_that_is_not_a_fitting_export_is_refused(shapes_root, tmp_path, c
 def test_previews_draw_the_evaluation_detections_of_the_first_images(shapes_root, tmp_path):
     """The grid holds the first images of the set, each with its detections above the threshold drawn
     (where a box is, pixels change; an image without any stays as it was), padded to one tile size."""
-    from pipeline.data import CocoDetection
-    from pipeline.previews import draw_previews, save_previews
+    from pipeline.data.dataset import CocoDetection
+    from pipeline.evaluation.previews import draw_previews, save_previews
 
     val = CocoDetection(shapes_root / "val", shapes_root / "annotations/instances_val.json", 64, 96)
     first, second = val.ids[:2]

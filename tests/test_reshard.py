@@ -1,4 +1,4 @@
-"""ZeRO 1-3 checkpoints resumed on another number of ranks (``pipeline.reshard``), against the saved run.
+"""ZeRO 1-3 checkpoints resumed on another number of ranks (``pipeline.checkpoint.reshard``), against the saved run.
 
 The truth is an uninterrupted run: 2 ranks train a two-group model (different lr and weight decay
 per group, odd sizes so ZeRO pads its partitions) for 7 steps under each ZeRO stage, with SGD
@@ -41,9 +41,9 @@ def _cfg(world: int):
 
 
 def _engine(stage: int, optimizer: str, world: int, universal: bool = False):
-    from pipeline.ds_config import fill_ds_config
-    from pipeline.engine import build_engine
-    from pipeline.reshard import with_universal_load
+    from pipeline.distributed.ds_config import fill_ds_config
+    from pipeline.distributed.engine import build_engine
+    from pipeline.checkpoint.reshard import with_universal_load
 
     torch.manual_seed(1234 if universal else 0)  # a resumed engine starts from other weights
     model = _Net()
@@ -82,7 +82,7 @@ def _snapshot(engine) -> dict:
     (a collective under ZeRO)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from pipeline.ds_internals import client_optimizer, full_optimizer_state
+    from pipeline.distributed.ds_internals import client_optimizer, full_optimizer_state
 
     params = list(engine.module.parameters())
     client = client_optimizer(engine)
@@ -99,8 +99,8 @@ def _snapshot(engine) -> dict:
 
 def _save_worker(rank: int, world: int, out: str) -> None:
     """The uninterrupted 2-rank runs (the truth), each saving at step 3."""
-    from pipeline import checkpoint as ckpt
-    from pipeline.engine import init_distributed
+    from pipeline.checkpoint import manager as ckpt
+    from pipeline.distributed.job import init_distributed
 
     init_distributed()
     results = {}
@@ -119,8 +119,8 @@ def _save_worker(rank: int, world: int, out: str) -> None:
 def _resume_worker(rank: int, world: int, out: str, saved_by: int, iteration: int) -> None:
     """Resume every case's checkpoint (saved by ``saved_by`` ranks) on ``world`` ranks; one rank
     also saves at step 5, for the way back to 2 ranks."""
-    from pipeline import checkpoint as ckpt
-    from pipeline.engine import init_distributed
+    from pipeline.checkpoint import manager as ckpt
+    from pipeline.distributed.job import init_distributed
 
     init_distributed()
     results = {}

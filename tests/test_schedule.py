@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pipeline.config import load_config
-from pipeline.schedule import build_schedule
+from pipeline.optim.schedule import build_schedule
 
 
 def _schedule(global_batch, steps_per_epoch, *overrides):
@@ -82,7 +82,7 @@ def test_warmup_in_epochs_starts_and_ends_where_configured():
 
 
 def test_named_policy_refuses_its_fixed_fields():
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="policy=multistep"):
         load_config(None, ["schedule.policy=long", "schedule.milestones=[3, 4]"])

@@ -10,11 +10,11 @@ import shutil
 import pytest
 import yaml
 
-import pipeline.study_runner as study_cli  # launch/study.py's logic
+import pipeline.studies.runner as study_cli  # launch/study.py's logic
 from conftest import REPO, tiny_overrides
-from pipeline.config import ConfigError
-from pipeline.study import load_study, read_status
-from pipeline.tracking import read_metrics
+from pipeline.errors import ConfigError
+from pipeline.studies.spec import load_study, read_status
+from pipeline.train.tracking import read_metrics
 
 
 def _write(tmp_path, spec: dict):
@@ -182,7 +182,7 @@ def test_failing_point_is_retried_once_then_reported(shapes_root, tmp_path):
 def test_model_size_study_labels_measured_and_estimated_cells(shapes_root, tmp_path, monkeypatch):
     """Two cells (ZeRO 0 and 3): the one that fits is measured by a real 3-step run; with the
     budget forced below its estimate, the other is only estimated; both reach the CSV and plot."""
-    import pipeline.model_size as model_size
+    import pipeline.studies.model_size as model_size
 
     fixed = _tiny_fixed(shapes_root, tmp_path)
     spec = {"name": "sizes", "mode": "model_size", "fixed": fixed, "grid": {"zero": [0, 3]}}
@@ -212,7 +212,7 @@ def test_seeds_of_a_point_merge_into_mean_std_and_n(tmp_path):
     seed is counted and left out of the mean, runs.csv keeps every run, the plot has error bars."""
     import numpy as np
 
-    from pipeline.study import write_status
+    from pipeline.studies.spec import write_status
 
     spec = {"name": "seeds", "fixed": {"schedule.epochs": 1},
             "grid": {"batch": ["1x8"], "recipe": {"sgd": {"optim.name": "sgd"}, "agvm": {"optim.name": "agvm_sgd",
@@ -249,7 +249,7 @@ def test_seeds_of_a_point_merge_into_mean_std_and_n(tmp_path):
 
 def _fake_runs(study, ap50: dict) -> None:
     """Finished run directories with the given AP50 per point name (None: that run diverged)."""
-    from pipeline.study import write_status
+    from pipeline.studies.spec import write_status
 
     status = {}
     for p in study.points:
@@ -335,7 +335,7 @@ def test_paired_differences_need_a_seed_axis(tmp_path):
 def test_archived_results_report_and_resume_like_the_study_itself(tmp_path):
     """Finished points archived without their checkpoints and copied into a fresh study directory
     (another machine) give the same results.csv, count as finished, and leave unfinished points out."""
-    from pipeline.study import point_result, write_status
+    from pipeline.studies.spec import point_result, write_status
 
     spec = {"name": "kept", "fixed": {"schedule.epochs": 1}, "grid": {"batch": ["1x8", "1x16"], "seed": [0, 1]}}
     path = _write(tmp_path, spec)

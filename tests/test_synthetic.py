@@ -1,4 +1,4 @@
-"""Tests for pipeline.synthetic: COCO round trip, determinism, reuse, masks."""
+"""Tests for pipeline.data.synthetic: COCO round trip, determinism, reuse, masks."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline.synthetic import make_dataset
+from pipeline.data.synthetic import make_dataset
 
 SMALL = dict(num_train=6, num_val=4, seed=3)
 # pycocotools' decode trips a numpy-2 DeprecationWarning that is not ours.

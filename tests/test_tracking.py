@@ -8,7 +8,7 @@ import torch
 from torchvision.io import write_png
 
 from pipeline.config import load_config
-from pipeline.tracking import Tracker, read_metrics
+from pipeline.train.tracking import read_metrics, Tracker
 
 
 def test_offline_wandb_and_jsonl(tmp_path, monkeypatch):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, tiny_overrides
-from pipeline.launcher import free_port
-from pipeline.evaluation import STAT_NAMES
-from pipeline.tracking import read_metrics
+from pipeline.distributed.launcher import free_port
+from pipeline.evaluation.coco import STAT_NAMES
+from pipeline.train.tracking import read_metrics
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -96,7 +96,7 @@ RELEASING_ZERO3 = {"zero_optimization": {"stage": 3, "stage3_max_reuse_distance"
 def test_zero3_evaluation_of_an_odd_validation_set(tmp_path):
     """9 validation images on 2 ranks at micro-batch 2: rank 0 runs 3 forwards, rank 1 2 and a padding
     one. Without the padding, gloo aborts on mismatched collectives (NCCL would hang)."""
-    from pipeline.synthetic import make_dataset
+    from pipeline.data.synthetic import make_dataset
 
     root = tmp_path / "data"
     make_dataset(root, num_train=8, num_val=9, seed=0, min_side=64, max_side=96)
@@ -128,8 +128,9 @@ def _coco_stats_of_export(run_dir: Path, root: Path, world: int = 2) -> tuple[li
     from pycocotools.cocoeval import COCOeval
 
     from pipeline.config import load_config
-    from pipeline.data import CocoDetection, eval_batches
-    from pipeline.export import export_fp32, load_exported
+    from pipeline.data.dataset import CocoDetection
+    from pipeline.data.samplers import eval_batches
+    from pipeline.tools.export import export_fp32, load_exported
 
     cfg = load_config(run_dir / "config.yaml")
     model = load_exported(export_fp32(run_dir, run_dir / "independent_fp32.pt"))
@@ -189,7 +190,7 @@ def test_bad_config_exits_with_a_clear_message(tmp_path):
 def _archive_worker(rank: int, world: int, run_dir: str) -> None:
     import torch.distributed as dist
 
-    from pipeline.trainer import archive_previous_run
+    from pipeline.train.trainer import archive_previous_run
 
     dist.init_process_group("gloo")
     archive_previous_run(Path(run_dir), rank)
@@ -211,7 +212,7 @@ SLOW_LOADER_S = 0.3
 
 
 def _slow_loader_worker(rank: int, world: int, overrides: list) -> None:
-    import pipeline.trainer as trainer
+    import pipeline.train.trainer as trainer
     from pipeline.config import load_config
 
     fast = trainer.device_batches

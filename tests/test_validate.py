@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from conftest import REPO
-from pipeline.config import ConfigError, load_config
-from pipeline.validate import validate
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.train.validate import validate
 
 
 def _errors(overrides: list[str], world: int, per_node: int) -> str:

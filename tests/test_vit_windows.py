@@ -19,7 +19,7 @@ import torch
 
 from conftest import REPO, run_distributed, tiny_overrides
 from models.vit import ViTBody, create_vit_body, vitdet_global_blocks
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 PATCH = 16  # timm's test_vit
 

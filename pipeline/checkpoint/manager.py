@@ -1,0 +1,237 @@
+"""Checkpoints on disk: save, mark complete, choose one to resume, prune old ones, diagnose damage.
+
+A checkpoint is DeepSpeed's tag directory (``iter_00001000``: model, ZeRO shards) plus each
+rank's RNG state and our ``complete.json``, written by rank 0 only after every rank has
+finished writing. DeepSpeed's own ``latest`` pointer is written by rank 0 *before* the other
+ranks' shards are done, so a crash in that window leaves it naming a partial checkpoint:
+resume therefore picks the newest checkpoint that has the marker, never ``latest`` by itself.
+
+The marker also records the launch shape (ranks, micro-batch, accumulation, ZeRO stage): a run
+resumed on another number of ranks must keep the saved global batch (so the schedule, the lr
+and the data position stay the saved run's), and is refused with the fix when it cannot. ZeRO-0
+checkpoints load on any number of ranks as they are; ZeRO 1-3 shards go through DeepSpeed's
+universal format first (``pipeline.checkpoint.reshard``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.checkpoint import reshard
+from pipeline.config import ExperimentConfig
+from pipeline.errors import ConfigError
+from pipeline.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MARKER = "complete.json"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run resumes, and whether it loads through the universal format (ZeRO 1-3
+    shards saved by another number of ranks; the engine is then built ``with_universal_load``)."""
+
+    tag: str
+    universal: bool = False
+
+
+def tag_of(iteration: int) -> str:
+    return f"iter_{iteration:08d}"
+
+
+def _iteration_of(tag: str) -> int:
+    return int(tag.split("_")[-1])
+
+
+def _tags(ckpt_dir: Path) -> list[str]:
+    """Every checkpoint directory, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("iter_")
+                   and p.name.split("_")[-1].isdigit()), key=_iteration_of)
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """The checkpoints every rank finished writing, oldest first."""
+    return [t for t in _tags(ckpt_dir) if (ckpt_dir / t / MARKER).is_file()]
+
+
+# ---------------------------------------------------------------------------- saving
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def launch_shape(cfg: ExperimentConfig, world: int, zero_stage: int) -> dict:
+    """What a resumed run must agree with (recorded in the marker)."""
+    return {"world_size": world, "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
+            "global_batch": world * cfg.train.micro_batch * cfg.train.grad_accum, "zero_stage": zero_stage}
+
+
+def save(engine, ckpt_dir: Path, iteration: int, client_state: dict[str, Any], shape: dict, keep: int) -> None:
+    """Engine state (ZeRO shards included) and each rank's RNG state; then, once every rank is done,
+    the completeness marker, and the checkpoints beyond the newest ``keep`` complete ones are deleted."""
+    tag = tag_of(iteration)
+    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt")
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, iteration=iteration))
+    dist.barrier()  # every rank's files are written: only now is the checkpoint complete
+    if dist.get_rank() == 0:
+        mark_complete(ckpt_dir, tag, dict(shape, iteration=iteration))
+        prune(ckpt_dir, keep)
+
+
+def mark_complete(ckpt_dir: Path, tag: str, record: dict) -> None:
+    """Write the marker whole or not at all: a kill mid-write must not leave a half-written marker
+    that makes the checkpoint look complete (a rename within one directory is atomic)."""
+    staged = ckpt_dir / tag / (MARKER + ".tmp")
+    staged.write_text(json.dumps(record, indent=2))
+    os.replace(staged, ckpt_dir / tag / MARKER)
+
+
+def prune(ckpt_dir: Path, keep: int) -> list[str]:
+    """Delete complete checkpoints older than the newest ``keep`` complete ones (rank 0).
+
+    Never the one ``latest`` names, never an incomplete one (it may be another run's write in
+    progress, or the evidence of a crash). Returns the deleted tags."""
+    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    complete = complete_tags(ckpt_dir)
+    doomed = [t for t in complete[:-keep] if t != latest]
+    for tag in doomed:
+        # The marker goes first: a deletion cut short leaves an incomplete checkpoint, never a complete-looking one.
+        (ckpt_dir / tag / MARKER).unlink()
+        shutil.rmtree(ckpt_dir / tag)
+    if doomed:
+        log.info("deleted %d old checkpoint(s) (train.keep_checkpoints=%d): %s", len(doomed), keep, doomed)
+    return doomed
+
+
+# ---------------------------------------------------------------------------- resuming
+
+def choose(ckpt_dir: Path, requested: Optional[str] = None) -> Optional[str]:
+    """The checkpoint to resume: ``requested`` (``train.resume_from``) or the newest complete one;
+    None when the directory holds no checkpoint at all."""
+    complete = complete_tags(ckpt_dir)
+    if requested is not None:
+        if not (ckpt_dir / requested).is_dir():
+            raise CheckpointError(f"train.resume_from={requested}: no such checkpoint in {ckpt_dir}; "
+                                  f"complete ones: {complete or 'none'}")
+        if requested not in complete:
+            log.warning("%s has no %s: it may be incomplete (a save cut short); loading it as asked",
+                        ckpt_dir / requested, MARKER)
+        return requested
+    if complete:
+        latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+        if latest is not None and latest != complete[-1] and latest not in complete:
+            log.warning("%s names %s, which was never completed (a save cut short): resuming from %s",
+                        ckpt_dir / "latest", latest, complete[-1])
+        return complete[-1]
+    found = _tags(ckpt_dir)
+    if found:
+        raise CheckpointError(f"{ckpt_dir} holds checkpoints {found}, none of them marked complete ({MARKER}): "
+                              "each was cut short, or written before markers existed. Pass "
+                              f"train.resume_from={found[-1]} to load one anyway, or start afresh (train.resume=false)")
+    return None
+
+
+def saved_shape(ckpt_dir: Path, tag: str) -> Optional[dict]:
+    marker = ckpt_dir / tag / MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def check_resume_shape(saved: Optional[dict], cfg: ExperimentConfig, world: int, zero_stage: int, tag: str) -> None:
+    """Refuse a resume that would change the global batch (and with it the lr and the data position)
+    or the ZeRO stage; the message gives the fix."""
+    if saved is None:
+        return
+    now = launch_shape(cfg, world, zero_stage)
+    if now["global_batch"] != saved["global_batch"]:
+        per_rank = cfg.train.micro_batch * world
+        fix = (f"set train.grad_accum={saved['global_batch'] // per_rank}" if saved["global_batch"] % per_rank == 0
+               else f"choose train.micro_batch x train.grad_accum = {saved['global_batch'] / world:g} per rank")
+        raise ConfigError(
+            f"checkpoint {tag} was trained at global batch {saved['global_batch']} ({saved['world_size']} ranks x "
+            f"micro-batch {saved['micro_batch']} x accumulation {saved['grad_accum']}); resuming on {world} ranks "
+            f"gives {now['global_batch']}, which would change the lr schedule and the data position: {fix}")
+    if saved["zero_stage"] != zero_stage:
+        raise ConfigError(f"checkpoint {tag} was saved under ZeRO stage {saved['zero_stage']}, this run uses "
+                          f"stage {zero_stage}: resume with the saved stage (train.ds_config)")
+
+
+def resume_point(ckpt_dir: Path, tag: str, cfg: ExperimentConfig, world: int, zero_stage: int) -> ResumePoint:
+    """Check checkpoint ``tag`` against this launch and, when its ZeRO shards were saved by another
+    number of ranks, convert it to the universal format (rank 0; a collective)."""
+    saved = saved_shape(ckpt_dir, tag)
+    check_resume_shape(saved, cfg, world, zero_stage, tag)
+    if not reshard.needed(saved, world, zero_stage):
+        return ResumePoint(tag)
+    if dist.get_rank() == 0:
+        log.info("checkpoint %s holds ZeRO-%d shards of %d ranks, this run has %d: resharding through "
+                 "DeepSpeed's universal format", tag, zero_stage, saved["world_size"], world)
+    reshard.prepare(ckpt_dir, tag)
+    return ResumePoint(tag, universal=True)
+
+
+def load(engine, ckpt_dir: Path, tag: str, universal: bool = False) -> dict:
+    """Load checkpoint ``tag`` into ``engine`` and this rank's RNG state; returns the client state.
+    ``universal``: from its universal copy (``resume_point`` made it; the engine was built for it).
+
+    A damaged file (cut short by a crash or a full disk) is named, with the checkpoint to go back to."""
+    try:
+        client_state = (reshard.load(engine, ckpt_dir, tag, engine.zero_optimization_stage()) if universal
+                        else engine.load_checkpoint(str(ckpt_dir), tag=tag)[1])
+    except Exception as err:  # torch's zip reader, pickle and EOF errors all mean a damaged file here
+        raise _damaged(ckpt_dir, tag, err) from None
+    if client_state is None:
+        raise CheckpointError(f"checkpoint {ckpt_dir / tag} could not be loaded (see DeepSpeed's message above)")
+    rng_file = ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        log.warning("%s has no RNG state for this rank: the resumed run will not be bit-identical", rng_file)
+    return client_state
+
+
+def _damaged(ckpt_dir: Path, tag: str, err: Exception) -> CheckpointError:
+    """The error for a failed load, naming the first file whose zip archive fails its CRC check."""
+    bad = next((f for f in sorted((ckpt_dir / tag).glob("*.pt")) if not _intact(f)), None)
+    before = [t for t in complete_tags(ckpt_dir) if _iteration_of(t) < _iteration_of(tag)]
+    way_out = (f"resume from the one before with train.resume_from={before[-1]}" if before
+               else "no earlier complete checkpoint exists: start afresh with train.resume=false")
+    reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if bad is None:  # every file is intact: the error is DeepSpeed's own (e.g. another world size)
+        return CheckpointError(f"checkpoint {ckpt_dir / tag} could not be loaded ({reason}); {way_out}")
+    return CheckpointError(f"checkpoint file {bad} is damaged ({reason}); it was probably cut short by a crash "
+                           f"or a full disk. Delete it or {way_out}")
+
+
+def _intact(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False

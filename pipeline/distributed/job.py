@@ -1,0 +1,78 @@
+"""This process's part of a job: join the process group its launcher describes, and leave it.
+
+``init_distributed`` forms the process group from whichever launcher started the process
+(``pipeline.distributed.launcher``); ``leave_job`` and ``exit_skipping_teardown`` are every
+command's last steps (train, evaluate, the benchmarks and the tests' spawned ranks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from pipeline.distributed.ds_internals import release_cpu_allreduce_segment
+from pipeline.distributed.launcher import LaunchError, device_index, export_env, mpi4py_importable, resolve
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    device: torch.device
+    node: int = 0  # this rank's machine, as its launcher says (pipeline.distributed.launcher)
+    launcher: str = "plain"
+
+
+def init_distributed() -> DistInfo:
+    """Join the job this process's launcher started (deepspeed, torchrun, srun, mpirun; none: a job of
+    one process), on the GPU the launcher meant for it. ``pipeline.distributed.launcher`` reads the launcher."""
+    launch = export_env(resolve(os.environ, mpi4py=mpi4py_importable()))
+    if torch.cuda.is_available():
+        index = device_index(launch.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
+    else:
+        device = torch.device("cpu")
+    # MASTER_ADDR is set unless export_env left it to DeepSpeed's MPI discovery (mpi4py), whose port this is.
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               distributed_port=launch.master_port)
+    if (dist.get_rank(), dist.get_world_size()) != (launch.rank, launch.world):
+        raise LaunchError(f"the process group made this rank {dist.get_rank()} of {dist.get_world_size()}, its "
+                          f"launcher ({launch.launcher}) said {launch.rank} of {launch.world}")
+    return DistInfo(launch.rank, launch.world, launch.local_rank, launch.local_world, device, launch.node,
+                    launch.launcher)
+
+
+def leave_job() -> None:
+    """End this process's part of its job: unlink its segment of DeepSpeed's CPU all-reduce, then
+    destroy the process group (the launch scripts' last step); nothing outside a job."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        release_cpu_allreduce_segment(dist.get_rank())
+        dist.destroy_process_group()
+
+
+def exit_skipping_teardown(code: int, finished: bool) -> None:
+    """Exit with ``code``; for a ``finished`` process, without the interpreter's teardown.
+
+    After ``leave_job`` every file is written, yet freeing the process groups' C++ objects during
+    finalization aborted finished 2-rank CPU jobs now and then in CI ("terminate called without an
+    active exception", SIGABRT; faulthandler: the main thread with no Python frame left, i.e. at
+    interpreter exit): a finished run reported failed (exit 250), which the study runner would
+    retry. Unfinished ones keep the normal exit, whose atexit hooks still close W&B.
+    """
+    if not finished:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,84 @@
+"""Train and evaluate a detector.
+
+    python launch/train.py --config configs/shapes_default.yaml [key=value ...]
+    deepspeed --num_gpus 8 launch/train.py --config configs/coco_r50_fpn.yaml train.micro_batch=2
+    deepspeed --hostfile launch/hostfile.example launch/train.py --config ...
+    torchrun --nproc_per_node 2 launch/train.py --config ...
+    srun python launch/train.py --config ...  (one task per GPU; see launch/slurm.sbatch)
+    mpirun -np 16 -x MASTER_ADDR=node1 -x MASTER_PORT=29500 python launch/train.py --config ...
+
+Overrides use dotted keys of the experiment schema (pipeline/config.py), e.g.
+``optim.base_lr=0.01 schedule.epochs=24 train.ds_config=ds_configs/zero2_bf16.json``.
+The launcher's variables (pipeline/distributed/launcher.py) and the whole experiment, for the launch's world size,
+are validated before any process group forms.
+Exit status: 0 done, 2 configuration or data error (retrying cannot help), 3 diverged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.errors import DataError
+from pipeline.distributed.launcher import mpi4py_importable, resolve
+from pipeline.train.validate import validate
+
+EXIT_CONFIG, EXIT_DIVERGED = 2, 3
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None, help="experiment YAML (defaults if omitted)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; LOCAL_RANK in the environment is used instead")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.micro_batch=4")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        launch = resolve(os.environ, mpi4py=mpi4py_importable())
+    except ConfigError as err:  # before logging: every rank prints its own reason
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(level=logging.INFO if launch.rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{launch.rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, launch.world, launch.local_world)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    from pipeline.train.trainer import run  # heavy imports (deepspeed) only after the config is valid
+
+    try:
+        metrics = run(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except FloatingPointError as err:  # diverged: run_summary.json in the run directory says so
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    finally:
+        from pipeline.distributed.job import leave_job
+
+        leave_job()
+    if metrics:
+        print(f"final bbox AP {metrics['bbox/AP']:.4f}  AP50 {metrics['bbox/AP50']:.4f}  "
+              f"(run directory: {cfg.train.run_dir})")
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline.distributed.job import exit_skipping_teardown
+
+    code = main()
+    exit_skipping_teardown(code, finished=code in (0, EXIT_DIVERGED))  # diverged: its tracker is closed too

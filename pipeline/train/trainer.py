@@ -1,0 +1,339 @@
+"""Experiment entry: validate -> build (data, model, engine: ``pipeline.train.build``) -> train loop -> COCO eval.
+
+``run(cfg)`` reads as the list of steps; ``train_loop`` is the plain loop, stepping through
+the one train step (``pipeline.train.step``), with evaluation, checkpointing and tracking as a flat
+list of steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from pipeline.distributed.ds_internals import count_parameters
+from pipeline.checkpoint import manager as ckpt
+from pipeline.optim import ema as ema_io
+from pipeline.distributed.job import DistInfo, init_distributed
+from pipeline.train.build import build_training, Training
+from pipeline.utils.logger import log_dist
+from pipeline.config import dump_config, ExperimentConfig
+from pipeline.data.dataset import decode_on_device
+from pipeline.distributed.ds_config import engine_config, zero_stage
+from pipeline.evaluation.coco import evaluate
+from pipeline.utils.memory import peak_memory, reset_peak_memory
+from pipeline.distributed.norm import sync_running_stats
+from pipeline.evaluation.previews import draw_previews, save_previews
+from pipeline.train.tracking import Tracker
+from pipeline.train.validate import validate
+
+log = logging.getLogger(__name__)
+
+
+def archive_previous_run(run_dir: Path, rank: int) -> None:
+    """A fresh (not resumed) run in a used run directory moves the old one aside, so its
+    checkpoints are neither mixed with the new run's nor resumed by mistake, and nothing is lost."""
+    if rank == 0 and run_dir.exists() and any(run_dir.iterdir()):
+        old = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(old)
+        log.warning("%s held an earlier run: moved to %s (pass train.resume=true to continue a run instead)",
+                    run_dir, old)
+    dist.barrier()
+
+
+def device_batches(loader, device: torch.device):
+    """The loader's (images, targets) micro-batches, copied to ``device`` (pinned memory: asynchronous);
+    with ``data.decode=device`` the JPEGs arrive encoded and are decoded there."""
+    for images, targets in loader:  # the copies are not kept here: autograd frees them after backward
+        images = decode_on_device(images, targets, device)
+        yield (images, [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                        for t in targets])
+
+
+def timed(batches, clock: list[float]):
+    """``batches``, adding to ``clock[0]`` the host seconds spent waiting for each (loading, decoding,
+    copying): the loop's data time, against which the rest of an iteration is compute."""
+    while True:
+        tic = time.perf_counter()
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        clock[0] += time.perf_counter() - tic
+        yield item
+
+
+def _clock(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} days"
+
+
+def _reduce_window(window: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    """Mean of the window's loss terms over steps and ranks: one collective, one host sync."""
+    names = sorted(window)
+    stacked = torch.stack([window[n] for n in names]) / count
+    dist.all_reduce(stacked)
+    stacked /= dist.get_world_size()
+    values = dict(zip(names, stacked.tolist()))
+    values["loss"] = sum(values.values())
+    return values
+
+
+def _truncate_log(run_dir: Path, after: int) -> None:
+    """On resume, drop records logged after the checkpoint: they are about to be redone."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] <= after]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+class Diverged(FloatingPointError):
+    """The loss became NaN or infinite at ``iteration``."""
+
+    def __init__(self, iteration: int, message: str):
+        super().__init__(message)
+        self.iteration = iteration
+
+
+class TrainState:
+    """What the loop needs besides the built run: its config, the tracker, throughput and memory so far."""
+
+    def __init__(self, cfg: ExperimentConfig, info: DistInfo, training: Training, tracker: Tracker):
+        self.cfg, self.info, self.training, self.tracker = cfg, info, training, tracker
+        self.engine, self.schedule, self.data = training.engine, training.schedule, training.data
+        self.ckpt_dir = cfg.train.run_dir / "checkpoints"
+        spe = self.schedule.steps_per_epoch
+        self.eval_every = max(1, round(cfg.train.eval_every_epochs * spe)) if cfg.train.eval_every_epochs else 0
+        self.progress = cfg.train.progress and info.rank == 0
+        self.windows: list[tuple[int, float]] = []  # (images, seconds) per log window: throughput
+        self.peak_bytes = 0  # max over ranks and log windows
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def save_checkpoint(state: TrainState, it: int) -> None:
+    sync_running_stats(state.engine.module)  # rank 0 saves the model: it must hold every group's view
+    client = {"schedule": state.schedule.describe()}
+    if state.training.agvm is not None:  # identical on every rank: mu is a function of all ranks' gradients
+        client["agvm"] = state.training.agvm.state_dict()
+    shape = ckpt.launch_shape(state.cfg, state.info.world, state.engine.zero_optimization_stage())
+    if state.training.ema is not None:  # before ckpt.save's completeness marker
+        ema_io.save(state.training.ema, state.ckpt_dir / ckpt.tag_of(it))
+    ckpt.save(state.engine, state.ckpt_dir, it, client, shape, state.cfg.train.keep_checkpoints)
+    log_dist(log, "checkpoint %s saved", ckpt.tag_of(it))
+
+
+def run_evaluation(state: TrainState, it: int, final: bool = False) -> dict:
+    """COCO evaluation at iteration ``it``; the final one also keeps its detections (``eval_detections.json``)."""
+    sync_running_stats(state.engine.module)  # every rank evaluates with the same BN statistics
+    report, detections = [], []
+    ema = state.training.ema
+    with ema.applied() if ema is not None else contextlib.nullcontext():  # the EMA weights, where kept
+        metrics = evaluate(state.engine, state.data.val_loader, state.data.val_set, state.info.device,
+                           state.cfg.model.detector == "mask_rcnn", progress=state.progress,
+                           detections_file=state.cfg.train.run_dir / "eval_detections.json" if final else None,
+                           report=report, detections=detections, backend=state.cfg.train.coco_eval)
+    if metrics:
+        state.tracker.log({f"val/{k}": v for k, v in metrics.items()}, step=it)
+        grid = draw_previews(detections, state.data.val_set, state.cfg.train.preview_images)
+        if grid is not None:
+            state.tracker.image("val/predictions", save_previews(grid, state.cfg.train.run_dir, it), step=it)
+        log_dist(log, "iter %d: bbox AP %.4f AP50 %.4f; COCOeval:\n%s", it, metrics["bbox/AP"], metrics["bbox/AP50"],
+                 "\n".join(report))
+    return metrics
+
+
+def _log_step(state: TrainState, it: int, window: dict, count: int, seconds: float, data_seconds: float,
+              bar) -> None:
+    values = _reduce_window(window, count)
+    if not math.isfinite(values["loss"]):
+        raise Diverged(it,
+            f"loss is {values['loss']} at iteration {it}: training diverged. The last checkpoint is in "
+            f"{state.ckpt_dir}; lower optim.base_lr or lengthen schedule.warmup_iters and resume.")
+    record = {f"train/{k}": v for k, v in values.items()}
+    record["train/lr"] = state.schedule.lr(it - 1)
+    images = count * state.schedule.global_batch
+    record["train/images_per_s"] = images / seconds
+    # Per iteration: host seconds waiting for data vs the rest, and the training time left at this pace
+    # (evaluations and checkpoints not included). Rank 0's clock; the window's end is synchronised.
+    record["train/data_s"] = data_seconds / count
+    record["train/compute_s"] = (seconds - data_seconds) / count
+    record["train/eta_s"] = (state.schedule.total_iters - it) * seconds / count
+    record["train/epoch"] = it / state.schedule.steps_per_epoch
+    state.windows.append((images, seconds))
+    # Peak per rank (CUDA: allocated tensors; CPU: resident set), the largest rank's.
+    state.peak_bytes = max(state.peak_bytes, _max_over_ranks(peak_memory(state.info.device), state.info.device))
+    record["train/peak_mem_gib"] = state.peak_bytes / 2**30
+    state.tracker.log(record, step=it)
+    if bar is not None:
+        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{record['train/lr']:.4f}",
+                        ips=f"{record['train/images_per_s']:.1f}", data=f"{record['train/data_s']:.2f}s")
+    elif state.info.rank == 0:
+        log.info("iter %d loss %.4f lr %.5f %.1f img/s; per iteration %.3f s data + %.3f s compute; ETA %s", it,
+                 values["loss"], record["train/lr"], record["train/images_per_s"], record["train/data_s"],
+                 record["train/compute_s"], _clock(record["train/eta_s"]))
+
+
+def write_run_summary(state: TrainState, iteration: int, metrics: dict, diverged: bool, seconds: float) -> None:
+    """``run_summary.json``: what a study row needs, in one file (rank 0)."""
+    if state.info.rank != 0:
+        return
+    timed = state.windows[1:] or state.windows  # the first window holds start-up costs
+    images, secs = sum(w[0] for w in timed), sum(w[1] for w in timed)
+    summary = {
+        "iterations": iteration, "total_iterations": state.schedule.total_iters, "diverged": diverged,
+        "global_batch": state.schedule.global_batch, "world_size": state.info.world,
+        "train_seconds": seconds, "images_per_s": images / secs if secs else None,
+        "peak_mem_gib": state.peak_bytes / 2**30, "device": str(state.info.device.type),
+        "metrics": metrics,
+    }
+    path = state.cfg.train.run_dir / "run_summary.json"
+    path.write_text(json.dumps(summary, indent=2))
+
+
+def check_ranks_agree(engine, run_dir: Path) -> bool:
+    """Every rank must hold the same parameters and BN statistics after training (ZeRO 0-2 keep
+    full copies; running statistics were averaged by the last checkpoint's sync).
+
+    Compares a float64 fingerprint (sum and sum of squares per tensor) across ranks,
+    writes it to ``rank_params.json`` and logs an error when ranks drifted apart.
+    """
+    if engine.zero_optimization_stage() == 3:  # partitioned: each parameter exists once
+        return True
+    tensors = list(engine.module.parameters()) + [b for b in engine.module.buffers() if b.is_floating_point()]
+    # One float64 copy at a time (not of the whole model), kept on the device: NCCL needs that.
+    mine = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()])
+                        for t in tensors])
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    agree = all(torch.equal(everyone[0], other) for other in everyone[1:])
+    if dist.get_rank() == 0:
+        (run_dir / "rank_params.json").write_text(json.dumps(
+            {"identical": agree, "fingerprint_sum": [float(e[:, 0].sum()) for e in everyone]}, indent=2))
+        if not agree:
+            log.error("parameters differ across ranks after training: see %s", run_dir / "rank_params.json")
+    return agree
+
+
+def train_loop(state: TrainState) -> dict:
+    """Optimizer steps from the train step's iteration to the end of the schedule; returns the final metrics."""
+    cfg, schedule, step = state.cfg, state.schedule, state.training.step
+    sampler, spe = state.data.train_loader.batch_sampler, schedule.steps_per_epoch
+    it, metrics = step.iteration, {}
+    reset_peak_memory(state.info.device)  # the training peak, not the build's
+    window, count, tic, data_clock = {}, 0, time.time(), [0.0]
+    bar = tqdm(total=schedule.total_iters, initial=it, desc="train", disable=not state.progress,
+               mininterval=2.0)
+    while it < schedule.total_iters:
+        sampler.set_position(*divmod(it, spe))  # a resumed run continues inside its epoch
+        batches = timed(device_batches(state.data.train_loader, state.info.device), data_clock)
+        for _ in range(min(spe - it % spe, schedule.total_iters - it)):
+            for k, v in step(batches).items():  # stays on the device: no host sync per step
+                window[k] = window.get(k, 0) + v
+            it, count = step.iteration, count + 1
+            bar.update(1)
+            if step.estimated:
+                state.tracker.log(state.training.agvm.record(schedule.lr(it - 1)), step=it)
+            if it % cfg.train.log_every == 0 or it == schedule.total_iters:
+                _log_step(state, it, window, count, time.time() - tic, data_clock[0], bar if state.progress else None)
+                window, count, tic, data_clock[0] = {}, 0, time.time(), 0.0
+            pause = time.time()
+            if state.eval_every and it % state.eval_every == 0 and it < schedule.total_iters:
+                metrics = run_evaluation(state, it)
+            # the last iteration's checkpoint is the final one, saved once: rewriting a complete
+            # checkpoint in place would leave a damaged one marked complete if the rewrite were cut short
+            last = it == schedule.total_iters and cfg.train.final_checkpoint
+            if cfg.train.ckpt_every_iters and it % cfg.train.ckpt_every_iters == 0 and not last:
+                save_checkpoint(state, it)
+            tic += time.time() - pause  # evaluations and checkpoints are not training time
+    bar.close()
+    if cfg.train.final_checkpoint:
+        save_checkpoint(state, it)
+    if not cfg.train.evaluate:
+        return metrics
+    return run_evaluation(state, it, final=True) or metrics
+
+
+def checkpoint_to_resume(cfg: ExperimentConfig, world: int) -> Optional[ckpt.ResumePoint]:
+    """The checkpoint a resumed run loads (``train.resume_from`` or the newest complete one), checked
+    against this launch before anything is built; None for a fresh start."""
+    if not cfg.train.resume:
+        return None
+    ckpt_dir = cfg.train.run_dir / "checkpoints"
+    tag = ckpt.choose(ckpt_dir, cfg.train.resume_from)
+    if tag is None:
+        log_dist(log, "no checkpoint in %s: starting fresh", ckpt_dir)
+        return None
+    return ckpt.resume_point(ckpt_dir, tag, cfg, world, zero_stage(engine_config(cfg, world)))
+
+
+def resume(cfg: ExperimentConfig, info: DistInfo, training: Training, point: ckpt.ResumePoint) -> None:
+    """Load the checkpoint (engine, RNG, AGVM) and continue at its iteration."""
+    run_dir = cfg.train.run_dir
+    client_state = ckpt.load(training.engine, run_dir / "checkpoints", point.tag, point.universal)
+    training.step.iteration = client_state["iteration"]
+    if training.agvm is not None:
+        training.agvm.load_state_dict(client_state["agvm"])
+    if training.ema is not None and not ema_io.load(training.ema, run_dir / "checkpoints" / point.tag):
+        log_dist(log, "%s has no weight EMA (saved without train.ema_decay): the EMA starts from the loaded weights",
+                 run_dir / "checkpoints" / point.tag)
+    log_dist(log, "resuming at iteration %d from %s%s", training.step.iteration, run_dir / "checkpoints" / point.tag,
+             " (resharded)" if point.universal else "")
+    if info.rank == 0:  # before the tracker opens the log
+        _truncate_log(run_dir, training.step.iteration)
+
+
+def write_run_files(cfg: ExperimentConfig, training: Training) -> None:
+    """The resolved config, ds_config and schedule, and what ``pipeline.tools.export`` needs (rank 0)."""
+    run_dir = cfg.train.run_dir
+    dump_config(cfg, run_dir / "config.yaml")
+    (run_dir / "ds_config.json").write_text(json.dumps(training.ds_config, indent=2))
+    (run_dir / "schedule.json").write_text(json.dumps(training.schedule.as_dict(), indent=2))
+    train_set = training.data.train_set
+    (run_dir / "model.json").write_text(json.dumps(
+        {"num_classes": training.data.num_classes, "parameters": count_parameters(training.engine.module),
+         "categories": [{"id": c, "name": n} for c, n in zip(train_set.cat_ids, train_set.cat_names)]}, indent=2))
+
+
+def run(cfg: ExperimentConfig) -> dict:
+    """Train and evaluate one experiment; returns final metrics on rank 0 ({} on other ranks)."""
+    info = init_distributed()
+    validate(cfg, info.world, info.local_world)
+    if not cfg.train.resume:
+        archive_previous_run(cfg.train.run_dir, info.rank)
+    point = checkpoint_to_resume(cfg, info.world)
+    training = build_training(cfg, info, load_universal=point is not None and point.universal)
+    if point is not None:
+        resume(cfg, info, training, point)
+    if info.rank == 0:
+        write_run_files(cfg, training)
+    tracker = Tracker(cfg, cfg.train.run_dir, info.rank, resume=cfg.train.resume)
+    state = TrainState(cfg, info, training, tracker)
+    log_dist(log, "%d train / %d val images, %d classes, %d ranks; %s", len(training.data.train_set),
+             len(training.data.val_set), training.data.num_classes, info.world, training.schedule.describe())
+    tracker.add_config({"resolved_schedule": training.schedule.as_dict()})
+    tic = time.time()
+    try:
+        metrics = train_loop(state)
+    except Diverged as err:  # a diverged run is a result (a study row), not a lost run
+        write_run_summary(state, err.iteration, {}, True, time.time() - tic)
+        tracker.finish()
+        raise
+    check_ranks_agree(training.engine, cfg.train.run_dir)
+    write_run_summary(state, training.schedule.total_iters, metrics, False, time.time() - tic)
+    if info.rank == 0:
+        (cfg.train.run_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
+        tracker.summary(metrics)
+    tracker.finish()
+    return metrics
