@@ -20,7 +20,7 @@ from pathlib import Path
 from pycocotools.coco import COCO
 
 from common import RESULTS, row_label
-from pipeline.evaluation.coco import coco_evaluate, STAT_NAMES
+from pipeline.evaluation.coco import STAT_NAMES, coco_evaluate
 
 
 def synthetic_set(images: int, seed: int = 0) -> tuple[dict, list[dict]]:

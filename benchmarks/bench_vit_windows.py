@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from common import REPO, RESULTS, pipeline_step, row_label
-from pipeline.distributed.job import leave_job
-from pipeline.distributed.job import init_distributed
+from pipeline.distributed.job import init_distributed, leave_job
 from pipeline.utils.memory import current_memory, peak_memory, pin_mmap_threshold, reset_peak_memory
 
 

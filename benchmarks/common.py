@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import itertools
-from contextlib import nullcontext
 import platform
 import subprocess
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from pipeline.train.build import build_training
 from pipeline.config import load_config
 from pipeline.data.synthetic import synthetic_batch  # noqa: F401  (the benchmarks import it from here)
+from pipeline.train.build import build_training
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks/results.jsonl"

@@ -1,4 +1,4 @@
 """Detector construction: timm backbones, torchvision FPN and heads."""
-from models.detector import build_detector, module_parameters, MODULE_PREFIXES
+from models.detector import MODULE_PREFIXES, build_detector, module_parameters
 
 __all__ = ["MODULE_PREFIXES", "build_detector", "module_parameters"]

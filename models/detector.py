@@ -35,8 +35,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from models.batched_heads import BatchedFasterRCNN
 from models.activation_checkpointing import enable_activation_checkpointing
+from models.batched_heads import BatchedFasterRCNN
 from models.errors import ModelConfigError
 from models.vit import SimpleFeaturePyramid, ViTBody, create_vit_body, is_plain_vit
 

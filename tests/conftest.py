@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.distributed.launcher import free_port
 from pipeline.data.synthetic import make_dataset
+from pipeline.distributed.launcher import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

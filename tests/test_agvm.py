@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from conftest import run_distributed
-from pipeline.optim.agvm import AGVM, check_halves, phi_from_sums
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
+from pipeline.optim.agvm import AGVM, check_halves, phi_from_sums
 from pipeline.optim.optimizers import build_optimizer, build_param_groups, check_zero_support
 
 ITERS = 3
@@ -87,10 +87,9 @@ def _ds_worker(rank: int, world: int, accum: int, cases: list, out_dir: str, ext
 
     import torch.distributed as dist
 
-    from pipeline.train.build import build_training
-    from pipeline.distributed.job import init_distributed
-
     import pipeline.optim.agvm as agvm_module
+    from pipeline.distributed.job import init_distributed
+    from pipeline.train.build import build_training
 
     info = init_distributed()
     scatters = []  # the estimate's gradient-sized collectives, counted per module
@@ -266,8 +265,8 @@ def test_modulation_starts_relative_to_the_end_of_warmup_unless_given():
 def _build_worker(rank: int, world: int, overrides: list, out: str) -> None:
     import logging
 
-    from pipeline.train.build import build_training
     from pipeline.distributed.job import init_distributed
+    from pipeline.train.build import build_training
 
     handler = logging.FileHandler(out)
     logging.getLogger("pipeline").addHandler(handler)
@@ -451,10 +450,10 @@ BN_CASES = {"pairs": ("2", 1), "world_micro": ("world", 2), "world_coupled": ("w
 def _bn_worker(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
 
-    from pipeline.train.build import build_training
     from pipeline.config import ModelConfig
     from pipeline.distributed.job import init_distributed
     from pipeline.distributed.norm import build_bn_group, convert_norms
+    from pipeline.train.build import build_training
 
     info = init_distributed()
     phis = {}

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pipeline.config import dump_config, load_config
-from pipeline.errors import ConfigError
 from pipeline.data.dataset import CocoDetection
 from pipeline.data.samplers import index_seed
+from pipeline.errors import ConfigError
 
 SIDE = 96
 

@@ -78,8 +78,8 @@ def test_sampling_draws_each_candidate_uniformly():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_rpn_proposals_are_torchvisions(device):
-    from pipeline.config import ModelConfig
     from models.detector import build_detector
+    from pipeline.config import ModelConfig
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -127,11 +127,11 @@ def test_batched_heads_are_refused_where_they_do_not_apply():
 
 
 def _sync_worker(rank: int, world: int, out: str) -> None:
-    from pipeline.train.build import build_training
     from pipeline.config import load_config
-    from pipeline.distributed.job import init_distributed
-    from pipeline.utils.host_syncs import HostSyncCounter
     from pipeline.data.synthetic import synthetic_batch
+    from pipeline.distributed.job import init_distributed
+    from pipeline.train.build import build_training
+    from pipeline.utils.host_syncs import HostSyncCounter
 
     info = init_distributed()
     cfg = load_config(None, [

@@ -21,8 +21,8 @@ import torch
 from conftest import REPO, tiny_overrides
 from pipeline.checkpoint import manager as ckpt
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
 from pipeline.distributed.launcher import free_port
+from pipeline.errors import ConfigError
 from pipeline.train.tracking import read_metrics
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

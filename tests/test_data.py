@@ -19,11 +19,10 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.data.dataset import check_image_files, CocoDetection
-from pipeline.data.samplers import eval_batches, ShardedBatchSampler
+from pipeline.data.dataset import CocoDetection, check_image_files
+from pipeline.data.samplers import ShardedBatchSampler, eval_batches
 from pipeline.errors import DataError
 
 # pycocotools' decode trips a numpy-2 DeprecationWarning that is not ours.

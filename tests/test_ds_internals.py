@@ -19,7 +19,7 @@ from conftest import run_distributed
 def test_version_check_names_installed_and_tested_range():
     from importlib.metadata import version
 
-    from pipeline.distributed.ds_internals import check_version, TESTED_RANGE
+    from pipeline.distributed.ds_internals import TESTED_RANGE, check_version
 
     check_version()  # the installed DeepSpeed is inside the range the requirements pin
     for outside in ("0.18.9", "0.20.0", "1.0.0"):

@@ -37,11 +37,11 @@ def _full_weights(engine) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, out: str) -> None:
+    from pipeline.config import load_config
+    from pipeline.data.synthetic import synthetic_batch
+    from pipeline.distributed.job import init_distributed
     from pipeline.optim import ema as ema_io
     from pipeline.train.build import build_training
-    from pipeline.config import load_config
-    from pipeline.distributed.job import init_distributed
-    from pipeline.data.synthetic import synthetic_batch
 
     info = init_distributed()
     result = {}

@@ -9,18 +9,17 @@ has no sampling randomness, so both sides see exactly the same computation.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from conftest import TINY_BACKBONE, run_distributed
 from models.detector import build_detector
-from pipeline.train.build import build_training
-from pipeline.config import load_config, ModelConfig
-from pipeline.errors import ConfigError
+from pipeline.config import ModelConfig, load_config
 from pipeline.distributed.ds_config import fill_ds_config, load_ds_config
 from pipeline.distributed.job import init_distributed
+from pipeline.errors import ConfigError
+from pipeline.train.build import build_training
 
 # MegDet's linear warmup over the 3 steps, from 0.25 x 0.02: the lr changes every step, which checks
 # that the train step's lr reaches the optimizer under each stage.

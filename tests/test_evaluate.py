@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, tiny_overrides
-from pipeline.evaluation.coco import STAT_NAMES
 from pipeline.distributed.launcher import free_port
+from pipeline.evaluation.coco import STAT_NAMES
 from test_train_e2e import ENV
 
 EVALUATE = str(REPO / "pipeline/tools/evaluate.py")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline.evaluation.coco import coco_evaluate, gather_to_rank0, STAT_NAMES, to_coco_results
+from pipeline.evaluation.coco import STAT_NAMES, coco_evaluate, gather_to_rank0, to_coco_results
 
 # pycocotools trips numpy-2 DeprecationWarnings that are not ours.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -24,10 +24,10 @@ def _zero3_predict_worker(rank: int, world: int, overrides: list, out: str) -> N
     """Predictions of the trained, partitioned model: a fresh run loads the checkpoint.
     (In its own processes for big models: DeepSpeed keeps a finished engine alive.)"""
     from pipeline.checkpoint import manager as ckpt
-    from pipeline.distributed.job import init_distributed
-    from pipeline.train.build import build_training
     from pipeline.config import load_config
     from pipeline.distributed.ds_internals import full_numel, is_partitioned
+    from pipeline.distributed.job import init_distributed
+    from pipeline.train.build import build_training
 
     cfg = load_config(None, overrides)
     training = build_training(cfg, init_distributed(), data=False, num_classes=3)
@@ -70,9 +70,9 @@ def test_export_rebuilds_without_the_pretrained_file(tmp_path):
     """The exported file alone rebuilds the model: the backbone weights the run started from
     (model.pretrained) may be gone since, and are not read again."""
     from conftest import TINY_BACKBONE
-    from pipeline.train.build import build_model
     from pipeline.config import load_config
     from pipeline.tools.export import load_exported
+    from pipeline.train.build import build_model
 
     weights = tmp_path / "backbone.pth"
     cfg = load_config(None, ["model.detector=retinanet", f"model.backbone={TINY_BACKBONE}", "model.fpn_channels=16",

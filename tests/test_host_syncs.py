@@ -67,10 +67,10 @@ def test_compiled_code_is_counted_eagerly_not_compiled_again():
 
 
 def _hot_path_worker(rank: int, world: int, optimizer: str, out: str) -> None:
-    from pipeline.train.build import build_training
     from pipeline.config import load_config
-    from pipeline.distributed.job import init_distributed
     from pipeline.data.synthetic import synthetic_batch
+    from pipeline.distributed.job import init_distributed
+    from pipeline.train.build import build_training
 
     info = init_distributed()
     cfg = load_config(None, [

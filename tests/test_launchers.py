@@ -13,7 +13,8 @@ import pytest
 
 from conftest import REPO
 from pipeline.distributed import launcher
-from pipeline.distributed.launcher import (check_node_layout, device_index, export_env, first_host, free_port, PLAIN, resolve, slurm_port, tasks_on_node)
+from pipeline.distributed.launcher import (PLAIN, check_node_layout, device_index, export_env, first_host, free_port,
+                                           resolve, slurm_port, tasks_on_node)
 from pipeline.errors import LaunchError
 
 # --------------------------------------------------------------- each launcher's variables, as it sets them

@@ -57,9 +57,9 @@ def test_every_backbone_parameter_gets_its_layers_scale():
 
 
 def _worker(rank: int, world: int, out: str) -> None:
-    from pipeline.train.build import build_training
-    from pipeline.distributed.job import init_distributed
     from pipeline.data.synthetic import synthetic_batch
+    from pipeline.distributed.job import init_distributed
+    from pipeline.train.build import build_training
 
     info = init_distributed()
     got = {}

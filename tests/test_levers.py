@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import re
+
 import pytest
 import torch
 from torch import nn
@@ -57,10 +58,10 @@ def _run(backbone: str, stage: int, optimizer: str, overrides: list[str]) -> dic
 
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from pipeline.train.build import build_training
     from pipeline.config import load_config
-    from pipeline.distributed.job import init_distributed
     from pipeline.data.synthetic import synthetic_batch
+    from pipeline.distributed.job import init_distributed
+    from pipeline.train.build import build_training
 
     info = init_distributed()
     size = 64 if backbone == CNN else 32  # a 2 x 2 token grid for timm's test_vit (patch 16)
@@ -140,10 +141,10 @@ def test_compiled_backbone_trains_like_the_eager_one(tmp_path, backbone, stage, 
 
 
 def _refused_worker(rank: int, world: int, overrides: list[str], out: str) -> None:
-    from pipeline.train.build import build_training
     from pipeline.config import load_config
-    from pipeline.errors import ConfigError
     from pipeline.distributed.job import init_distributed
+    from pipeline.errors import ConfigError
+    from pipeline.train.build import build_training
 
     info = init_distributed()
     try:

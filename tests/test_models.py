@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import TINY_BACKBONE
-from models.detector import build_detector, module_parameters, MODULE_PREFIXES
-from pipeline.config import load_config, ModelConfig
+from models.detector import MODULE_PREFIXES, build_detector, module_parameters
+from pipeline.config import ModelConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.train.validate import validate
 

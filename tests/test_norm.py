@@ -18,9 +18,10 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conftest import REPO, TINY_BACKBONE, run_distributed
 from pipeline.config import ModelConfig
-from pipeline.errors import ConfigError
 from pipeline.distributed.launcher import resolve
-from pipeline.distributed.norm import (bn_group_layout, build_bn_group, convert_norms, CrossGPUBatchNorm, sync_running_stats)
+from pipeline.distributed.norm import (CrossGPUBatchNorm, bn_group_layout, build_bn_group, convert_norms,
+                                       sync_running_stats)
+from pipeline.errors import ConfigError
 
 CHANNELS = 3
 # Per-rank batch sizes: uneven, and rank 2 has no images at all. Groups: {0, 1} and {2, 3}.

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import tiny_overrides
 from pipeline.config import load_config
-from pipeline.tools.planner import (ActivationProbe, build_plan, ds_settings, GIB, measure_peak, ModelFacts, plan_memory)
+from pipeline.tools.planner import GIB, ActivationProbe, ModelFacts, build_plan, ds_settings, measure_peak, plan_memory
 
 MODEL_STATE = ("parameters", "gradients", "fp32 master / partition", "optimizer state")
 

@@ -14,11 +14,11 @@ import timm
 import torch
 
 from conftest import run_distributed
-from pipeline.train.build import build_model
 from pipeline.config import load_config
 from pipeline.distributed.ds_config import engine_config
 from pipeline.distributed.ds_internals import gathered, is_partitioned
 from pipeline.distributed.job import init_distributed
+from pipeline.train.build import build_model
 
 CNN, VIT = "test_byobnet", "test_vit"
 

@@ -41,9 +41,9 @@ def _cfg(world: int):
 
 
 def _engine(stage: int, optimizer: str, world: int, universal: bool = False):
+    from pipeline.checkpoint.reshard import with_universal_load
     from pipeline.distributed.ds_config import fill_ds_config
     from pipeline.distributed.engine import build_engine
-    from pipeline.checkpoint.reshard import with_universal_load
 
     torch.manual_seed(1234 if universal else 0)  # a resumed engine starts from other weights
     model = _Net()

@@ -8,7 +8,7 @@ import torch
 from torchvision.io import write_png
 
 from pipeline.config import load_config
-from pipeline.train.tracking import read_metrics, Tracker
+from pipeline.train.tracking import Tracker, read_metrics
 
 
 def test_offline_wandb_and_jsonl(tmp_path, monkeypatch):

@@ -31,8 +31,7 @@ import torch.distributed as dist
 
 from pipeline.checkpoint import reshard
 from pipeline.config import ExperimentConfig
-from pipeline.errors import ConfigError
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import ReshardError
 from pipeline.distributed.ds_internals import repair_zero3_universal_load
+from pipeline.errors import ReshardError
 
 log = logging.getLogger(__name__)
 

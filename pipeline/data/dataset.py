@@ -31,12 +31,12 @@ import torch.distributed as dist
 from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.data.annotations import ann_mask, gc_paused, load_coco, pack_strings, read_annotation_file, \
-    resized_box_has_no_area
+from pipeline.data.annotations import (ann_mask, gc_paused, load_coco, pack_strings, read_annotation_file,
+                                       resized_box_has_no_area)
 from pipeline.data.samplers import index_seed
 from pipeline.errors import DataError
 from pipeline.utils.memory import release_free_heap

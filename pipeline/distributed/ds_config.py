@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.config import ExperimentConfig, REPO_ROOT
+from pipeline.config import REPO_ROOT, ExperimentConfig
 from pipeline.errors import ConfigError
 
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")

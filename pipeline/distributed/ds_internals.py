@@ -12,9 +12,9 @@ itself is imported only where it is used, so the config checks stay free of it.
 from __future__ import annotations
 
 import os
-from typing import Iterator
 from importlib.metadata import version as installed_version
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from packaging.version import Version

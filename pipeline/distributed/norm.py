@@ -33,8 +33,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pipeline.config import ModelConfig
-from pipeline.errors import ConfigError
 from pipeline.distributed.launcher import check_node_layout, joined, resolve
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

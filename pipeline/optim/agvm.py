@@ -74,8 +74,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import AGVMConfig
+from pipeline.distributed.ds_internals import Zero12Partitions, full_numel
 from pipeline.errors import ConfigError
-from pipeline.distributed.ds_internals import full_numel, Zero12Partitions
 
 log = logging.getLogger(__name__)
 

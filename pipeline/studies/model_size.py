@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import load_config
-from pipeline.tools.planner import build_plan, GIB, measure_peak
-from pipeline.studies.spec import markdown_table, Point, Study, write_csv
+from pipeline.studies.spec import Point, Study, markdown_table, write_csv
+from pipeline.tools.planner import GIB, build_plan, measure_peak
 
 log = logging.getLogger(__name__)
 COLUMNS = ["point", "backbone", "zero", "ranks", "parameters", "estimate_gib", "measured_gib", "error_pct",

@@ -30,10 +30,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import load_config, REPO_ROOT, resolve_repo_path
-from pipeline.errors import ConfigError
+from pipeline.config import REPO_ROOT, load_config, resolve_repo_path
 from pipeline.distributed.launcher import free_port
-from pipeline.studies.spec import (aggregate_seeds, collect_rows, Comparison, load_study, markdown_table, paired_differences, Point, point_result, read_status, series_key, STATUS_FILE, Study, write_csv, write_status)
+from pipeline.errors import ConfigError
+from pipeline.studies.spec import (STATUS_FILE, Comparison, Point, Study, aggregate_seeds, collect_rows, load_study,
+                                   markdown_table, paired_differences, point_result, read_status, series_key, write_csv,
+                                   write_status)
 from pipeline.train.validate import validate
 
 # What a finished point's results are (``collect_rows``, the plots) without its checkpoints: an

@@ -45,7 +45,7 @@ from typing import Any, Optional
 
 import yaml
 
-from pipeline.config import load_config, REPO_ROOT, resolve_repo_path
+from pipeline.config import REPO_ROOT, load_config, resolve_repo_path
 from pipeline.errors import ConfigError
 
 SHORTHAND = ("batch", "optimizer", "norm", "backbone", "zero", "lr_scaling", "seed")

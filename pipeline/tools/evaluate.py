@@ -32,8 +32,7 @@ from typing import Optional
 import yaml
 
 from pipeline.config import ExperimentConfig, load_config
-from pipeline.errors import ConfigError
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
 EXIT_INPUT = 2
 log = logging.getLogger("evaluate")
@@ -94,13 +93,13 @@ def _inputs(args) -> tuple[ExperimentConfig, int, Path, Optional[str]]:
 def evaluate_weights(cfg: ExperimentConfig, num_classes: int, source: Path, tag: Optional[str], batch: int,
                      out: Optional[Path], weights: str = "auto") -> dict:
     """Build the model, load the weights, evaluate on every rank; metrics on rank 0 ({} elsewhere)."""
-    from pipeline.train.build import build_model
-    from pipeline.data.dataset import check_image_files, CocoDetection
+    from pipeline.data.dataset import CocoDetection, check_image_files
     from pipeline.data.loaders import loader as _loader
     from pipeline.data.samplers import eval_batches
     from pipeline.distributed.job import init_distributed
     from pipeline.evaluation.coco import evaluate
     from pipeline.tools.export import consolidated_state_dict, read_export
+    from pipeline.train.build import build_model
 
     info = init_distributed()
     if source.is_file():  # an export

@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pipeline.config import ExperimentConfig, load_config
 from pipeline.distributed.ds_internals import count_parameters
 from pipeline.train.build import build_model
-from pipeline.config import ExperimentConfig, load_config
 
 
 def _fresh_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:

@@ -43,10 +43,10 @@ from typing import Optional
 
 import torch
 
-from pipeline.config import ExperimentConfig, load_config, REPO_ROOT
-from pipeline.errors import ConfigError
+from pipeline.config import REPO_ROOT, ExperimentConfig, load_config
 from pipeline.distributed.launcher import free_port
-from pipeline.utils.memory import (CPU_MMAP_THRESHOLD, current_memory, peak_memory, pin_mmap_threshold, reset_peak_memory)
+from pipeline.errors import ConfigError
+from pipeline.utils.memory import CPU_MMAP_THRESHOLD, current_memory, peak_memory, pin_mmap_threshold, reset_peak_memory
 
 log = logging.getLogger(__name__)
 GIB = 2**30

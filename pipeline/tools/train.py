@@ -23,9 +23,8 @@ import sys
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
-from pipeline.errors import DataError
 from pipeline.distributed.launcher import mpi4py_importable, resolve
+from pipeline.errors import ConfigError, DataError
 from pipeline.train.validate import validate
 
 EXIT_CONFIG, EXIT_DIVERGED = 2, 3

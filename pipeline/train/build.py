@@ -20,26 +20,26 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from models.activation_checkpointing import has_running_stats
-from models.detector import build_detector, CanvasTransform
-from pipeline.utils.logger import log_dist
-from pipeline.distributed.ds_internals import count_parameters
-from pipeline.distributed.engine import build_engine, model_init_context
-from pipeline.distributed.job import DistInfo
-from pipeline.optim.agvm import AGVM, choose_halves, modules_of
+from models.detector import CanvasTransform, build_detector
+from pipeline.checkpoint.reshard import with_universal_load
 from pipeline.config import ExperimentConfig
-from pipeline.errors import ConfigError
 from pipeline.data.dataset import CocoDetection
 from pipeline.data.loaders import build_datasets, build_loaders
-from pipeline.distributed.ds_config import engine_config, zero_stage
-from pipeline.distributed.ds_internals import full_numel, gathered, reduced_gradient_reader, zero12_partitions
-from pipeline.optim.ema import WeightEMA
-from pipeline.utils.memory import current_memory, release_free_heap
-from pipeline.distributed.norm import build_bn_group, convert_norms, CrossGPUBatchNorm, job_bn_layout
-from pipeline.optim.optimizers import build_optimizer, build_param_groups, check_zero_support
-from pipeline.checkpoint.reshard import with_universal_load
-from pipeline.optim.schedule import build_schedule, Schedule
-from pipeline.train.step import TrainStep
 from pipeline.data.synthetic import make_dataset
+from pipeline.distributed.ds_config import engine_config, zero_stage
+from pipeline.distributed.ds_internals import (count_parameters, full_numel, gathered, reduced_gradient_reader,
+                                               zero12_partitions)
+from pipeline.distributed.engine import build_engine, model_init_context
+from pipeline.distributed.job import DistInfo
+from pipeline.distributed.norm import CrossGPUBatchNorm, build_bn_group, convert_norms, job_bn_layout
+from pipeline.errors import ConfigError
+from pipeline.optim.agvm import AGVM, choose_halves, modules_of
+from pipeline.optim.ema import WeightEMA
+from pipeline.optim.optimizers import build_optimizer, build_param_groups, check_zero_support
+from pipeline.optim.schedule import Schedule, build_schedule
+from pipeline.train.step import TrainStep
+from pipeline.utils.logger import log_dist
+from pipeline.utils.memory import current_memory, release_free_heap
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Iterator, Optional
 
 import torch
 
+from pipeline.distributed.ds_internals import local_optimizer_chunks, set_gradient_clipping
 from pipeline.optim.agvm import AGVM
 from pipeline.optim.ema import WeightEMA
-from pipeline.distributed.ds_internals import local_optimizer_chunks, set_gradient_clipping
 from pipeline.optim.schedule import Schedule
 
 

@@ -19,21 +19,21 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.distributed.ds_internals import count_parameters
 from pipeline.checkpoint import manager as ckpt
-from pipeline.optim import ema as ema_io
-from pipeline.distributed.job import DistInfo, init_distributed
-from pipeline.train.build import build_training, Training
-from pipeline.utils.logger import log_dist
-from pipeline.config import dump_config, ExperimentConfig
+from pipeline.config import ExperimentConfig, dump_config
 from pipeline.data.dataset import decode_on_device
 from pipeline.distributed.ds_config import engine_config, zero_stage
-from pipeline.evaluation.coco import evaluate
-from pipeline.utils.memory import peak_memory, reset_peak_memory
+from pipeline.distributed.ds_internals import count_parameters
+from pipeline.distributed.job import DistInfo, init_distributed
 from pipeline.distributed.norm import sync_running_stats
+from pipeline.evaluation.coco import evaluate
 from pipeline.evaluation.previews import draw_previews, save_previews
+from pipeline.optim import ema as ema_io
+from pipeline.train.build import Training, build_training
 from pipeline.train.tracking import Tracker
 from pipeline.train.validate import validate
+from pipeline.utils.logger import log_dist
+from pipeline.utils.memory import peak_memory, reset_peak_memory
 
 log = logging.getLogger(__name__)
 

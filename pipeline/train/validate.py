@@ -13,12 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from models.detector import check_backbone_name, MODULE_PREFIXES
-from pipeline.optim.agvm import check_halves, check_loss_scaling
+from models.detector import MODULE_PREFIXES, check_backbone_name
 from pipeline.config import ExperimentConfig
-from pipeline.errors import ConfigError
 from pipeline.distributed.ds_config import engine_config, zero_stage
 from pipeline.distributed.norm import bn_group_layout
+from pipeline.errors import ConfigError
+from pipeline.optim.agvm import check_halves, check_loss_scaling
 from pipeline.optim.optimizers import check_zero_support
 
 
