@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common import REPO, RESULTS, pipeline_step, row_label, time_steps
-from pipeline.distributed.job import init_distributed
+from pipeline.distributed.job import init_distributed, leave_job
 
 VARIANTS = [("sgd", None), ("agvm_sgd", 10), ("agvm_sgd", 1)]
 
@@ -85,7 +85,7 @@ def main(argv=None) -> None:
                   f"{r['overhead_pct']:>8.2f}%  {r['spread']}")
         with args.out.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    torch.distributed.destroy_process_group()
+    leave_job()  # also unlinks DeepSpeed's CPU all-reduce segment in /dev/shm
 
 
 if __name__ == "__main__":

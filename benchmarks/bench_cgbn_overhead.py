@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common import REPO, RESULTS, pipeline_step, row_label, time_steps
-from pipeline.distributed.job import init_distributed
+from pipeline.distributed.job import init_distributed, leave_job
 
 
 def build_norm_variant(args, norm: str, info):
@@ -70,7 +70,7 @@ def main() -> None:
             print(f"{r['norm']:>8} {r['bn_layers']:>9} {r['s_per_iter']:>16.4f} {r['overhead_pct']:>8.2f}%  {r['spread']}")
         with args.out.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    torch.distributed.destroy_process_group()
+    leave_job()  # also unlinks DeepSpeed's CPU all-reduce segment in /dev/shm
 
 
 if __name__ == "__main__":

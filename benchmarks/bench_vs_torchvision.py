@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common import REPO, RESULTS, pipeline_step, row_label, time_steps, torchvision_step
-from pipeline.distributed.job import init_distributed
+from pipeline.distributed.job import init_distributed, leave_job
 
 
 def bench_torchvision(args, batch, device) -> float:
@@ -64,7 +64,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    torch.distributed.destroy_process_group()
+    leave_job()  # also unlinks DeepSpeed's CPU all-reduce segment in /dev/shm
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ class BackboneWithNeck(nn.Module):
         self.strides = strides
         self.levels = levels  # which of the body's outputs feed the neck (None: all)
         self.nhwc = str(getattr(body, "output_fmt", "NCHW")).endswith("NHWC")  # timm's Swin features
-        self.channels_last = False  # set by pipeline.train.build.to_channels_last
+        self.channels_last = False  # set by pipeline.train.build.feed_channels_last
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         if self.channels_last:  # torchvision's transform batches (and pads) into a new NCHW tensor

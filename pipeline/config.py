@@ -5,7 +5,7 @@ model; unknown keys and bad values are rejected at start-up with the dotted fiel
 name and, where it helps, the fix. The resolved config is written into the run
 directory and handed to W&B as is. Engine settings (ZeRO stage, precision,
 offload) live in ``ds_configs/*.json``; batch sizes and gradient clipping live here
-and are filled into the DeepSpeed dict in one place (``pipeline.distributed.engine.fill_ds_config``);
+and are filled into the DeepSpeed dict in one place (``pipeline.distributed.ds_config.fill_ds_config``);
 the optimizer is built from ``optim`` as a torch optimizer and handed to DeepSpeed as is.
 """
 

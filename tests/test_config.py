@@ -48,7 +48,7 @@ def test_bad_values_are_refused():
 ])
 def test_resolved_config_round_trips(tmp_path, source, overrides):
     """A run's config.yaml (every field, resolved) loads back to the same config: export and
-    pipeline/tools/evaluate.py rebuild the model from it."""
+    launch/evaluate.py rebuild the model from it."""
     cfg = load_config(source, overrides)
     dump_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg

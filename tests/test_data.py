@@ -1,6 +1,6 @@
-"""Tests for pipeline.data.dataset: dataset round trip, flip, sharded sampler, eval split, bad input.
+"""Tests for pipeline.data: dataset round trip, flip, sharded sampler, eval split, bad input.
 
-Every expectation is computed independently of pipeline.data.dataset: sizes and boxes from
+Every expectation is computed independently of pipeline.data: sizes and boxes from
 the annotation JSON, masks through pycocotools + PIL, sampler properties from counting.
 """
 from __future__ import annotations

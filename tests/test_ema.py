@@ -107,12 +107,12 @@ def test_a_run_with_ema_checkpoints_exports_and_evaluates_it(shapes_root, tmp_pa
     assert set(picked) == set(live)
     differs = [n for n, v in ema["state_dict"].items() if not torch.equal(live[n], v)]
     assert differs and all(torch.equal(picked[n], v) for n, v in ema["state_dict"].items())
-    # pipeline/tools/evaluate.py on the checkpoint evaluates the EMA (auto), as the training run's final evaluation
+    # launch/evaluate.py on the checkpoint evaluates the EMA (auto), as the training run's final evaluation
     # did: the same detections; with --weights live, other ones
     trained = _detections(run_dir / "eval_detections.json")
     for weights in ("auto", "live"):
         out = tmp_path / weights
-        done = subprocess.run([sys.executable, str(REPO / "pipeline/tools/evaluate.py"), str(run_dir), "--weights", weights,
+        done = subprocess.run([sys.executable, str(REPO / "launch/evaluate.py"), str(run_dir), "--weights", weights,
                                "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         got = _detections(out / "eval_detections.json")

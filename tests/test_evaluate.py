@@ -1,4 +1,4 @@
-"""pipeline/tools/evaluate.py: a checkpoint evaluates to the metrics its training run reported, through the
+"""launch/evaluate.py: a checkpoint evaluates to the metrics its training run reported, through the
 deepspeed launcher; an fp32 export evaluates in one process; bad inputs are named; checkpoints are
 never written."""
 
@@ -16,18 +16,15 @@ from pipeline.distributed.launcher import free_port
 from pipeline.evaluation.coco import STAT_NAMES
 from test_train_e2e import ENV
 
-EVALUATE = str(REPO / "pipeline/tools/evaluate.py")
+EVALUATE = str(REPO / "launch/evaluate.py")
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
 def _main():
-    """pipeline/tools/evaluate.py's ``main``, imported from its file (launch/ holds scripts, not a package)."""
-    import importlib.util
+    """The evaluate command's ``main`` (``launch/evaluate.py`` calls it)."""
+    from pipeline.tools.evaluate import main
 
-    spec = importlib.util.spec_from_file_location("evaluate_cli", EVALUATE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return main
 
 
 def _files(folder: Path) -> dict[str, int]:
@@ -60,7 +57,7 @@ def test_checkpoint_and_export_evaluate_like_training(shapes_root, tmp_path):
     assert _files(run_dir / "checkpoints") == checkpoints  # nothing written there
 
     # an fp32 export, one process, on another annotation file (the same set, named explicitly)
-    assert subprocess.run([sys.executable, "-m", "pipeline.tools.export", str(run_dir)], env=ENV, cwd=REPO,
+    assert subprocess.run([sys.executable, str(REPO / "launch/export.py"), str(run_dir)], env=ENV, cwd=REPO,
                           capture_output=True, timeout=600).returncode == 0
     done = subprocess.run([sys.executable, EVALUATE, "--export", str(run_dir / "model_fp32.pt"), "--ann",
                            str(shapes_root / "annotations/instances_val.json"), "--images", str(shapes_root / "val"),
@@ -103,7 +100,7 @@ def test_a_zero0_run_exports_and_its_export_evaluates_to_the_reported_metrics(sh
              "train.ds_config=ds_configs/zero0_fp32.json", "schedule.max_iters=3"]
     done = subprocess.run(train, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = subprocess.run([sys.executable, "-m", "pipeline.tools.export", str(run_dir)], env=ENV, cwd=REPO,
+    done = subprocess.run([sys.executable, str(REPO / "launch/export.py"), str(run_dir)], env=ENV, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     done = subprocess.run([sys.executable, EVALUATE, "--export", str(run_dir / "model_fp32.pt")], env=ENV, cwd=REPO,

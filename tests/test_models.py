@@ -7,8 +7,10 @@ import torch
 
 from conftest import TINY_BACKBONE
 from models.detector import MODULE_PREFIXES, build_detector, module_parameters
+from models.errors import ModelConfigError
 from pipeline.config import ModelConfig, load_config
 from pipeline.errors import ConfigError
+from pipeline.train.build import build_model
 from pipeline.train.validate import validate
 
 DETECTORS = ["faster_rcnn", "mask_rcnn", "retinanet", "fcos"]
@@ -112,9 +114,12 @@ def test_bad_backbone_and_missing_weights_are_clear(tmp_path):
 
 
 def test_unknown_backbone_names_the_key_and_close_names():
-    """A typo in model.backbone names the key and timm's closest names, before and at build time."""
-    with pytest.raises(ConfigError, match=r"model.backbone='resnet_50': timm .* has no model of that name; "
-                                          r"close names: resnet50"):
+    """A typo in model.backbone names the key and timm's closest names, before and at build time (the model
+    code's ModelConfigError; the pipeline's ConfigError from validate and from build_model)."""
+    with pytest.raises(ModelConfigError, match=r"model.backbone='resnet_50': timm .* has no model of that name; "
+                                               r"close names: resnet50"):
         build_detector(ModelConfig(backbone="resnet_50"), 3, 64, 96)
     with pytest.raises(ConfigError, match=r"model.backbone='resnet_50'"):
         validate(load_config(None, ["model.backbone=resnet_50"]), world=1, ranks_per_node=1)
+    with pytest.raises(ConfigError, match=r"model.backbone='resnet_50'"):
+        build_model(load_config(None, ["model.backbone=resnet_50"]), 3, pretrained=False)

@@ -1,26 +1,24 @@
-"""pipeline/tools/predict.py on the embedded dataset's images: COCO-format results and one drawn PNG per image,
+"""launch/predict.py on the embedded dataset's images: COCO-format results and one drawn PNG per image,
 bad inputs named and skipped while the others are processed, a file that is no export refused."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-from conftest import REPO, TINY_BACKBONE
+from conftest import TINY_BACKBONE
 from pipeline.config import load_config
 
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"}]
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("predict_cli", REPO / "pipeline/tools/predict.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from pipeline.tools import predict
+
+    return predict
 
 
 def _export(path, detector="faster_rcnn", weights_of=None):

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from conftest import REPO, run_distributed, tiny_overrides
+from models.errors import ModelConfigError
 from models.vit import ViTBody, create_vit_body, vitdet_global_blocks
-from pipeline.errors import ConfigError
 
 PATCH = 16  # timm's test_vit
 
@@ -71,15 +71,15 @@ def test_each_token_of_a_windowed_model_depends_only_on_its_window():
 
 
 def test_windows_are_refused_where_they_cannot_apply():
-    with pytest.raises(ConfigError, match="model.vit_global_blocks"):
+    with pytest.raises(ModelConfigError, match="model.vit_global_blocks"):
         create_vit_body("test_vit", {}, window=2, global_blocks=(99,))
-    with pytest.raises(ConfigError, match="model.vit_window"):
+    with pytest.raises(ModelConfigError, match="model.vit_window"):
         create_vit_body("eva02_tiny_patch14_224", {}, window=2)  # rotary embedding over the whole grid
     from models.detector import build_backbone
     from pipeline.config import load_config
 
     cfg = load_config(None, ["model.backbone=test_byobnet", "model.vit_window=14"]).model
-    with pytest.raises(ConfigError, match="plain ViT"):
+    with pytest.raises(ModelConfigError, match="plain ViT"):
         build_backbone(cfg)
 
 

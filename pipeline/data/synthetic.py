@@ -260,6 +260,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(_summary(paths))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (``launch/make_dataset.py``)."""
     main()
 
+
+if __name__ == "__main__":
+    cli()

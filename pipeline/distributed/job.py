@@ -12,7 +12,6 @@ import os
 import sys
 from dataclasses import dataclass
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -41,6 +40,8 @@ def init_distributed() -> DistInfo:
         device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
+    import deepspeed  # here, not at the top: the commands import this module before validating a config
+
     # MASTER_ADDR is set unless export_env left it to DeepSpeed's MPI discovery (mpi4py), whose port this is.
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                distributed_port=launch.master_port)

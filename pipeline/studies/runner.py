@@ -303,3 +303,12 @@ def main(argv=None) -> int:
         print(f"FAILED points ({len(failed)}): {', '.join(failed)}; logs in {study.root}/<point>.log",
               file=sys.stderr)
     return 1 if failed else 0
+
+
+def cli() -> None:
+    """The command (``launch/study.py``): ``main`` with its exit status."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,9 +1,9 @@
 """COCO metrics of a run's checkpoint, or of an fp32 export, with COCOeval's full summary.
 
-    python pipeline/tools/evaluate.py runs/NAME                                  # newest complete checkpoint
-    deepspeed --num_gpus 8 pipeline/tools/evaluate.py runs/NAME --tag iter_00004000
-    python pipeline/tools/evaluate.py --export runs/NAME/model_fp32.pt           # one process, CPU or GPU
-    python pipeline/tools/evaluate.py runs/NAME --ann /data/other.json --images /data/other/   # another set
+    python launch/evaluate.py runs/NAME                                  # newest complete checkpoint
+    deepspeed --num_gpus 8 launch/evaluate.py runs/NAME --tag iter_00004000
+    python launch/evaluate.py --export runs/NAME/model_fp32.pt           # one process, CPU or GPU
+    python launch/evaluate.py runs/NAME --ann /data/other.json --images /data/other/   # another set
 
 A checkpoint of any ZeRO stage, saved by any number of ranks, is read as DeepSpeed's
 ``zero_to_fp32`` reads it (each rank gathers the fp32 weights from the shards on disk), so the
@@ -32,10 +32,11 @@ from typing import Optional
 import yaml
 
 from pipeline.config import ExperimentConfig, load_config
+from pipeline.distributed.job import exit_skipping_teardown, leave_job
 from pipeline.errors import ConfigError, DataError
 
 EXIT_INPUT = 2
-log = logging.getLogger("evaluate")
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -146,14 +147,16 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INPUT
     finally:
-        from pipeline.distributed.job import leave_job
-
         leave_job()
     return 0
 
 
-if __name__ == "__main__":
-    from pipeline.distributed.job import exit_skipping_teardown
-
+def cli() -> None:
+    """The command (``launch/evaluate.py``): ``main``, then exit; a finished evaluation without the
+    interpreter's teardown (``exit_skipping_teardown``)."""
     code = main()
     exit_skipping_teardown(code, finished=code == 0)
+
+
+if __name__ == "__main__":
+    cli()

@@ -21,6 +21,8 @@ from torch import nn
 
 from pipeline.config import ExperimentConfig, load_config
 from pipeline.distributed.ds_internals import count_parameters
+from pipeline.errors import DataError
+from pipeline.optim.ema import EMA_FILE
 from pipeline.train.build import build_model
 
 
@@ -34,8 +36,6 @@ def consolidated_state_dict(run_dir: Path, tag: Optional[str] = None, weights: s
     ``weights``: ema (the checkpoint's weight EMA, ``pipeline.optim.ema``; its buffers are the live ones),
     live (the trained weights themselves), auto (ema when the checkpoint has one)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from pipeline.optim.ema import EMA_FILE
 
     ckpt_dir = run_dir / "checkpoints"
     if tag is None and not (ckpt_dir / "latest").is_file():
@@ -71,8 +71,6 @@ def export_fp32(run_dir: Path, out: Optional[Path] = None, tag: Optional[str] = 
 def read_export(path: Path) -> dict:
     """An export's contents (model, num_classes, config, categories); DataError naming ``path`` when
     it is missing or not an export."""
-    from pipeline.errors import DataError
-
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file")
     try:
@@ -110,5 +108,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (``launch/export.py``): ``main`` with its exit status."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

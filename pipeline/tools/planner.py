@@ -420,5 +420,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (``launch/plan.py``): ``main`` with its exit status."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -117,5 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (``launch/plots.py``): ``main`` with its exit status."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -2,8 +2,8 @@
 detections drawn (boxes, class names, scores; Mask R-CNN masks as translucent overlays).
 
     python launch/export.py runs/NAME
-    python pipeline/tools/predict.py runs/NAME/model_fp32.pt photos/ more.jpg --out predictions/
-    python pipeline/tools/predict.py runs/NAME/model_fp32.pt photos/ --score-thresh 0.3 --max-dets 50 --device cuda
+    python launch/predict.py runs/NAME/model_fp32.pt photos/ more.jpg --out predictions/
+    python launch/predict.py runs/NAME/model_fp32.pt photos/ --score-thresh 0.3 --max-dets 50 --device cuda
 
 Folders are read for their images (jpg, jpeg, png, gif, webp; not recursively). ``predictions.json``
 holds one entry per detection: ``image_id`` (the input's position), ``file_name``,
@@ -145,5 +145,10 @@ def main(argv=None) -> int:
     return EXIT_SKIPPED if problems else 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (``launch/predict.py``): ``main`` with its exit status."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

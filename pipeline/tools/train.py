@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import load_config
+from pipeline.distributed.job import exit_skipping_teardown, leave_job
 from pipeline.distributed.launcher import mpi4py_importable, resolve
 from pipeline.errors import ConfigError, DataError
 from pipeline.train.validate import validate
@@ -67,8 +68,6 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_DIVERGED
     finally:
-        from pipeline.distributed.job import leave_job
-
         leave_job()
     if metrics:
         print(f"final bbox AP {metrics['bbox/AP']:.4f}  AP50 {metrics['bbox/AP50']:.4f}  "
@@ -76,8 +75,12 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from pipeline.distributed.job import exit_skipping_teardown
-
+def cli() -> None:
+    """The command (``launch/train.py``): ``main``, then exit; a finished or diverged run (its tracker
+    closed too) without the interpreter's teardown (``exit_skipping_teardown``)."""
     code = main()
-    exit_skipping_teardown(code, finished=code in (0, EXIT_DIVERGED))  # diverged: its tracker is closed too
+    exit_skipping_teardown(code, finished=code in (0, EXIT_DIVERGED))
+
+
+if __name__ == "__main__":
+    cli()

@@ -32,7 +32,7 @@ from pipeline.distributed.ds_internals import (count_parameters, full_numel, gat
 from pipeline.distributed.engine import build_engine, model_init_context
 from pipeline.distributed.job import DistInfo
 from pipeline.distributed.norm import CrossGPUBatchNorm, build_bn_group, convert_norms, job_bn_layout
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ModelConfigError, as_config_error
 from pipeline.optim.agvm import AGVM, choose_halves, modules_of
 from pipeline.optim.ema import WeightEMA
 from pipeline.optim.optimizers import build_optimizer, build_param_groups, check_zero_support
@@ -59,10 +59,13 @@ def build_model(cfg: ExperimentConfig, num_classes: int, *, pretrained: bool = T
     """
     model_cfg = cfg.model if pretrained else cfg.model.model_copy(update={"pretrained": None})
     batched = uses_batched_heads(cfg, device)
-    if ds_config and cfg.train.zero_init and zero_stage(ds_config) == 3:
-        model = _partitioned_detector(model_cfg, num_classes, cfg, ds_config, batched)
-    else:
-        model = build_detector(model_cfg, num_classes, cfg.data.min_size, cfg.data.max_size, batched)
+    try:
+        if ds_config and cfg.train.zero_init and zero_stage(ds_config) == 3:
+            model = _partitioned_detector(model_cfg, num_classes, cfg, ds_config, batched)
+        else:
+            model = build_detector(model_cfg, num_classes, cfg.data.min_size, cfg.data.max_size, batched)
+    except ModelConfigError as err:
+        raise as_config_error(err) from None
     bn_params = [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                  for p in m.parameters(recurse=False)]
     with gathered(bn_params):  # built under zero.Init: the converter copies the full values
@@ -104,7 +107,7 @@ def _partitioned_detector(model_cfg, num_classes: int, cfg: ExperimentConfig, ds
         state = torch.random.get_rng_state()
         try:
             source = build_detector(model_cfg, num_classes, *size, batched_heads)
-        except (ConfigError, RuntimeError, ValueError, OSError) as err:  # e.g. a file that does not fit
+        except (RuntimeError, ValueError, OSError) as err:  # a ModelConfigError, or a file that does not fit
             error = [err]
         torch.random.set_rng_state(state)  # the partitioned build sees the RNG an ordinary build would
     dist.broadcast_object_list(error, src=0)  # every rank stops with rank 0's message, none waits forever

@@ -17,7 +17,7 @@ from models.detector import MODULE_PREFIXES, check_backbone_name
 from pipeline.config import ExperimentConfig
 from pipeline.distributed.ds_config import engine_config, zero_stage
 from pipeline.distributed.norm import bn_group_layout
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ModelConfigError
 from pipeline.optim.agvm import check_halves, check_loss_scaling
 from pipeline.optim.optimizers import check_zero_support
 
@@ -32,7 +32,7 @@ def validate(cfg: ExperimentConfig, world: int, ranks_per_node: int) -> None:
     def check(fn: Callable[[], None]) -> None:
         try:
             fn()
-        except ConfigError as err:
+        except (ConfigError, ModelConfigError) as err:
             errors.append(str(err))
 
     check(lambda: _check_engine(cfg, world))
