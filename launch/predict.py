@@ -1,6 +1,6 @@
 """Run an exported detector on images: COCO-format results and one drawn PNG per image.
 
-    python launch/predict.py runs/NAME/model_fp32.pt photos/ more.jpg --out predictions/
+    python launch/predict.py runs/NAME/model_fp32.safetensors photos/ more.jpg --out predictions/
 
 Usage and behaviour: ``pipeline/tools/predict.py``.
 """

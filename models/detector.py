@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -132,7 +133,31 @@ def _pretrained_kwargs(cfg) -> dict:
     if not Path(cfg.pretrained).is_file():
         raise FileNotFoundError(
             f"model.pretrained: {cfg.pretrained} does not exist (weights load only from a local file)")
+    check_weights_only(Path(cfg.pretrained))
     return dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(cfg.pretrained)))
+
+
+def check_weights_only(path: Path) -> None:
+    """Raise ModelConfigError unless ``path`` reads as tensors and plain containers only.
+
+    A pretrained file often comes from elsewhere, and a pickled one can run code when it is read.
+    timm's loader reads with ``weights_only=True`` in recent releases, not in every release the
+    pipeline supports, so the file is read that way here first (memory-mapped where its format
+    allows: nothing is copied). safetensors files hold no code and pass as they are.
+    """
+    if path.suffix == ".safetensors":
+        return
+    try:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:  # not a zip archive (the legacy format): mmap does not apply
+            if "mmap" not in str(err):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelConfigError(f"model.pretrained={path}: refused: reading it would need a full unpickler, which can "
+                               f"run code from the file ({str(err).splitlines()[0][:200]}). Save the weights as a "
+                               "plain state dict (torch.save(model.state_dict(), ...)) or as safetensors") from None
 
 
 class _MissingKeys(logging.Handler):

@@ -63,7 +63,7 @@ def test_billion_parameter_detector_zero3(optimizer, shapes_root, tmp_path, monk
         assert len(phis) >= 2 and all(0 < v < 2 for r in phis for k, v in r.items() if k.startswith("agvm/phi/"))
     # 4) the consolidated fp32 export predicts what the engine predicted
     assert main([str(run_dir)]) == 0
-    model = load_exported(run_dir / "model_fp32.pt")
+    model = load_exported(run_dir / "model_fp32.safetensors")
     ref = torch.load(tmp_path / "zero3_preds.pt", weights_only=False)
     with torch.no_grad():
         preds = model(ref["images"])

@@ -59,7 +59,7 @@ def test_checkpoint_and_export_evaluate_like_training(shapes_root, tmp_path):
     # an fp32 export, one process, on another annotation file (the same set, named explicitly)
     assert subprocess.run([sys.executable, str(REPO / "launch/export.py"), str(run_dir)], env=ENV, cwd=REPO,
                           capture_output=True, timeout=600).returncode == 0
-    done = subprocess.run([sys.executable, EVALUATE, "--export", str(run_dir / "model_fp32.pt"), "--ann",
+    done = subprocess.run([sys.executable, EVALUATE, "--export", str(run_dir / "model_fp32.safetensors"), "--ann",
                            str(shapes_root / "annotations/instances_val.json"), "--images", str(shapes_root / "val"),
                            "--out", str(tmp_path / "export_eval")], env=ENV, cwd=REPO, capture_output=True,
                           text=True, timeout=600)
@@ -103,7 +103,7 @@ def test_a_zero0_run_exports_and_its_export_evaluates_to_the_reported_metrics(sh
     done = subprocess.run([sys.executable, str(REPO / "launch/export.py"), str(run_dir)], env=ENV, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = subprocess.run([sys.executable, EVALUATE, "--export", str(run_dir / "model_fp32.pt")], env=ENV, cwd=REPO,
+    done = subprocess.run([sys.executable, EVALUATE, "--export", str(run_dir / "model_fp32.safetensors")], env=ENV, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads((run_dir / "evaluations/model_fp32/eval_metrics.json").read_text())

@@ -46,6 +46,22 @@ def _zero3_predict_worker(rank: int, world: int, overrides: list, out: str) -> N
         Path(out, "numel.json").write_text(json.dumps(numel))
 
 
+def _partial_newer_checkpoint(ckpt_dir: Path) -> None:
+    """A save cut short after DeepSpeed wrote `latest`: a newer folder without the marker, its shards
+    truncated (loading it would fail)."""
+    import shutil
+
+    from pipeline.checkpoint.manager import MARKER, complete_tags
+
+    newest = complete_tags(ckpt_dir)[-1]
+    cut = ckpt_dir / "iter_99999999"
+    shutil.copytree(ckpt_dir / newest, cut)
+    (cut / MARKER).unlink()
+    for shard in cut.glob("*.pt"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    (ckpt_dir / "latest").write_text(cut.name)
+
+
 def test_zero3_export_loads_and_predicts_the_same(shapes_root, tmp_path):
     from pipeline.tools.export import load_exported, main
 
@@ -54,8 +70,9 @@ def test_zero3_export_loads_and_predicts_the_same(shapes_root, tmp_path):
         "model.score_thresh=0"]  # after 3 iterations every score is still near the 0.01 prior
     run_distributed(_zero3_worker, 2, overrides, str(tmp_path))
     run_dir = tmp_path / "run"
-    assert main([str(run_dir)]) == 0
-    model = load_exported(run_dir / "model_fp32.pt")
+    _partial_newer_checkpoint(run_dir / "checkpoints")
+    assert main([str(run_dir)]) == 0  # the newest complete checkpoint, not the one `latest` names
+    model = load_exported(run_dir / "model_fp32.safetensors")
     assert sum(p.numel() for p in model.parameters()) == json.loads((tmp_path / "numel.json").read_text())
     ref = torch.load(tmp_path / "zero3_preds.pt", weights_only=False)
     with torch.no_grad():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import zipfile
@@ -71,7 +72,10 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
 # ---------------------------------------------------------------------------- saving
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain values (the file reads with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                     cached), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -79,10 +83,29 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _read_rng_file(path: Path) -> dict:
+    """An RNG file, read as tensors only. Files written before the states were kept as tensors hold
+    numpy's key array pickled: for those, numpy's array reconstruction (and nothing else) is allowed."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        reconstruct = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct  # numpy 2 or 1
+        allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), reconstruct,
+                   (reconstruct, "numpy.core.multiarray._reconstruct")]
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(f"{path}: refused: it holds more than RNG states (reading it would need a full "
+                                  f"unpickler: {str(err).splitlines()[-3][:200]}); delete the file to resume without "
+                                  "it (the run will not be bit-identical)") from None
 
 
 def launch_shape(cfg: ExperimentConfig, world: int, zero_stage: int) -> dict:
@@ -209,7 +232,7 @@ def load(engine, ckpt_dir: Path, tag: str, universal: bool = False) -> dict:
         raise CheckpointError(f"checkpoint {ckpt_dir / tag} could not be loaded (see DeepSpeed's message above)")
     rng_file = ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(_read_rng_file(rng_file))
     else:
         log.warning("%s has no RNG state for this rank: the resumed run will not be bit-identical", rng_file)
     return client_state

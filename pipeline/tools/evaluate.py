@@ -2,7 +2,7 @@
 
     python launch/evaluate.py runs/NAME                                  # newest complete checkpoint
     deepspeed --num_gpus 8 launch/evaluate.py runs/NAME --tag iter_00004000
-    python launch/evaluate.py --export runs/NAME/model_fp32.pt           # one process, CPU or GPU
+    python launch/evaluate.py --export runs/NAME/model_fp32.safetensors           # one process, CPU or GPU
     python launch/evaluate.py runs/NAME --ann /data/other.json --images /data/other/   # another set
 
 A checkpoint of any ZeRO stage, saved by any number of ranks, is read as DeepSpeed's

@@ -2,8 +2,8 @@
 detections drawn (boxes, class names, scores; Mask R-CNN masks as translucent overlays).
 
     python launch/export.py runs/NAME
-    python launch/predict.py runs/NAME/model_fp32.pt photos/ more.jpg --out predictions/
-    python launch/predict.py runs/NAME/model_fp32.pt photos/ --score-thresh 0.3 --max-dets 50 --device cuda
+    python launch/predict.py runs/NAME/model_fp32.safetensors photos/ more.jpg --out predictions/
+    python launch/predict.py runs/NAME/model_fp32.safetensors photos/ --score-thresh 0.3 --max-dets 50 --device cuda
 
 Folders are read for their images (jpg, jpeg, png, gif, webp; not recursively). ``predictions.json``
 holds one entry per detection: ``image_id`` (the input's position), ``file_name``,
@@ -57,11 +57,11 @@ def image_files(inputs: list[Path]) -> tuple[list[Path], list[str]]:
 def load_detector(path: Path):
     """The export's model (eval mode) and its categories; ValueError (DataError) naming the file when
     it is not an export, or not one of the detector its config describes."""
-    from pipeline.tools.export import load_exported, read_export
+    from pipeline.tools.export import model_from_export, read_export
 
     blob = read_export(path)
     try:
-        model = load_exported(path)
+        model = model_from_export(blob)
     except RuntimeError as err:  # load_state_dict(strict=True): weights of another detector
         raise ValueError(f"{path}: its weights do not fit the detector its config describes (an export of "
                          f"another detector?): {str(err).splitlines()[0][:300]}") from None
