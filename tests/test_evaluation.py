@@ -210,6 +210,16 @@ def test_to_coco_results_boxes_categories_scores():
     json.dumps(res)  # plain Python values, as loadRes and gather_object need
 
 
+def test_label_0_of_the_one_stage_heads_is_no_category():
+    """RetinaNet/FCOS score a channel 0 that is no class; at a low score threshold it appears and must be
+    dropped, not mapped to ``label_to_cat[-1]`` (the last category)."""
+    output = {"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 5.0, 5.0], [2.0, 2.0, 6.0, 6.0]]),
+              "scores": torch.tensor([0.04, 0.03, 0.02]), "labels": torch.tensor([2, 0, 1])}
+    res = to_coco_results(output, {"image_id": 1, "scale": 1.0}, [CAT_A, CAT_B], (50, 50))
+    assert [(r["category_id"], r["score"]) for r in res] == [(CAT_B, pytest.approx(0.04)), (CAT_A, pytest.approx(0.02))]
+    assert len(output["labels"]) == 3  # the model output is left alone
+
+
 def test_to_coco_results_other_scale_and_empty():
     output = {"boxes": torch.tensor([[8.0, 4.0, 16.0, 12.0]], dtype=torch.float16),
               "scores": torch.tensor([0.5], dtype=torch.float16), "labels": torch.tensor([2])}

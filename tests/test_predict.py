@@ -112,3 +112,24 @@ def test_mask_rcnn_predictions_carry_masks_and_draw_them(shapes_root, tmp_path):
     assert results and all({"counts", "size"} <= set(r["segmentation"]) for r in results)
     png, original = decode_image(str(out / f"{image.stem}.png")), decode_image(str(image), mode=ImageReadMode.RGB)
     assert png.shape == original.shape and not torch.equal(png, original)
+
+
+def test_label_0_is_never_reported_or_drawn(shapes_root, tmp_path, monkeypatch):
+    """Label 0 (no class; a one-stage head's channel 0 at a low threshold): not in predictions.json."""
+    from pipeline.tools import predict
+
+    export = _export(tmp_path / "model_fp32.pt")  # an untrained Faster R-CNN scores every box above 0
+    model, categories = predict.load_detector(export)
+
+    def with_background(images):
+        out = type(model).forward(model, images)
+        for o in out:  # every other detection becomes label 0, the others label 1
+            o["labels"] = torch.arange(len(o["labels"])) % 2
+        return out
+
+    monkeypatch.setattr(model, "forward", with_background)
+    monkeypatch.setattr(predict, "load_detector", lambda path: (model, categories))
+    images = sorted((shapes_root / "val").glob("*.jpg"))[:3]
+    assert predict.main([str(export), *map(str, images), "--out", str(tmp_path / "p"), "--score-thresh", "0.0"]) == 0
+    results = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert results and {r["category_id"] for r in results} == {1}  # label 0 gone (not categories[-1]), 1 -> 1

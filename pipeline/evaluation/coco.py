@@ -27,8 +27,20 @@ from tqdm import tqdm
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
+def foreground(output: dict) -> dict:
+    """``output`` without label-0 detections. Labels 1..K are the classes; the one-stage heads
+    (RetinaNet, FCOS) also score an output channel 0 that never trains as a positive, and at a low
+    ``model.score_thresh`` it shows up. It is no category: indexing a label table with ``0 - 1``
+    would silently name the last one."""
+    keep = output["labels"] > 0
+    if bool(keep.all()):
+        return output
+    return {k: v[keep] if torch.is_tensor(v) and len(v) == len(keep) else v for k, v in output.items()}
+
+
 def to_coco_results(output: dict, target: dict, label_to_cat: list[int], orig_hw: tuple[int, int]) -> list[dict]:
     """One image's detections as COCO result dicts in original-image pixels (xywh)."""
+    output = foreground(output)
     boxes = output["boxes"].float().cpu() / target["scale"]
     boxes[:, 2:] -= boxes[:, :2]
     scores, labels = output["scores"].float().cpu().tolist(), output["labels"].cpu().tolist()

@@ -20,7 +20,6 @@ named after the study.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -33,6 +32,7 @@ from tqdm import tqdm
 from pipeline.config import REPO_ROOT, load_config, resolve_repo_path
 from pipeline.distributed.launcher import free_port
 from pipeline.errors import ConfigError
+from pipeline.utils.files import write_json
 from pipeline.studies.spec import (STATUS_FILE, Comparison, Point, Study, aggregate_seeds, collect_rows, load_study,
                                    markdown_table, paired_differences, point_result, read_status, series_key, write_csv,
                                    write_status)
@@ -166,7 +166,7 @@ def archive(study: Study, dest: Path) -> list[str]:
                 shutil.copy2(run_dir / name, dest / point.name / name)
         kept[point.name] = status.get(point.name, {"status": point_result(run_dir), "attempts": 1})
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / STATUS_FILE).write_text(json.dumps(kept, indent=2))
+    write_json(dest / STATUS_FILE, kept)
     return list(kept)
 
 

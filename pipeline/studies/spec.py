@@ -47,6 +47,7 @@ import yaml
 
 from pipeline.config import REPO_ROOT, load_config, resolve_repo_path
 from pipeline.errors import ConfigError
+from pipeline.utils.files import write_json
 
 SHORTHAND = ("batch", "optimizer", "norm", "backbone", "zero", "lr_scaling", "seed")
 SEED_AXES = ("seed", "train.seed")
@@ -236,9 +237,7 @@ def read_status(study: Study) -> dict[str, dict]:
 
 def write_status(study: Study, status: dict[str, dict]) -> None:
     study.root.mkdir(parents=True, exist_ok=True)
-    tmp = study.root / (STATUS_FILE + ".tmp")
-    tmp.write_text(json.dumps(status, indent=2))
-    tmp.replace(study.root / STATUS_FILE)  # atomic: a crash never leaves half a status file
+    write_json(study.root / STATUS_FILE, status)  # atomic: a crash never leaves half a status file
 
 
 def run_summary(run_dir: Path) -> Optional[dict]:

@@ -34,6 +34,7 @@ import yaml
 from pipeline.config import ExperimentConfig, load_config
 from pipeline.distributed.job import exit_skipping_teardown, leave_job
 from pipeline.errors import ConfigError, DataError
+from pipeline.utils.files import write_json
 
 EXIT_INPUT = 2
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def evaluate_weights(cfg: ExperimentConfig, num_classes: int, source: Path, tag:
                        detections_file=out / "eval_detections.json" if info.rank == 0 else None, report=report,
                        backend=cfg.train.coco_eval)
     if info.rank == 0:
-        (out / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json(out / "eval_metrics.json", metrics)
         what = f"{source}" + (f" at {tag}" if tag else "")
         print(f"{what} on {d.path(d.val_ann)} ({len(val)} images, {info.world} process(es)):\n" + "\n".join(report)
               + f"\nwrote {out / 'eval_metrics.json'}", flush=True)

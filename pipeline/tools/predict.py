@@ -23,6 +23,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, write_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from pipeline.evaluation.coco import foreground
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp"}
 EXIT_SKIPPED = 2
 
@@ -116,6 +118,7 @@ def predict(model, files: list[Path], categories: list[dict], out: Path, device:
             continue
         with torch.no_grad():
             raw = model([image.to(device).float()])[0]  # the model normalises 0-255 images itself
+        raw = foreground(raw)
         keep = (raw["scores"] >= score_thresh).nonzero().flatten()[:max_dets]
         det = {k: v[keep].cpu() for k, v in raw.items()}
         if "masks" in det:

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.config import ExperimentConfig
+from pipeline.errors import DataError
+from pipeline.utils.files import write_text
 
 log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
 
 
 class Tracker:
@@ -24,7 +27,7 @@ class Tracker:
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, rank: int, resume: bool = False):
         self.active = rank == 0
-        self.jsonl: Optional[Path] = run_dir / "metrics.jsonl" if self.active else None
+        self.jsonl: Optional[Path] = run_dir / METRICS_FILE if self.active else None
         self.wandb = None
         if not self.active:
             return
@@ -78,7 +81,46 @@ def _run_id(run_dir: Path) -> str:
     return run_id
 
 
+def _parse_log(path: Path) -> list[dict]:
+    """The records of ``path``. A torn last line (an append cut short by a kill) is dropped with a
+    warning; a damaged line before it is an error naming the file and the line."""
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for k, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if k == len(lines) - 1:
+                log.warning("%s:%d: torn last record dropped (an append cut short): %r", path, n, line[:80])
+                break
+            raise DataError(f"{path}:{n}: not a JSON record ({err}); the log is damaged before its last line: "
+                            "repair or remove that line") from None
+    return records
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """All records of a run's metrics.jsonl (for plots, studies and tests)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    path = Path(run_dir) / METRICS_FILE
+    return _parse_log(path) if path.is_file() else []
+
+
+def truncate_metrics(run_dir: Path, after: int) -> None:
+    """On resume, drop the records logged after iteration ``after`` (they are about to be redone),
+    rewriting the file atomically: a kill or a full disk here leaves the whole history."""
+    path = Path(run_dir) / METRICS_FILE
+    if path.is_file():
+        keep = [r for r in _parse_log(path) if r["iteration"] <= after]
+        write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def start_metrics_afresh(run_dir: Path) -> Optional[Path]:
+    """A resumed run with no checkpoint to resume starts from iteration 0: the earlier attempt's
+    log moves aside (returned), and its summary goes, so records are never logged twice."""
+    path = Path(run_dir) / METRICS_FILE
+    (Path(run_dir) / "run_summary.json").unlink(missing_ok=True)
+    if not path.is_file():
+        return None
+    old = path.with_name(f"{METRICS_FILE}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(old)
+    log.warning("%s held an attempt that saved no checkpoint: moved to %s, logging starts afresh", path, old)
+    return old

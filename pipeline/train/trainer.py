@@ -8,7 +8,6 @@ list of steps.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -30,8 +29,9 @@ from pipeline.evaluation.coco import evaluate
 from pipeline.evaluation.previews import draw_previews, save_previews
 from pipeline.optim import ema as ema_io
 from pipeline.train.build import Training, build_training
-from pipeline.train.tracking import Tracker
+from pipeline.train.tracking import Tracker, start_metrics_afresh, truncate_metrics
 from pipeline.train.validate import validate
+from pipeline.utils.files import write_json
 from pipeline.utils.logger import log_dist
 from pipeline.utils.memory import peak_memory, reset_peak_memory
 
@@ -84,14 +84,6 @@ def _reduce_window(window: dict[str, torch.Tensor], count: int) -> dict[str, flo
     values = dict(zip(names, stacked.tolist()))
     values["loss"] = sum(values.values())
     return values
-
-
-def _truncate_log(run_dir: Path, after: int) -> None:
-    """On resume, drop records logged after the checkpoint: they are about to be redone."""
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] <= after]
-        path.write_text("".join(ln + "\n" for ln in keep))
 
 
 class Diverged(FloatingPointError):
@@ -198,8 +190,7 @@ def write_run_summary(state: TrainState, iteration: int, metrics: dict, diverged
         "peak_mem_gib": state.peak_bytes / 2**30, "device": str(state.info.device.type),
         "metrics": metrics,
     }
-    path = state.cfg.train.run_dir / "run_summary.json"
-    path.write_text(json.dumps(summary, indent=2))
+    write_json(state.cfg.train.run_dir / "run_summary.json", summary)
 
 
 def check_ranks_agree(engine, run_dir: Path) -> bool:
@@ -219,8 +210,8 @@ def check_ranks_agree(engine, run_dir: Path) -> bool:
     dist.all_gather(everyone, mine)
     agree = all(torch.equal(everyone[0], other) for other in everyone[1:])
     if dist.get_rank() == 0:
-        (run_dir / "rank_params.json").write_text(json.dumps(
-            {"identical": agree, "fingerprint_sum": [float(e[:, 0].sum()) for e in everyone]}, indent=2))
+        write_json(run_dir / "rank_params.json",
+                   {"identical": agree, "fingerprint_sum": [float(e[:, 0].sum()) for e in everyone]})
         if not agree:
             log.error("parameters differ across ranks after training: see %s", run_dir / "rank_params.json")
     return agree
@@ -232,7 +223,7 @@ def train_loop(state: TrainState) -> dict:
     sampler, spe = state.data.train_loader.batch_sampler, schedule.steps_per_epoch
     it, metrics = step.iteration, {}
     reset_peak_memory(state.info.device)  # the training peak, not the build's
-    window, count, tic, data_clock = {}, 0, time.time(), [0.0]
+    window, count, tic, data_clock = {}, 0, time.monotonic(), [0.0]
     bar = tqdm(total=schedule.total_iters, initial=it, desc="train", disable=not state.progress,
                mininterval=2.0)
     while it < schedule.total_iters:
@@ -246,9 +237,9 @@ def train_loop(state: TrainState) -> dict:
             if step.estimated:
                 state.tracker.log(state.training.agvm.record(schedule.lr(it - 1)), step=it)
             if it % cfg.train.log_every == 0 or it == schedule.total_iters:
-                _log_step(state, it, window, count, time.time() - tic, data_clock[0], bar if state.progress else None)
-                window, count, tic, data_clock[0] = {}, 0, time.time(), 0.0
-            pause = time.time()
+                _log_step(state, it, window, count, time.monotonic() - tic, data_clock[0], bar if state.progress else None)
+                window, count, tic, data_clock[0] = {}, 0, time.monotonic(), 0.0
+            pause = time.monotonic()
             if state.eval_every and it % state.eval_every == 0 and it < schedule.total_iters:
                 metrics = run_evaluation(state, it)
             # the last iteration's checkpoint is the final one, saved once: rewriting a complete
@@ -256,7 +247,7 @@ def train_loop(state: TrainState) -> dict:
             last = it == schedule.total_iters and cfg.train.final_checkpoint
             if cfg.train.ckpt_every_iters and it % cfg.train.ckpt_every_iters == 0 and not last:
                 save_checkpoint(state, it)
-            tic += time.time() - pause  # evaluations and checkpoints are not training time
+            tic += time.monotonic() - pause  # evaluations and checkpoints are not training time
     bar.close()
     if cfg.train.final_checkpoint:
         save_checkpoint(state, it)
@@ -274,6 +265,8 @@ def checkpoint_to_resume(cfg: ExperimentConfig, world: int) -> Optional[ckpt.Res
     tag = ckpt.choose(ckpt_dir, cfg.train.resume_from)
     if tag is None:
         log_dist(log, "no checkpoint in %s: starting fresh", ckpt_dir)
+        if dist.get_rank() == 0:  # an earlier attempt's records would be logged twice
+            start_metrics_afresh(cfg.train.run_dir)
         return None
     return ckpt.resume_point(ckpt_dir, tag, cfg, world, zero_stage(engine_config(cfg, world)))
 
@@ -291,19 +284,19 @@ def resume(cfg: ExperimentConfig, info: DistInfo, training: Training, point: ckp
     log_dist(log, "resuming at iteration %d from %s%s", training.step.iteration, run_dir / "checkpoints" / point.tag,
              " (resharded)" if point.universal else "")
     if info.rank == 0:  # before the tracker opens the log
-        _truncate_log(run_dir, training.step.iteration)
+        truncate_metrics(run_dir, training.step.iteration)
 
 
 def write_run_files(cfg: ExperimentConfig, training: Training) -> None:
     """The resolved config, ds_config and schedule, and what ``pipeline.tools.export`` needs (rank 0)."""
     run_dir = cfg.train.run_dir
     dump_config(cfg, run_dir / "config.yaml")
-    (run_dir / "ds_config.json").write_text(json.dumps(training.ds_config, indent=2))
-    (run_dir / "schedule.json").write_text(json.dumps(training.schedule.as_dict(), indent=2))
+    write_json(run_dir / "ds_config.json", training.ds_config)
+    write_json(run_dir / "schedule.json", training.schedule.as_dict())
     train_set = training.data.train_set
-    (run_dir / "model.json").write_text(json.dumps(
-        {"num_classes": training.data.num_classes, "parameters": count_parameters(training.engine.module),
-         "categories": [{"id": c, "name": n} for c, n in zip(train_set.cat_ids, train_set.cat_names)]}, indent=2))
+    write_json(run_dir / "model.json",
+               {"num_classes": training.data.num_classes, "parameters": count_parameters(training.engine.module),
+                "categories": [{"id": c, "name": n} for c, n in zip(train_set.cat_ids, train_set.cat_names)]})
 
 
 def run(cfg: ExperimentConfig) -> dict:
@@ -323,17 +316,17 @@ def run(cfg: ExperimentConfig) -> dict:
     log_dist(log, "%d train / %d val images, %d classes, %d ranks; %s", len(training.data.train_set),
              len(training.data.val_set), training.data.num_classes, info.world, training.schedule.describe())
     tracker.add_config({"resolved_schedule": training.schedule.as_dict()})
-    tic = time.time()
+    tic = time.monotonic()  # not the wall clock: an NTP step must not make throughput negative
     try:
         metrics = train_loop(state)
     except Diverged as err:  # a diverged run is a result (a study row), not a lost run
-        write_run_summary(state, err.iteration, {}, True, time.time() - tic)
+        write_run_summary(state, err.iteration, {}, True, time.monotonic() - tic)
         tracker.finish()
         raise
     check_ranks_agree(training.engine, cfg.train.run_dir)
-    write_run_summary(state, training.schedule.total_iters, metrics, False, time.time() - tic)
+    write_run_summary(state, training.schedule.total_iters, metrics, False, time.monotonic() - tic)
     if info.rank == 0:
-        (cfg.train.run_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json(cfg.train.run_dir / "eval_metrics.json", metrics)
         tracker.summary(metrics)
     tracker.finish()
     return metrics
