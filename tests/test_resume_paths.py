@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import REPO
+from conftest import REPO, tiny_overrides
 from pipeline.errors import DataError
 from pipeline.train.tracking import read_metrics, start_metrics_afresh, truncate_metrics
 
@@ -99,3 +102,112 @@ def test_a_retry_before_the_first_checkpoint_starts_the_log_afresh(tmp_path):
     assert moved and [json.loads(ln) for ln in moved.read_text().splitlines()] == RECORDS[:12]
     assert not (tmp_path / "run_summary.json").exists()
     assert start_metrics_afresh(tmp_path) is None  # nothing to move
+
+
+# ---- real runs: rollback, divergence between logs, a resume at the last iteration, the EMA ----
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+for _var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    ENV.pop(_var, None)
+
+
+def _train(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "launch/train.py"), *tiny_overrides(root, out, "faster_rcnn"), *extra]
+    return subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["iteration"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+REFERENCE = ("schedule.max_iters=8", "train.ckpt_every_iters=2", "train.keep_checkpoints=10")
+
+
+@pytest.fixture(scope="module")
+def reference_run(shapes_root, tmp_path_factory) -> Path:
+    """8 iterations, a complete checkpoint every 2; the trajectory the other runs are compared with."""
+    out = tmp_path_factory.mktemp("reference")
+    done = _train(shapes_root, out, *REFERENCE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "run"
+
+
+def _copy_run(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest / "run")
+    return dest / "run"
+
+
+def test_a_rollback_retires_the_newer_checkpoints(reference_run, shapes_root, tmp_path):
+    """Resumed from iter 4 while 6 and 8 exist: those move aside (named in the log), the run redoes 5-8
+    with the reference's losses, and a later automatic resume continues this trajectory, not the old one."""
+    run_dir = _copy_run(reference_run, tmp_path)
+    done = _train(shapes_root, tmp_path, *REFERENCE, "train.resume=true", "train.resume_from=iter_00000004")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "abandons the newer checkpoint(s) ['iter_00000006', 'iter_00000008']: moved to" in done.stderr
+    retired, = (run_dir / "checkpoints").glob("retired-*")
+    assert sorted(p.name for p in retired.iterdir()) == ["iter_00000006", "iter_00000008"]
+    assert [done.stderr.count(f"checkpoint iter_{i:08d} saved") for i in (6, 8)] == [1, 1]  # written afresh
+    want, got = _losses(reference_run), _losses(run_dir)
+    assert sorted(got) == list(range(1, 9))
+    for it in range(5, 9):
+        assert abs(got[it] - want[it]) <= 1e-5 * abs(want[it]), (it, got[it], want[it])
+
+
+def test_a_resume_at_the_last_iteration_rewrites_nothing_and_keeps_the_summary(reference_run, shapes_root, tmp_path):
+    """A crash in the final evaluation, resumed: the final checkpoint (which the load memory-maps) is
+    not rewritten, and run_summary.json keeps the throughput and peak memory of the run."""
+    run_dir = _copy_run(reference_run, tmp_path)
+    final = run_dir / "checkpoints" / "iter_00000008"
+    stamps = {p.name: p.stat().st_mtime_ns for p in final.iterdir()}
+    (run_dir / "run_summary.json").unlink()
+    done = _train(shapes_root, tmp_path, *REFERENCE, "train.resume=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming at iteration 8" in done.stderr and "complete already: not rewritten" in done.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in final.iterdir()} == stamps
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["iterations"] == 8 and summary["images_per_s"] and summary["peak_mem_gib"] > 0, summary
+
+
+def test_weights_that_diverge_between_logs_are_never_checkpointed(shapes_root, tmp_path):
+    """Divergence after iteration 1, logged only at the end (log_every=100), a checkpoint every
+    iteration: no checkpoint of non-finite weights is marked complete, and the run stops as diverged."""
+    done = _train(shapes_root, tmp_path, "schedule.max_iters=6", "schedule.warmup_iters=0", "optim.base_lr=1e8",
+                  "train.log_every=100", "train.ckpt_every_iters=1", "train.keep_checkpoints=10")
+    assert done.returncode == 3, done.stderr[-3000:]  # diverged
+    assert "weights are not finite" in done.stderr
+    from pipeline.checkpoint.manager import complete_tags
+
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    for tag in complete_tags(ckpt_dir):
+        state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        bad = [n for n, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+        assert not bad, f"{tag} is marked complete with non-finite weights: {bad[:3]}"
+
+
+def _ema_resume_worker(rank: int, world: int, overrides: list, out: str) -> None:
+    from pipeline.config import load_config
+    from pipeline.distributed.job import init_distributed
+    from pipeline.train.build import build_training
+    from pipeline.train.trainer import checkpoint_to_resume, resume
+
+    cfg = load_config(None, overrides)
+    info = init_distributed()
+    point = checkpoint_to_resume(cfg, info.world)
+    training = build_training(cfg, info)
+    resume(cfg, info, training, point)
+    shadow = training.ema.full_state_dict()
+    live = {n: p.detach() for n, p in training.engine.module.named_parameters() if p.requires_grad}
+    torch.save({"max_diff": max((shadow[n] - live[n]).abs().max().item() for n in live),
+                "updates": training.ema.updates}, Path(out) / "ema.pt")
+
+
+def test_an_ema_resumed_from_a_checkpoint_without_one_starts_from_the_loaded_weights(reference_run, shapes_root,
+                                                                                       tmp_path):
+    from conftest import run_distributed
+
+    _copy_run(reference_run, tmp_path)
+    overrides = [*tiny_overrides(shapes_root, tmp_path, "faster_rcnn"), *REFERENCE, "train.resume=true",
+                 "train.ema_decay=0.9"]
+    run_distributed(_ema_resume_worker, 1, overrides, str(tmp_path))
+    got = torch.load(tmp_path / "ema.pt", weights_only=True)
+    assert got["max_diff"] == 0 and got["updates"] == 0, got

@@ -21,6 +21,7 @@ import os
 import pickle
 import random
 import shutil
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,10 +115,17 @@ def launch_shape(cfg: ExperimentConfig, world: int, zero_stage: int) -> dict:
             "global_batch": world * cfg.train.micro_batch * cfg.train.grad_accum, "zero_stage": zero_stage}
 
 
-def save(engine, ckpt_dir: Path, iteration: int, client_state: dict[str, Any], shape: dict, keep: int) -> None:
+def save(engine, ckpt_dir: Path, iteration: int, client_state: dict[str, Any], shape: dict, keep: int) -> bool:
     """Engine state (ZeRO shards included) and each rank's RNG state; then, once every rank is done,
-    the completeness marker, and the checkpoints beyond the newest ``keep`` complete ones are deleted."""
+    the completeness marker, and the checkpoints beyond the newest ``keep`` complete ones are deleted.
+
+    A checkpoint already marked complete is never written into (returns False): a rewrite cut short
+    would leave damaged files under a complete marker, and a resumed run may have them memory-mapped.
+    Rank 0's view of the marker decides for every rank (one filesystem, however cached)."""
     tag = tag_of(iteration)
+    if is_complete(ckpt_dir, tag):
+        log.info("checkpoint %s is already complete: not rewritten", ckpt_dir / tag)
+        return False
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt")
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, iteration=iteration))
@@ -125,6 +133,14 @@ def save(engine, ckpt_dir: Path, iteration: int, client_state: dict[str, Any], s
     if dist.get_rank() == 0:
         mark_complete(ckpt_dir, tag, dict(shape, iteration=iteration))
         prune(ckpt_dir, keep)
+    return True
+
+
+def is_complete(ckpt_dir: Path, tag: str) -> bool:
+    """Whether ``tag`` is marked complete, as rank 0 sees it, on every rank (call on every rank)."""
+    done = [(ckpt_dir / tag / MARKER).is_file()]
+    dist.broadcast_object_list(done, src=0)
+    return done[0]
 
 
 def mark_complete(ckpt_dir: Path, tag: str, record: dict) -> None:
@@ -153,6 +169,24 @@ def prune(ckpt_dir: Path, keep: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- resuming
+
+def retire_newer(ckpt_dir: Path, tag: str) -> list[str]:
+    """Move every checkpoint newer than ``tag`` aside (rank 0), into ``retired-<date-time>/``.
+
+    A run resumed from ``tag`` abandons the trajectory those belong to: left in place, the next
+    automatic resume would pick them up again, and a later save of the same iteration would write
+    into them. Nothing is deleted; DeepSpeed's ``latest`` then names ``tag``. Returns the moved tags."""
+    newer = [t for t in _tags(ckpt_dir) if _iteration_of(t) > _iteration_of(tag)]
+    if not newer:
+        return []
+    aside = ckpt_dir / f"retired-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(exist_ok=True)
+    for t in newer:
+        os.replace(ckpt_dir / t, aside / t)
+    (ckpt_dir / "latest").write_text(tag)
+    log.warning("resuming from %s abandons the newer checkpoint(s) %s: moved to %s", tag, newer, aside)
+    return newer
+
 
 def choose(ckpt_dir: Path, requested: Optional[str] = None) -> Optional[str]:
     """The checkpoint to resume: ``requested`` (``train.resume_from``) or the newest complete one;

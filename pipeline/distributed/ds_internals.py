@@ -49,6 +49,14 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(full_numel(p) for p in model.parameters())
 
 
+@torch.no_grad()
+def weights_finite(engine) -> torch.Tensor:
+    """Whether every weight this rank holds is finite, as a bool tensor on the weights' device (no
+    host sync). Under ZeRO-3 a rank holds its partitions (``ds_tensor``), the parameters are empty."""
+    pieces = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    return torch.stack([t.isfinite().all() for t in pieces if t.numel()]).all()
+
+
 def is_partitioned(param: torch.nn.Parameter) -> bool:
     """True for a ZeRO-3 parameter (``zero.Init`` gives each one a ``ds_id``)."""
     return hasattr(param, "ds_id")

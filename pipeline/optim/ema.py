@@ -43,6 +43,12 @@ class WeightEMA:
         named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        self.restart()
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Start the EMA over from the weights the engine holds now (e.g. just loaded from a checkpoint
+        that kept no EMA)."""
         self.shadow = [t.detach().float().clone() for t in self._live()]
         self.updates = 0
 

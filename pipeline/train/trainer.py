@@ -22,7 +22,7 @@ from pipeline.checkpoint import manager as ckpt
 from pipeline.config import ExperimentConfig, dump_config
 from pipeline.data.dataset import decode_on_device
 from pipeline.distributed.ds_config import engine_config, zero_stage
-from pipeline.distributed.ds_internals import count_parameters
+from pipeline.distributed.ds_internals import count_parameters, weights_finite
 from pipeline.distributed.job import DistInfo, init_distributed
 from pipeline.distributed.norm import sync_running_stats
 from pipeline.evaluation.coco import evaluate
@@ -97,7 +97,8 @@ class Diverged(FloatingPointError):
 class TrainState:
     """What the loop needs besides the built run: its config, the tracker, throughput and memory so far."""
 
-    def __init__(self, cfg: ExperimentConfig, info: DistInfo, training: Training, tracker: Tracker):
+    def __init__(self, cfg: ExperimentConfig, info: DistInfo, training: Training, tracker: Tracker,
+                 carried: Optional[dict] = None):
         self.cfg, self.info, self.training, self.tracker = cfg, info, training, tracker
         self.engine, self.schedule, self.data = training.engine, training.schedule, training.data
         self.ckpt_dir = cfg.train.run_dir / "checkpoints"
@@ -106,6 +107,21 @@ class TrainState:
         self.progress = cfg.train.progress and info.rank == 0
         self.windows: list[tuple[int, float]] = []  # (images, seconds) per log window: throughput
         self.peak_bytes = 0  # max over ranks and log windows
+        # Throughput and peak of the attempts before a resume (from the checkpoint): a run resumed at its
+        # last iteration still reports them in run_summary.json.
+        self.carried = carried or {"images": 0, "seconds": 0.0, "peak_bytes": 0}
+
+    def timed_windows(self) -> tuple[int, float]:
+        """Images and seconds of this attempt's log windows but the first (it holds start-up costs),
+        plus the earlier attempts'."""
+        timed = self.windows[1:] or self.windows
+        return (self.carried["images"] + sum(w[0] for w in timed),
+                self.carried["seconds"] + sum(w[1] for w in timed))
+
+    def progress_record(self) -> dict:
+        """What a checkpoint carries for ``timed_windows`` and the peak."""
+        images, seconds = self.timed_windows()
+        return {"images": images, "seconds": seconds, "peak_bytes": max(self.peak_bytes, self.carried["peak_bytes"])}
 
 
 def _max_over_ranks(value: float, device: torch.device) -> float:
@@ -114,16 +130,31 @@ def _max_over_ranks(value: float, device: torch.device) -> float:
     return float(t)
 
 
+def _finite_on_every_rank(engine, device: torch.device) -> bool:
+    flag = weights_finite(engine).to(device=device, dtype=torch.float32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
 def save_checkpoint(state: TrainState, it: int) -> None:
+    """Checkpoint ``it``, unless a weight is not finite on some rank: then the run has diverged since
+    its last log and no checkpoint of NaN weights is marked complete (or prunes a good one)."""
+    if not _finite_on_every_rank(state.engine, state.info.device):
+        raise Diverged(it, f"weights are not finite at iteration {it}: training diverged, checkpoint not saved. "
+                           f"The last complete checkpoint is in {state.ckpt_dir}; lower optim.base_lr or lengthen "
+                           "schedule.warmup_iters and resume.")
     sync_running_stats(state.engine.module)  # rank 0 saves the model: it must hold every group's view
-    client = {"schedule": state.schedule.describe()}
+    client = {"schedule": state.schedule.describe(), "progress": state.progress_record()}
     if state.training.agvm is not None:  # identical on every rank: mu is a function of all ranks' gradients
         client["agvm"] = state.training.agvm.state_dict()
     shape = ckpt.launch_shape(state.cfg, state.info.world, state.engine.zero_optimization_stage())
+    if ckpt.is_complete(state.ckpt_dir, ckpt.tag_of(it)):  # e.g. resumed at the last iteration: saved already
+        log_dist(log, "checkpoint %s is complete already: not rewritten", ckpt.tag_of(it))
+        return
     if state.training.ema is not None:  # before ckpt.save's completeness marker
         ema_io.save(state.training.ema, state.ckpt_dir / ckpt.tag_of(it))
-    ckpt.save(state.engine, state.ckpt_dir, it, client, shape, state.cfg.train.keep_checkpoints)
-    log_dist(log, "checkpoint %s saved", ckpt.tag_of(it))
+    if ckpt.save(state.engine, state.ckpt_dir, it, client, shape, state.cfg.train.keep_checkpoints):
+        log_dist(log, "checkpoint %s saved", ckpt.tag_of(it))
 
 
 def run_evaluation(state: TrainState, it: int, final: bool = False) -> dict:
@@ -181,13 +212,13 @@ def write_run_summary(state: TrainState, iteration: int, metrics: dict, diverged
     """``run_summary.json``: what a study row needs, in one file (rank 0)."""
     if state.info.rank != 0:
         return
-    timed = state.windows[1:] or state.windows  # the first window holds start-up costs
-    images, secs = sum(w[0] for w in timed), sum(w[1] for w in timed)
+    images, secs = state.timed_windows()
+    peak = max(state.peak_bytes, state.carried["peak_bytes"])
     summary = {
         "iterations": iteration, "total_iterations": state.schedule.total_iters, "diverged": diverged,
         "global_batch": state.schedule.global_batch, "world_size": state.info.world,
         "train_seconds": seconds, "images_per_s": images / secs if secs else None,
-        "peak_mem_gib": state.peak_bytes / 2**30, "device": str(state.info.device.type),
+        "peak_mem_gib": peak / 2**30 if peak else None, "device": str(state.info.device.type),
         "metrics": metrics,
     }
     write_json(state.cfg.train.run_dir / "run_summary.json", summary)
@@ -268,23 +299,30 @@ def checkpoint_to_resume(cfg: ExperimentConfig, world: int) -> Optional[ckpt.Res
         if dist.get_rank() == 0:  # an earlier attempt's records would be logged twice
             start_metrics_afresh(cfg.train.run_dir)
         return None
-    return ckpt.resume_point(ckpt_dir, tag, cfg, world, zero_stage(engine_config(cfg, world)))
+    point = ckpt.resume_point(ckpt_dir, tag, cfg, world, zero_stage(engine_config(cfg, world)))
+    if dist.get_rank() == 0:
+        ckpt.retire_newer(ckpt_dir, tag)
+    dist.barrier()
+    return point
 
 
-def resume(cfg: ExperimentConfig, info: DistInfo, training: Training, point: ckpt.ResumePoint) -> None:
-    """Load the checkpoint (engine, RNG, AGVM) and continue at its iteration."""
+def resume(cfg: ExperimentConfig, info: DistInfo, training: Training, point: ckpt.ResumePoint) -> Optional[dict]:
+    """Load the checkpoint (engine, RNG, AGVM, EMA) and continue at its iteration; returns the throughput
+    and peak memory it carries (``TrainState.progress_record``; None from checkpoints before they did)."""
     run_dir = cfg.train.run_dir
     client_state = ckpt.load(training.engine, run_dir / "checkpoints", point.tag, point.universal)
     training.step.iteration = client_state["iteration"]
     if training.agvm is not None:
         training.agvm.load_state_dict(client_state["agvm"])
     if training.ema is not None and not ema_io.load(training.ema, run_dir / "checkpoints" / point.tag):
+        training.ema.restart()  # built with the initial weights, before the load
         log_dist(log, "%s has no weight EMA (saved without train.ema_decay): the EMA starts from the loaded weights",
                  run_dir / "checkpoints" / point.tag)
     log_dist(log, "resuming at iteration %d from %s%s", training.step.iteration, run_dir / "checkpoints" / point.tag,
              " (resharded)" if point.universal else "")
     if info.rank == 0:  # before the tracker opens the log
         truncate_metrics(run_dir, training.step.iteration)
+    return client_state.get("progress")
 
 
 def write_run_files(cfg: ExperimentConfig, training: Training) -> None:
@@ -307,12 +345,11 @@ def run(cfg: ExperimentConfig) -> dict:
         archive_previous_run(cfg.train.run_dir, info.rank)
     point = checkpoint_to_resume(cfg, info.world)
     training = build_training(cfg, info, load_universal=point is not None and point.universal)
-    if point is not None:
-        resume(cfg, info, training, point)
+    carried = resume(cfg, info, training, point) if point is not None else None
     if info.rank == 0:
         write_run_files(cfg, training)
     tracker = Tracker(cfg, cfg.train.run_dir, info.rank, resume=cfg.train.resume)
-    state = TrainState(cfg, info, training, tracker)
+    state = TrainState(cfg, info, training, tracker, carried)
     log_dist(log, "%d train / %d val images, %d classes, %d ranks; %s", len(training.data.train_set),
              len(training.data.val_set), training.data.num_classes, info.world, training.schedule.describe())
     tracker.add_config({"resolved_schedule": training.schedule.as_dict()})
