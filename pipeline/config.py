@@ -269,6 +269,8 @@ class TrainConfig(_Section):
     resume: bool = Field(False, description="continue from the newest complete checkpoint in the run directory")
     resume_from: Optional[str] = Field(None, description="resume from this checkpoint tag (e.g. iter_00001000) "
                                        "instead of the newest; implies resume")
+    allow_schedule_change: bool = Field(False, description="resume from a checkpoint saved with another schedule "
+                                        "(iterations, epochs, warmup, decay points): continue on this run's")
     keep_checkpoints: int = Field(3, ge=1, description="complete checkpoints kept; older ones are deleted once a "
                                   "newer one is complete (never the one 'latest' names)")
     log_every: int = Field(10, gt=0)

@@ -211,3 +211,106 @@ def test_an_ema_resumed_from_a_checkpoint_without_one_starts_from_the_loaded_wei
     run_distributed(_ema_resume_worker, 1, overrides, str(tmp_path))
     got = torch.load(tmp_path / "ema.pt", weights_only=True)
     assert got["max_diff"] == 0 and got["updates"] == 0, got
+
+
+# ---- exit status 2 only for what a retry cannot fix ----
+
+def test_an_attempt_killed_in_its_first_save_is_retried_afresh(tmp_path, caplog):
+    """No complete checkpoint, only a cut-short one: an automatic resume starts afresh (a retry can
+    succeed) instead of refusing with a CheckpointError (exit status 2, never retried)."""
+    from pipeline.checkpoint.manager import choose, retire_newer
+
+    ckpt_dir = tmp_path / "checkpoints"
+    (ckpt_dir / "iter_00000500").mkdir(parents=True)
+    (ckpt_dir / "latest").write_text("iter_00000500")
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint.manager"):
+        assert choose(ckpt_dir) is None
+    assert "none of them marked complete" in caplog.text and "train.resume_from=iter_00000500" in caplog.text
+    assert retire_newer(ckpt_dir, None) == ["iter_00000500"]
+    assert not (ckpt_dir / "latest").exists() and len(list(ckpt_dir.glob("retired-*/iter_00000500"))) == 1
+
+
+class _FailingEngine:
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def load_checkpoint(self, *args, **kwargs):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [MemoryError("out of memory"), OSError(5, "Input/output error")])
+def test_a_load_that_fails_for_another_reason_than_a_damaged_file_keeps_its_error(tmp_path, error):
+    """Out of memory or an I/O error while loading an intact checkpoint: the error itself (exit 1, a
+    retry may get past it), not "damaged, delete it"."""
+    from pipeline.checkpoint.manager import load
+
+    folder = tmp_path / "checkpoints" / "iter_00000004"
+    folder.mkdir(parents=True)
+    torch.save({"w": torch.zeros(3)}, folder / "mp_rank_00_model_states.pt")  # intact
+    with pytest.raises(type(error)):
+        load(_FailingEngine(error), tmp_path / "checkpoints", "iter_00000004")
+
+
+def test_a_damaged_file_is_still_named(tmp_path):
+    from pipeline.checkpoint.manager import load
+    from pipeline.errors import CheckpointError
+
+    folder = tmp_path / "checkpoints" / "iter_00000004"
+    folder.mkdir(parents=True)
+    good = folder / "mp_rank_00_model_states.pt"
+    torch.save({"w": torch.zeros(1000)}, good)
+    good.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match=f"{good} is damaged"):
+        load(_FailingEngine(RuntimeError("PytorchStreamReader failed")), tmp_path / "checkpoints", "iter_00000004")
+
+
+def test_an_io_error_reading_an_image_is_not_a_data_error(shapes_root, monkeypatch):
+    """EIO/ESTALE from a network filesystem: its own OSError (retried), not "remove it from the annotations"."""
+    import errno
+
+    from pipeline.data.dataset import CocoDetection
+
+    ds = CocoDetection(shapes_root / "train", shapes_root / "annotations/instances_train.json", 64, 96)
+
+    def eio(self):
+        raise OSError(errno.EIO, "Input/output error", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", eio)
+    with pytest.raises(OSError) as err:
+        ds[0]
+    assert err.value.errno == errno.EIO and not isinstance(err.value, DataError)
+
+
+def test_an_ema_of_another_model_is_a_checkpoint_error(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.errors import CheckpointError
+    from pipeline.optim.ema import WeightEMA
+
+    engine = SimpleNamespace(zero_optimization_stage=lambda: 0, module=torch.nn.Linear(2, 2))
+    with pytest.raises(CheckpointError, match="no EMA for 2 parameter"):
+        WeightEMA(engine, 0.9).load_full_state_dict({"other.weight": torch.zeros(2, 2)}, "ema.pt")
+
+
+def _saved(schedule: str, **extra) -> dict:
+    return {"iteration": 4, "schedule": schedule, **extra}
+
+
+def test_a_checkpoint_without_agvm_state_or_with_another_schedule_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.config import load_config
+    from pipeline.errors import CheckpointError
+    from pipeline.train.trainer import check_saved_state
+
+    schedule = SimpleNamespace(describe=lambda: "global batch 8 -> lr 0.02; 693 iterations (63/epoch)")
+    training = SimpleNamespace(agvm=object(), schedule=schedule)
+    cfg = load_config(None, ["optim.name=agvm_sgd", "train.grad_accum=2"])
+    with pytest.raises(CheckpointError, match="holds no AGVM state .*'agvm'.*agvm_sgd"):
+        check_saved_state(_saved(schedule.describe()), tmp_path, cfg, training)
+    check_saved_state(_saved(schedule.describe(), agvm={}), tmp_path, cfg, training)  # the same: fine
+    other = "global batch 8 -> lr 0.02; 792 iterations (72/epoch)"  # another dataset size
+    with pytest.raises(CheckpointError, match="(?s)saved with the schedule.*792 iterations.*this run has.*693 iter"):
+        check_saved_state(_saved(other, agvm={}), tmp_path, cfg, training)
+    check_saved_state(_saved(other, agvm={}), tmp_path, cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"allow_schedule_change": True})}), training)

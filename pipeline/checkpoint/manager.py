@@ -170,21 +170,28 @@ def prune(ckpt_dir: Path, keep: int) -> list[str]:
 
 # ---------------------------------------------------------------------------- resuming
 
-def retire_newer(ckpt_dir: Path, tag: str) -> list[str]:
-    """Move every checkpoint newer than ``tag`` aside (rank 0), into ``retired-<date-time>/``.
+def retire_newer(ckpt_dir: Path, tag: Optional[str]) -> list[str]:
+    """Move every checkpoint newer than ``tag`` (None: every one) aside (rank 0), into
+    ``retired-<date-time>/``.
 
     A run resumed from ``tag`` abandons the trajectory those belong to: left in place, the next
     automatic resume would pick them up again, and a later save of the same iteration would write
     into them. Nothing is deleted; DeepSpeed's ``latest`` then names ``tag``. Returns the moved tags."""
-    newer = [t for t in _tags(ckpt_dir) if _iteration_of(t) > _iteration_of(tag)]
+    newer = [t for t in _tags(ckpt_dir) if tag is None or _iteration_of(t) > _iteration_of(tag)]
     if not newer:
         return []
     aside = ckpt_dir / f"retired-{time.strftime('%Y%m%d-%H%M%S')}"
     aside.mkdir(exist_ok=True)
     for t in newer:
         os.replace(ckpt_dir / t, aside / t)
-    (ckpt_dir / "latest").write_text(tag)
-    log.warning("resuming from %s abandons the newer checkpoint(s) %s: moved to %s", tag, newer, aside)
+    if tag is None:
+        (ckpt_dir / "latest").unlink(missing_ok=True)
+    else:
+        (ckpt_dir / "latest").write_text(tag)
+    if tag is None:
+        log.warning("starting afresh: the incomplete checkpoint(s) %s moved to %s", newer, aside)
+    else:
+        log.warning("resuming from %s abandons the newer checkpoint(s) %s: moved to %s", tag, newer, aside)
     return newer
 
 
@@ -207,10 +214,9 @@ def choose(ckpt_dir: Path, requested: Optional[str] = None) -> Optional[str]:
                         ckpt_dir / "latest", latest, complete[-1])
         return complete[-1]
     found = _tags(ckpt_dir)
-    if found:
-        raise CheckpointError(f"{ckpt_dir} holds checkpoints {found}, none of them marked complete ({MARKER}): "
-                              "each was cut short, or written before markers existed. Pass "
-                              f"train.resume_from={found[-1]} to load one anyway, or start afresh (train.resume=false)")
+    if found:  # e.g. an attempt killed during its first save: a retry starts afresh (retire_newer moves them)
+        log.warning("%s holds checkpoints %s, none of them marked complete (%s; each was cut short): starting "
+                    "afresh. train.resume_from=%s loads one anyway", ckpt_dir, found, MARKER, found[-1])
     return None
 
 
@@ -260,8 +266,11 @@ def load(engine, ckpt_dir: Path, tag: str, universal: bool = False) -> dict:
     try:
         client_state = (reshard.load(engine, ckpt_dir, tag, engine.zero_optimization_stage()) if universal
                         else engine.load_checkpoint(str(ckpt_dir), tag=tag)[1])
-    except Exception as err:  # torch's zip reader, pickle and EOF errors all mean a damaged file here
-        raise _damaged(ckpt_dir, tag, err) from None
+    except Exception as err:  # a damaged file (torch's zip reader, pickle, EOF errors), or not the files' fault
+        damaged = _damaged(ckpt_dir, tag, err)
+        if damaged is None:
+            raise  # out of memory, an I/O error, a bug: its own error, which a retry may get past
+        raise damaged from None
     if client_state is None:
         raise CheckpointError(f"checkpoint {ckpt_dir / tag} could not be loaded (see DeepSpeed's message above)")
     rng_file = ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"
@@ -272,15 +281,16 @@ def load(engine, ckpt_dir: Path, tag: str, universal: bool = False) -> dict:
     return client_state
 
 
-def _damaged(ckpt_dir: Path, tag: str, err: Exception) -> CheckpointError:
-    """The error for a failed load, naming the first file whose zip archive fails its CRC check."""
+def _damaged(ckpt_dir: Path, tag: str, err: Exception) -> Optional[CheckpointError]:
+    """The error for a failed load, naming the first file whose zip archive fails its CRC check;
+    None when every file is intact (the failure is not the checkpoint's)."""
     bad = next((f for f in sorted((ckpt_dir / tag).glob("*.pt")) if not _intact(f)), None)
     before = [t for t in complete_tags(ckpt_dir) if _iteration_of(t) < _iteration_of(tag)]
     way_out = (f"resume from the one before with train.resume_from={before[-1]}" if before
                else "no earlier complete checkpoint exists: start afresh with train.resume=false")
     reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    if bad is None:  # every file is intact: the error is DeepSpeed's own (e.g. another world size)
-        return CheckpointError(f"checkpoint {ckpt_dir / tag} could not be loaded ({reason}); {way_out}")
+    if bad is None:
+        return None
     return CheckpointError(f"checkpoint file {bad} is damaged ({reason}); it was probably cut short by a crash "
                            f"or a full disk. Delete it or {way_out}")
 

@@ -32,7 +32,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.data.annotations import (ann_mask, gc_paused, load_coco, pack_strings, read_annotation_file,
@@ -267,9 +267,15 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self._img_ids)
 
+    def _read_bytes(self, path: Path) -> torch.Tensor:
+        """The file's bytes. An OSError (EIO, ESTALE on a network filesystem) is not the data's fault and
+        may pass on a retry: it keeps its own type (exit status 1), unlike a file that does not decode."""
+        return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+
     def _read_image(self, path: Path) -> torch.Tensor:
+        data = self._read_bytes(path)
         try:
-            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+            return decode_image(data, mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError) as err:
             raise DataError(f"cannot decode image {path}: {err}; re-export or remove it from the annotations") from None
 
@@ -353,7 +359,7 @@ class CocoDetection(Dataset):
     def _read_encoded(self, path: Path) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(the file's bytes, None) for a JPEG; (None, the decoded image) for anything else (PNG, ...),
         which the worker decodes as usual."""
-        data = read_file(str(path)).clone()  # read_file's storage cannot be shared with the main process
+        data = self._read_bytes(path)  # its own storage: shared with the main process as it is
         if data.numel() > 3 and bytes(data[:3].tolist()) == _JPEG_MAGIC:
             return data, None
         return None, self._read_image(path)

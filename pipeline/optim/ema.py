@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline.errors import CheckpointError
+
 EMA_FILE = "ema.pt"
 
 
@@ -108,8 +110,8 @@ class WeightEMA:
         """Take this rank's share of a full EMA state dict (any world size or ZeRO stage saved it)."""
         missing = [n for n in self.names if n not in state]
         if missing:
-            raise KeyError(f"{source}: no EMA for {len(missing)} parameter(s), e.g. {missing[:3]}; was it saved "
-                           "by another model?")
+            raise CheckpointError(f"{source}: no EMA for {len(missing)} parameter(s), e.g. {missing[:3]}; was it "
+                                  "saved by another model? Delete the file to start the EMA from the loaded weights")
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         with torch.no_grad():
             for name, ema in zip(self.names, self.shadow):

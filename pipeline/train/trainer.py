@@ -25,6 +25,7 @@ from pipeline.distributed.ds_config import engine_config, zero_stage
 from pipeline.distributed.ds_internals import count_parameters, weights_finite
 from pipeline.distributed.job import DistInfo, init_distributed
 from pipeline.distributed.norm import sync_running_stats
+from pipeline.errors import CheckpointError
 from pipeline.evaluation.coco import evaluate
 from pipeline.evaluation.previews import draw_previews, save_previews
 from pipeline.optim import ema as ema_io
@@ -289,21 +290,41 @@ def train_loop(state: TrainState) -> dict:
 
 def checkpoint_to_resume(cfg: ExperimentConfig, world: int) -> Optional[ckpt.ResumePoint]:
     """The checkpoint a resumed run loads (``train.resume_from`` or the newest complete one), checked
-    against this launch before anything is built; None for a fresh start."""
+    against this launch before anything is built; None for a fresh start. Checkpoints newer than it
+    (or, starting afresh, every one: each was cut short) are moved aside, and a fresh start's log
+    begins anew, so nothing of an abandoned attempt is resumed or logged twice."""
     if not cfg.train.resume:
         return None
     ckpt_dir = cfg.train.run_dir / "checkpoints"
     tag = ckpt.choose(ckpt_dir, cfg.train.resume_from)
-    if tag is None:
-        log_dist(log, "no checkpoint in %s: starting fresh", ckpt_dir)
-        if dist.get_rank() == 0:  # an earlier attempt's records would be logged twice
-            start_metrics_afresh(cfg.train.run_dir)
-        return None
-    point = ckpt.resume_point(ckpt_dir, tag, cfg, world, zero_stage(engine_config(cfg, world)))
+    point = None if tag is None else ckpt.resume_point(ckpt_dir, tag, cfg, world, zero_stage(engine_config(cfg, world)))
     if dist.get_rank() == 0:
         ckpt.retire_newer(ckpt_dir, tag)
+        if tag is None:
+            start_metrics_afresh(cfg.train.run_dir)
     dist.barrier()
+    if tag is None:
+        log_dist(log, "no complete checkpoint in %s: starting fresh", ckpt_dir)
     return point
+
+
+def check_saved_state(client_state: dict, folder: Path, cfg: ExperimentConfig, training: Training) -> None:
+    """Refuse (exit status 2: a retry cannot help) a checkpoint this run cannot continue: AGVM asked
+    for and none saved, or another schedule (a changed dataset size, epoch count or policy moves the
+    lr schedule and the epoch position under the run) unless ``train.allow_schedule_change``."""
+    if training.agvm is not None and "agvm" not in client_state:
+        raise CheckpointError(f"{folder} holds no AGVM state (key 'agvm'): it was saved with optim.name other than "
+                              f"agvm_*, this run uses {cfg.optim.name}. Resume with the saved optimizer, or start "
+                              "afresh (train.resume=false)")
+    saved, now = client_state.get("schedule"), training.schedule.describe()
+    if saved is None or saved == now:
+        return
+    message = f"{folder} was saved with the schedule\n  {saved}\nthis run has\n  {now}"
+    if not cfg.train.allow_schedule_change:
+        raise CheckpointError(f"{message}\n(a changed dataset size, epoch count or lr policy moves the lr and the "
+                              "epoch position): restore the saved settings, or pass train.allow_schedule_change=true "
+                              "to continue on the new schedule")
+    log.warning("%s\ncontinuing on the new schedule (train.allow_schedule_change=true)", message)
 
 
 def resume(cfg: ExperimentConfig, info: DistInfo, training: Training, point: ckpt.ResumePoint) -> Optional[dict]:
@@ -311,6 +332,7 @@ def resume(cfg: ExperimentConfig, info: DistInfo, training: Training, point: ckp
     and peak memory it carries (``TrainState.progress_record``; None from checkpoints before they did)."""
     run_dir = cfg.train.run_dir
     client_state = ckpt.load(training.engine, run_dir / "checkpoints", point.tag, point.universal)
+    check_saved_state(client_state, run_dir / "checkpoints" / point.tag, cfg, training)
     training.step.iteration = client_state["iteration"]
     if training.agvm is not None:
         training.agvm.load_state_dict(client_state["agvm"])
