@@ -22,10 +22,15 @@ class ShardedBatchSampler(Sampler):
 
     Each optimizer step consumes one global batch of ``world * micro_batch *
     grad_accum`` images. The epoch's permutation (identical on every rank) is cut
-    into "micro-global" chunks of ``world * micro_batch`` images of one aspect
-    group; rank r takes slice r of each chunk. An epoch is ``ceil(N / global)``
-    steps; the last one is completed by wrapping around the permutation, so every
-    image is seen and no rank idles. Yields lists of ``(index, aug_seed)``.
+    into chunks of one global batch each, of one aspect group, and the chunks are
+    shuffled: which images an optimizer step sees depends on the global batch only,
+    not on how it is split into ranks, micro-batches and accumulation steps, so a run
+    resumed with another split of the same global batch sees exactly the images the
+    uninterrupted run would have, step for step. Within a chunk, accumulation step a
+    takes the a-th slice of ``world * micro_batch`` images and rank r the r-th
+    micro-batch of that. An epoch is ``ceil(N / global)`` steps; the last one is
+    completed by wrapping around the permutation, so every image is seen and no rank
+    idles. Yields lists of ``(index, aug_seed)``.
     """
 
     def __init__(self, aspect_ratios: Sequence[float], micro_batch: int, world: int = 1, rank: int = 0,
@@ -50,11 +55,12 @@ class ShardedBatchSampler(Sampler):
         self.epoch, self.start_step = epoch, start_step
 
     def _chunks(self) -> list[np.ndarray]:
+        """The epoch's optimizer steps: one global batch of indices each, of one aspect group."""
         rng = np.random.default_rng([self.seed, self.epoch])
         perm = rng.permutation(len(self.landscape))
         pad = self.steps_per_epoch * self.global_batch - len(perm)
         order = np.concatenate([perm, np.resize(perm, pad)])
-        size = self.world * self.micro_batch
+        size = self.global_batch
         if not self.group_by_aspect:
             return list(order.reshape(-1, size))
         chunks, rest = [], []
@@ -70,9 +76,11 @@ class ShardedBatchSampler(Sampler):
         return (self.steps_per_epoch - self.start_step) * self.grad_accum
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        lo = self.rank * self.micro_batch
-        for chunk in self._chunks()[self.start_step * self.grad_accum:]:
-            yield [(int(i), index_seed(self.seed, self.epoch, int(i))) for i in chunk[lo:lo + self.micro_batch]]
+        m = self.micro_batch
+        for chunk in self._chunks()[self.start_step:]:
+            for accum in range(self.grad_accum):
+                lo = (accum * self.world + self.rank) * m
+                yield [(int(i), index_seed(self.seed, self.epoch, int(i))) for i in chunk[lo:lo + m]]
 
 
 def eval_batches(num_items: int, batch: int, world: int = 1, rank: int = 0) -> list[list[int]]:
