@@ -314,3 +314,46 @@ def test_a_checkpoint_without_agvm_state_or_with_another_schedule_is_refused(tmp
         check_saved_state(_saved(other, agvm={}), tmp_path, cfg, training)
     check_saved_state(_saved(other, agvm={}), tmp_path, cfg.model_copy(update={
         "train": cfg.train.model_copy(update={"allow_schedule_change": True})}), training)
+
+
+# ---- one job per run directory ----
+
+def test_a_second_job_on_a_live_run_directory_is_refused_and_a_dead_ones_lock_taken_over(shapes_root, tmp_path):
+    """A requeue while the old job still runs: refused with the owner named, nothing written into the
+    live run. After the old job is killed (its lock left behind), the next launch takes the lock over."""
+    import signal
+    import time
+
+    from pipeline.train.run_lock import lock_path
+
+    run_dir = tmp_path / "run"
+    long = ("schedule.max_iters=400", "train.ckpt_every_iters=0", "train.final_checkpoint=false", "train.evaluate=false")
+    first = subprocess.Popen([sys.executable, str(REPO / "launch/train.py"),
+                              *tiny_overrides(shapes_root, tmp_path, "faster_rcnn"), *long],
+                             env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").is_file() and time.time() < deadline:  # training, lock held
+        assert first.poll() is None, "the first job ended before the second could start"
+        time.sleep(0.1)
+    owner = json.loads(lock_path(run_dir).read_text())
+    assert owner["pid"] == first.pid
+    second = _train(shapes_root, tmp_path, *long)  # not a resume: it would move the live run aside
+    assert first.poll() is None, "the first job must still be running"
+    assert second.returncode == 1 and f"is in use by pid {first.pid} on {owner['host']}" in second.stderr
+    assert not list(tmp_path.glob("run.old-*")), "the live run was moved aside"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert lock_path(run_dir).is_file()  # left behind by the killed job
+    third = _train(shapes_root, tmp_path, "schedule.max_iters=2", "train.evaluate=false")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"was left by pid {first.pid}" in third.stderr and "which is gone: taking it over" in third.stderr
+    assert not lock_path(run_dir).exists()  # released at the end
+
+
+def test_a_lock_held_on_another_host_is_refused_with_its_owner(tmp_path):
+    from pipeline.train.run_lock import RunLocked, acquire, lock_path
+
+    run_dir = tmp_path / "run"
+    lock_path(run_dir).write_text(json.dumps({"host": "node-17", "pid": 1, "job_id": "4242", "started": "then"}))
+    with pytest.raises(RunLocked, match="in use by pid 1 on node-17, job 4242, since then"):
+        acquire(run_dir)

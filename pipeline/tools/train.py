@@ -26,6 +26,7 @@ from pipeline.config import load_config
 from pipeline.distributed.job import exit_skipping_teardown, leave_job
 from pipeline.distributed.launcher import mpi4py_importable, resolve
 from pipeline.errors import ConfigError, DataError
+from pipeline.train.run_lock import RunLocked
 from pipeline.train.validate import validate
 
 EXIT_CONFIG, EXIT_DIVERGED = 2, 3
@@ -64,6 +65,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except RunLocked as err:  # another job holds the run directory: a later retry can succeed
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except FloatingPointError as err:  # diverged: run_summary.json in the run directory says so
         print(f"error: {err}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -29,6 +29,7 @@ from pipeline.errors import CheckpointError
 from pipeline.evaluation.coco import evaluate
 from pipeline.evaluation.previews import draw_previews, save_previews
 from pipeline.optim import ema as ema_io
+from pipeline.train import run_lock
 from pipeline.train.build import Training, build_training
 from pipeline.train.tracking import Tracker, start_metrics_afresh, truncate_metrics
 from pipeline.train.validate import validate
@@ -363,6 +364,11 @@ def run(cfg: ExperimentConfig) -> dict:
     """Train and evaluate one experiment; returns final metrics on rank 0 ({} on other ranks)."""
     info = init_distributed()
     validate(cfg, info.world, info.local_world)
+    with run_lock.held(cfg.train.run_dir, info.rank):  # one job per run directory
+        return _run_locked(cfg, info)
+
+
+def _run_locked(cfg: ExperimentConfig, info: DistInfo) -> dict:
     if not cfg.train.resume:
         archive_previous_run(cfg.train.run_dir, info.rank)
     point = checkpoint_to_resume(cfg, info.world)
