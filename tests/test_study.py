@@ -179,6 +179,36 @@ def test_failing_point_is_retried_once_then_reported(shapes_root, tmp_path):
     assert json.loads((study.root / "study_status.json").read_text())["crash"]["attempts"] == 2
 
 
+def test_a_point_left_running_by_a_killed_runner_is_retried_and_resumes(tmp_path, monkeypatch):
+    """The runner killed during a point's second attempt left attempts=2, status=running: the next
+    runner counts it as a crash and retries it; a retry (--retry-failed too) resumes when a complete
+    checkpoint exists instead of starting from scratch."""
+    from pipeline.studies.spec import write_status
+
+    spec = {"name": "killed", "fixed": {"schedule.max_iters": 2}, "grid": {"lr": {"a": {"optim.base_lr": 0.01},
+                                                                                  "b": {"optim.base_lr": 0.02}}}}
+    study = load_study(_write(tmp_path, spec), tmp_path / "runs")
+    write_status(study, {"a": {"status": "running", "attempts": 2}, "b": {"status": "failed", "attempts": 2}})
+    for name in ("a", "b"):  # each left a complete checkpoint
+        (study.run_dir(next(p for p in study.points if p.name == name)) / "checkpoints/iter_00000001").mkdir(
+            parents=True)
+        (study.root / name / "checkpoints/iter_00000001/complete.json").write_text("{}")
+    calls = []
+
+    def fake_run_point(study_, point, resume):
+        calls.append((point.name, resume))
+        summary = {"iterations": 2, "total_iterations": 2, "diverged": False, "metrics": {"bbox/AP": 0.1}}
+        (study_.run_dir(point) / "run_summary.json").write_text(json.dumps(summary))
+        return 0, 1.0
+
+    monkeypatch.setattr(study_cli, "run_point", fake_run_point)
+    assert study_cli.run_study(study) == ["b"]  # b failed before: not retried unasked
+    assert calls == [("a", True)]
+    assert read_status(study)["a"]["status"] == "done"
+    assert study_cli.run_study(study, retry_failed=True) == []
+    assert calls == [("a", True), ("b", True)]  # resumed from its checkpoint, not from scratch
+
+
 def test_model_size_study_labels_measured_and_estimated_cells(shapes_root, tmp_path, monkeypatch):
     """Two cells (ZeRO 0 and 3): the one that fits is measured by a real 3-step run; with the
     budget forced below its estimate, the other is only estimated; both reach the CSV and plot."""
@@ -363,3 +393,10 @@ def test_archived_results_report_and_resume_like_the_study_itself(tmp_path):
     rows = lambda s: [{k: v for k, v in r.items()} for r in csv.DictReader(study_cli.report(s)["runs_csv"].open())]  # noqa: E731
     finished = [r for r in rows(study) if r["status"] == "done"]
     assert [r for r in rows(elsewhere) if r["status"] == "done"] == finished and len(finished) == 2
+
+
+def test_a_torn_run_summary_counts_as_unfinished(tmp_path):
+    from pipeline.studies.spec import point_result
+
+    (tmp_path / "run_summary.json").write_text('{"iterations": 2, "dive')
+    assert point_result(tmp_path) is None

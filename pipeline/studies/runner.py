@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.checkpoint.manager import complete_tags
 from pipeline.config import REPO_ROOT, load_config, resolve_repo_path
 from pipeline.distributed.launcher import free_port
 from pipeline.errors import ConfigError
@@ -98,13 +99,17 @@ def run_study(study: Study, retry_failed: bool = False) -> list[str]:
         if result is not None:
             st["status"] = result
             continue
+        if st["status"] == "running":  # an earlier runner stopped during this point: its attempt crashed
+            tqdm.write(f"{point.name}: was running when the study runner stopped: counted as a crash, retried")
+            st["status"], st["attempts"] = "crashed", min(st["attempts"], MAX_ATTEMPTS - 1)
         if st["status"] == "failed" and not retry_failed:
             failed.append(point.name)
             continue
         st["attempts"] = 0 if st["status"] == "failed" else st["attempts"]
         while st["attempts"] < MAX_ATTEMPTS:
             bar.set_postfix_str(f"{point.name} (attempt {st['attempts'] + 1})")
-            resume = st["attempts"] > 0  # a retry continues from the crashed attempt's last checkpoint
+            # a retry continues from the last complete checkpoint of any earlier attempt
+            resume = st["attempts"] > 0 or bool(complete_tags(study.run_dir(point) / "checkpoints"))
             st["attempts"] += 1
             st["status"] = "running"
             write_status(study, status)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ import yaml
 from pipeline.config import REPO_ROOT, load_config, resolve_repo_path
 from pipeline.errors import ConfigError
 from pipeline.utils.files import write_json
+
+log = logging.getLogger(__name__)
 
 SHORTHAND = ("batch", "optimizer", "norm", "backbone", "zero", "lr_scaling", "seed")
 SEED_AXES = ("seed", "train.seed")
@@ -241,8 +244,16 @@ def write_status(study: Study, status: dict[str, dict]) -> None:
 
 
 def run_summary(run_dir: Path) -> Optional[dict]:
+    """The run's summary; None when it has none, or one torn by a kill (written before summaries were
+    replaced atomically): the point then counts as unfinished and is resumed, never a crash of the runner."""
     path = run_dir / "run_summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("%s is torn (a write cut short): the point counts as unfinished", path)
+        return None
 
 
 def point_result(run_dir: Path) -> Optional[str]:
