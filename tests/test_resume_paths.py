@@ -357,3 +357,26 @@ def test_a_lock_held_on_another_host_is_refused_with_its_owner(tmp_path):
     lock_path(run_dir).write_text(json.dumps({"host": "node-17", "pid": 1, "job_id": "4242", "started": "then"}))
     with pytest.raises(RunLocked, match="in use by pid 1 on node-17, job 4242, since then"):
         acquire(run_dir)
+
+
+def test_a_resume_that_redoes_logged_steps_continues_in_a_new_wandb_run(tmp_path, monkeypatch):
+    """W&B keeps a run's steps increasing and drops re-logged ones: a resume from an iteration before the
+    last logged one opens a new W&B run whose config names the earlier one; a resume that redoes nothing
+    keeps the same run."""
+    from pipeline.config import load_config
+    from pipeline.train.tracking import Tracker, new_wandb_run_after_rollback
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _write_log(tmp_path, RECORDS[:10])
+    (tmp_path / "wandb_id.txt").write_text("firstrun0001")
+    assert truncate_metrics(tmp_path, after=10) == 0  # nothing redone: no new run
+    assert truncate_metrics(tmp_path, after=6) == 4
+    new = new_wandb_run_after_rollback(tmp_path, 6)
+    assert new and new != "firstrun0001" and (tmp_path / "wandb_id.txt").read_text() == new
+    cfg = load_config(None, ["tracking.wandb_mode=offline"])
+    tracker = Tracker(cfg, tmp_path, rank=0, resume=True)
+    try:
+        assert tracker.wandb.id == new
+        assert tracker.wandb.config["previous_wandb_runs"] == [{"run_id": "firstrun0001", "until_iteration": 6}]
+    finally:
+        tracker.finish()

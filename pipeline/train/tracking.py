@@ -20,6 +20,8 @@ from pipeline.utils.files import write_text
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id.txt"
+WANDB_HISTORY_FILE = "wandb_runs.json"  # the earlier W&B runs of this run directory, after rollbacks
 
 
 class Tracker:
@@ -38,7 +40,7 @@ class Tracker:
             self.wandb = wandb.init(
                 mode=cfg.tracking.wandb_mode, project=cfg.tracking.project, entity=cfg.tracking.entity,
                 group=cfg.tracking.group, tags=list(cfg.tracking.tags), name=cfg.train.run_name,
-                dir=str(run_dir), config=cfg.model_dump(mode="json"),
+                dir=str(run_dir), config=dict(cfg.model_dump(mode="json"), previous_wandb_runs=_history(run_dir)),
                 id=_run_id(run_dir), resume="allow" if resume else None)
 
     def log(self, metrics: dict, step: int) -> None:
@@ -73,7 +75,7 @@ class Tracker:
 
 def _run_id(run_dir: Path) -> str:
     """A W&B run id kept in the run directory, so a resumed run continues the same W&B run."""
-    id_file = run_dir / "wandb_id.txt"
+    id_file = run_dir / WANDB_ID_FILE
     if id_file.is_file():
         return id_file.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
@@ -98,19 +100,47 @@ def _parse_log(path: Path) -> list[dict]:
     return records
 
 
+def _history(run_dir: Path) -> list[dict]:
+    path = run_dir / WANDB_HISTORY_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """All records of a run's metrics.jsonl (for plots, studies and tests)."""
     path = Path(run_dir) / METRICS_FILE
     return _parse_log(path) if path.is_file() else []
 
 
-def truncate_metrics(run_dir: Path, after: int) -> None:
+def truncate_metrics(run_dir: Path, after: int) -> int:
     """On resume, drop the records logged after iteration ``after`` (they are about to be redone),
-    rewriting the file atomically: a kill or a full disk here leaves the whole history."""
+    rewriting the file atomically: a kill or a full disk here leaves the whole history. Returns how
+    many were dropped."""
     path = Path(run_dir) / METRICS_FILE
-    if path.is_file():
-        keep = [r for r in _parse_log(path) if r["iteration"] <= after]
+    if not path.is_file():
+        return 0
+    records = _parse_log(path)
+    keep = [r for r in records if r["iteration"] <= after]
+    if len(keep) < len(records):
         write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return len(records) - len(keep)
+
+
+def new_wandb_run_after_rollback(run_dir: Path, iteration: int) -> Optional[str]:
+    """A resume that redoes logged iterations continues in a new W&B run: W&B keeps a run's steps
+    increasing and would drop every re-logged step up to the old last one. The new run's config
+    names the earlier runs (``previous_wandb_runs``); ``metrics.jsonl`` stays one file. Returns the
+    new id (None when the run has no W&B id yet)."""
+    id_file = Path(run_dir) / WANDB_ID_FILE
+    if not id_file.is_file():
+        return None
+    old, new = id_file.read_text().strip(), uuid.uuid4().hex[:12]
+    history_file = Path(run_dir) / WANDB_HISTORY_FILE
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    write_text(history_file, json.dumps(history + [{"run_id": old, "until_iteration": iteration}], indent=2))
+    write_text(id_file, new)
+    log.warning("resuming at iteration %d redoes logged iterations: W&B continues in a new run %s (the earlier "
+                "one, %s, keeps what it logged)", iteration, new, old)
+    return new
 
 
 def start_metrics_afresh(run_dir: Path) -> Optional[Path]:

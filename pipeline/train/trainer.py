@@ -31,7 +31,7 @@ from pipeline.evaluation.previews import draw_previews, save_previews
 from pipeline.optim import ema as ema_io
 from pipeline.train import run_lock
 from pipeline.train.build import Training, build_training
-from pipeline.train.tracking import Tracker, start_metrics_afresh, truncate_metrics
+from pipeline.train.tracking import Tracker, new_wandb_run_after_rollback, start_metrics_afresh, truncate_metrics
 from pipeline.train.validate import validate
 from pipeline.utils.files import write_json
 from pipeline.utils.logger import log_dist
@@ -343,8 +343,8 @@ def resume(cfg: ExperimentConfig, info: DistInfo, training: Training, point: ckp
                  run_dir / "checkpoints" / point.tag)
     log_dist(log, "resuming at iteration %d from %s%s", training.step.iteration, run_dir / "checkpoints" / point.tag,
              " (resharded)" if point.universal else "")
-    if info.rank == 0:  # before the tracker opens the log
-        truncate_metrics(run_dir, training.step.iteration)
+    if info.rank == 0 and truncate_metrics(run_dir, training.step.iteration):  # before the tracker opens the log
+        new_wandb_run_after_rollback(run_dir, training.step.iteration)
     return client_state.get("progress")
 
 
