@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from pipeline.distributed.ds_internals import release_cpu_allreduce_segment
 from pipeline.distributed.launcher import LaunchError, device_index, export_env, mpi4py_importable, resolve
+from pipeline.distributed.network import choose_gloo_interface
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     import deepspeed  # here, not at the top: the commands import this module before validating a config
+
+    choose_gloo_interface(launch.master_addr, spans_hosts=launch.world > launch.local_world)
 
     # MASTER_ADDR is set unless export_env left it to DeepSpeed's MPI discovery (mpi4py), whose port this is.
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",

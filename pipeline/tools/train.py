@@ -11,7 +11,9 @@ Overrides use dotted keys of the experiment schema (pipeline/config.py), e.g.
 ``optim.base_lr=0.01 schedule.epochs=24 train.ds_config=ds_configs/zero2_bf16.json``.
 The launcher's variables (pipeline/distributed/launcher.py) and the whole experiment, for the launch's world size,
 are validated before any process group forms.
-Exit status: 0 done, 2 configuration or data error (retrying cannot help), 3 diverged.
+Exit status: 0 done, 1 a failure a retry may get past (an I/O error, out of memory, another job holding the
+run directory: the message names it), 2 a configuration, data or checkpoint error (retrying cannot help),
+3 diverged.
 """
 
 from __future__ import annotations

@@ -189,6 +189,7 @@ class Training:
     data: Optional[TrainData]
     agvm: Optional[AGVM]
     ema: Optional[WeightEMA] = None
+    bn_layout: Optional[list[list[int]]] = None  # cross-GPU BN groups, by rank (None: no cross-GPU BN)
 
 
 def build_training(cfg: ExperimentConfig, info: DistInfo, *, data: bool = True, model: Optional[nn.Module] = None,
@@ -266,7 +267,7 @@ def build_training(cfg: ExperimentConfig, info: DistInfo, *, data: bool = True, 
              current_memory(info.device) / 2**30)
     ema = WeightEMA(engine, cfg.train.ema_decay) if cfg.train.ema_decay else None
     step = TrainStep(engine, schedule, cfg.train.grad_accum, agvm, ema=ema)
-    return Training(engine, step, schedule, ds_config, train_data, agvm, ema)
+    return Training(engine, step, schedule, ds_config, train_data, agvm, ema, bn_layout)
 
 
 def _coupling_bn_groups(model: nn.Module, bn_layout: Optional[list[list[int]]]) -> Optional[list[list[int]]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import socket
 import time
 from pathlib import Path
 from typing import Optional
@@ -348,6 +349,28 @@ def resume(cfg: ExperimentConfig, info: DistInfo, training: Training, point: ckp
     return client_state.get("progress")
 
 
+def write_job_record(cfg: ExperimentConfig, info: DistInfo, training: Training) -> None:
+    """``job.json``: every rank's own view of its place (host, node, local rank, launcher), the BN
+    groups and AGVM's halves, so a multi-host job's layout is on record, not inferred (every rank
+    calls; rank 0 writes). The log says which ranks run on which host."""
+    mine = {"rank": info.rank, "world": info.world, "local_rank": info.local_rank, "local_world": info.local_world,
+            "node": info.node, "host": socket.gethostname(), "launcher": info.launcher, "device": str(info.device)}
+    ranks = [None] * info.world
+    dist.all_gather_object(ranks, mine)
+    if info.rank != 0:
+        return
+    halves = training.agvm.halves_of if training.agvm is not None else None
+    cfg.train.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(cfg.train.run_dir / "job.json", {
+        "ranks": ranks, "bn_groups": training.bn_layout,
+        "agvm_halves": None if halves is None else {"by": halves.by, "first": sorted(halves.first)}})
+    by_host: dict[str, list[int]] = {}
+    for r in ranks:
+        by_host.setdefault(r["host"], []).append(r["rank"])
+    log.info("job: %d rank(s) on %d host(s): %s", info.world, len(by_host),
+             "; ".join(f"{h} {v}" for h, v in by_host.items()))
+
+
 def write_run_files(cfg: ExperimentConfig, training: Training) -> None:
     """The resolved config, ds_config and schedule, and what ``pipeline.tools.export`` needs (rank 0)."""
     run_dir = cfg.train.run_dir
@@ -374,6 +397,7 @@ def _run_locked(cfg: ExperimentConfig, info: DistInfo) -> dict:
     point = checkpoint_to_resume(cfg, info.world)
     training = build_training(cfg, info, load_universal=point is not None and point.universal)
     carried = resume(cfg, info, training, point) if point is not None else None
+    write_job_record(cfg, info, training)
     if info.rank == 0:
         write_run_files(cfg, training)
     tracker = Tracker(cfg, cfg.train.run_dir, info.rank, resume=cfg.train.resume)

@@ -1,0 +1,121 @@
+"""Multi-host jobs for real: network namespaces as hosts (tests/cluster.py), DeepSpeed's pdsh runner
+and Open MPI launching across them over ssh, the filesystem shared as a cluster's is.
+
+Each job's layout is read from the ranks' own record (``job.json``: host, node, local rank of every
+rank, BN groups); its maths is compared with a one-host job of the same ranks, BN groups and global
+batch. Skipped, with the reason, where the machine cannot make namespaces (not root, no sshd/pdsh)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cluster
+from conftest import REPO, tiny_overrides
+from pipeline.checkpoint.manager import complete_tags
+from pipeline.distributed.launcher import free_port
+from pipeline.train.tracking import read_metrics
+
+pytestmark = pytest.mark.cluster
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+REASON = cluster.skip_reason()
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["iteration"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    if REASON:
+        pytest.skip(REASON)
+    c = cluster.Cluster(tmp_path_factory.mktemp("cluster")).start()
+    yield c
+    c.stop()
+
+
+def _job_dir(tmp_path: Path, master: str, port: int) -> Path:
+    """The launch directory: its .deepspeed_env carries this PATH to the ranks (pdsh's remote shell and
+    Open MPI's remote daemons get sshd's default PATH, and the ranks would run another ninja), and rank 0's
+    address for Open MPI's ranks (DeepSpeed passes it to pdsh's itself)."""
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / ".deepspeed_env").write_text(f"PATH={Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin\n"
+                                        f"OMP_NUM_THREADS=1\nMASTER_ADDR={master}\nMASTER_PORT={port}\n")
+    return job
+
+
+def _launch(c: cluster.Cluster, tmp_path: Path, launcher_args: list[str], overrides: list[str], timeout: int = 240):
+    port = free_port()
+    cmd = [DEEPSPEED, *launcher_args, "--master_addr", c.names[0], "--master_port", str(port),
+           str(REPO / "launch/train.py"), *overrides]
+    return subprocess.run(cmd, cwd=_job_dir(tmp_path, c.names[0], port), env=c.env(PYTHONUNBUFFERED="1"),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+COMMON = ["schedule.max_iters=4", "train.micro_batch=1", "train.final_checkpoint=true", "model.bn_group=node"]
+
+
+def test_pdsh_job_across_two_hosts_forms_one_job_with_bn_groups_per_host(hosts, shapes_root, tmp_path):
+    """`deepspeed --hostfile` (pdsh), 2 hosts x 2 ranks: one 4-rank job, BN groups [[0, 1], [2, 3]] that follow
+    the hosts, one checkpoint on the shared directory, and the losses of a one-host 4-rank job with the
+    same BN groups and global batch."""
+    overrides = tiny_overrides(shapes_root, tmp_path, "faster_rcnn") + COMMON
+    done = _launch(hosts, tmp_path, ["--hostfile", str(hosts.hostfile(2))], overrides)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    job = json.loads((tmp_path / "run/job.json").read_text())
+    ranks = sorted(job["ranks"], key=lambda r: r["rank"])
+    assert [(r["host"], r["node"], r["local_rank"], r["world"]) for r in ranks] == [
+        (hosts.names[0], 0, 0, 4), (hosts.names[0], 0, 1, 4), (hosts.names[1], 1, 0, 4), (hosts.names[1], 1, 1, 4)]
+    assert job["bn_groups"] == [[0, 1], [2, 3]]
+    assert complete_tags(tmp_path / "run/checkpoints") == ["iter_00000004"]
+    assert json.loads((tmp_path / "run/run_summary.json").read_text())["world_size"] == 4
+
+    local = tmp_path / "local"
+    one_host = tiny_overrides(shapes_root, local, "faster_rcnn") + COMMON[:-1] + ["model.bn_group=2"]
+    ref = subprocess.run([DEEPSPEED, "--num_gpus", "4", "--master_port", str(free_port()), str(REPO / "launch/train.py"),
+                          *one_host], cwd=REPO, env=hosts.env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=420)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert json.loads((local / "run/job.json").read_text())["bn_groups"] == [[0, 1], [2, 3]]
+    want, got = _losses(local / "run"), _losses(tmp_path / "run")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for it in want:  # the same maths; gloo's reduction order may differ between the two layouts
+        assert abs(got[it] - want[it]) <= 1e-5 * abs(want[it]), (it, got[it], want[it])
+
+
+def test_open_mpi_job_across_two_hosts(hosts, shapes_root, tmp_path):
+    """`deepspeed --launcher openmpi`, 2 hosts x 1 rank: node ranks from Open MPI's variables."""
+    if not Path("/usr/bin/mpirun").is_file():
+        pytest.skip("no Open MPI (openmpi-bin)")
+    overrides = tiny_overrides(shapes_root, tmp_path, "faster_rcnn") + COMMON
+    subnet = f"10.77.{hosts.net}.0/24"
+    args = ["--launcher", "openmpi", "--launcher_args",
+            f"--allow-run-as-root --map-by slot --mca oob_tcp_if_include {subnet} --mca btl_tcp_if_include {subnet}",
+            "--hostfile", str(hosts.hostfile(1))]
+    done = _launch(hosts, tmp_path, args, overrides)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    job = json.loads((tmp_path / "run/job.json").read_text())
+    ranks = sorted(job["ranks"], key=lambda r: r["rank"])
+    assert [(r["host"], r["node"], r["local_rank"], r["launcher"]) for r in ranks] == [
+        (hosts.names[0], 0, 0, "openmpi"), (hosts.names[1], 1, 0, "openmpi")]
+    assert job["bn_groups"] == [[0], [1]]
+
+
+def test_a_hostname_on_loopback_does_not_break_a_job_across_hosts(shapes_root, tmp_path_factory, tmp_path):
+    """Hosts whose /etc/hosts maps their own name to 127.0.1.1 (Debian, Ubuntu): gloo would advertise loopback
+    and the job would die in connectFullMesh; the pipeline picks the interface that reaches the master."""
+    if REASON:
+        pytest.skip(REASON)
+    c = cluster.Cluster(tmp_path_factory.mktemp("loopback"), loopback_hostnames=True).start()
+    try:
+        overrides = tiny_overrides(shapes_root, tmp_path, "faster_rcnn") + COMMON[:2] + ["train.evaluate=false"]
+        done = _launch(c, tmp_path, ["--hostfile", str(c.hostfile(1))], overrides)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "resolves to 127.0.1.1 (loopback): gloo talks over eth0" in done.stdout + done.stderr
+    finally:
+        c.stop()
