@@ -269,6 +269,9 @@ class TrainConfig(_Section):
     resume: bool = Field(False, description="continue from the newest complete checkpoint in the run directory")
     resume_from: Optional[str] = Field(None, description="resume from this checkpoint tag (e.g. iter_00001000) "
                                        "instead of the newest; implies resume")
+    collective_timeout_s: float = Field(
+        1800.0, gt=0, description="how long a collective may wait for the other ranks before the job stops with an "
+                                  "error (a host whose link is cut resets no socket: only this ends the wait)")
     allow_schedule_change: bool = Field(False, description="resume from a checkpoint saved with another schedule "
                                         "(iterations, epochs, warmup, decay points): continue on this run's")
     keep_checkpoints: int = Field(3, ge=1, description="complete checkpoints kept; older ones are deleted once a "

@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -31,9 +33,11 @@ class DistInfo:
     launcher: str = "plain"
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
     """Join the job this process's launcher started (deepspeed, torchrun, srun, mpirun; none: a job of
-    one process), on the GPU the launcher meant for it. ``pipeline.distributed.launcher`` reads the launcher."""
+    one process), on the GPU the launcher meant for it. ``pipeline.distributed.launcher`` reads the launcher.
+    ``timeout_s`` (``train.collective_timeout_s``) bounds every collective: a rank whose peer is gone
+    without a reset socket (a cut link) stops with an error after it instead of waiting for ever."""
     launch = export_env(resolve(os.environ, mpi4py=mpi4py_importable()))
     if torch.cuda.is_available():
         index = device_index(launch.local_rank, torch.cuda.device_count())
@@ -46,7 +50,8 @@ def init_distributed() -> DistInfo:
     choose_gloo_interface(launch.master_addr, spans_hosts=launch.world > launch.local_world)
 
     # MASTER_ADDR is set unless export_env left it to DeepSpeed's MPI discovery (mpi4py), whose port this is.
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", **timeout,
                                distributed_port=launch.master_port)
     if (dist.get_rank(), dist.get_world_size()) != (launch.rank, launch.world):
         raise LaunchError(f"the process group made this rank {dist.get_rank()} of {dist.get_world_size()}, its "

@@ -13,7 +13,8 @@ The launcher's variables (pipeline/distributed/launcher.py) and the whole experi
 are validated before any process group forms.
 Exit status: 0 done, 1 a failure a retry may get past (an I/O error, out of memory, another job holding the
 run directory: the message names it), 2 a configuration, data or checkpoint error (retrying cannot help),
-3 diverged.
+3 diverged, 4 preempted (SIGTERM or SIGUSR1: a complete checkpoint was saved at the next log step;
+requeue with train.resume=true).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pipeline.config import load_config
 from pipeline.distributed.job import exit_skipping_teardown, leave_job
 from pipeline.distributed.launcher import mpi4py_importable, resolve
 from pipeline.errors import ConfigError, DataError
+from pipeline.train.preemption import EXIT_PREEMPTED, Preempted
 from pipeline.train.run_lock import RunLocked
 from pipeline.train.validate import validate
 
@@ -67,6 +69,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except Preempted as err:  # a complete checkpoint is saved: requeue and resume
+        print(f"stopped: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except RunLocked as err:  # another job holds the run directory: a later retry can succeed
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -85,7 +90,7 @@ def cli() -> None:
     """The command (``launch/train.py``): ``main``, then exit; a finished or diverged run (its tracker
     closed too) without the interpreter's teardown (``exit_skipping_teardown``)."""
     code = main()
-    exit_skipping_teardown(code, finished=code in (0, EXIT_DIVERGED))
+    exit_skipping_teardown(code, finished=code in (0, EXIT_DIVERGED, EXIT_PREEMPTED))
 
 
 if __name__ == "__main__":

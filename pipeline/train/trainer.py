@@ -32,6 +32,7 @@ from pipeline.evaluation.previews import draw_previews, save_previews
 from pipeline.optim import ema as ema_io
 from pipeline.train import run_lock
 from pipeline.train.build import Training, build_training
+from pipeline.train.preemption import Preempted, PreemptionWatch
 from pipeline.train.tracking import Tracker, new_wandb_run_after_rollback, start_metrics_afresh, truncate_metrics
 from pipeline.train.validate import validate
 from pipeline.utils.files import write_json
@@ -113,6 +114,7 @@ class TrainState:
         # Throughput and peak of the attempts before a resume (from the checkpoint): a run resumed at its
         # last iteration still reports them in run_summary.json.
         self.carried = carried or {"images": 0, "seconds": 0.0, "peak_bytes": 0}
+        self.watch = PreemptionWatch()  # installed around the loop by run()
 
     def timed_windows(self) -> tuple[int, float]:
         """Images and seconds of this attempt's log windows but the first (it holds start-up costs),
@@ -251,6 +253,15 @@ def check_ranks_agree(engine, run_dir: Path) -> bool:
     return agree
 
 
+def stop_if_preempted(state: TrainState, it: int) -> None:
+    """When any rank was signalled (``pipeline.train.preemption``): a complete checkpoint of ``it`` on
+    every rank's behalf, then ``Preempted`` on every rank."""
+    signum = state.watch.agreed(state.info.device)
+    if signum:
+        save_checkpoint(state, it)
+        raise Preempted(it, signum)
+
+
 def train_loop(state: TrainState) -> dict:
     """Optimizer steps from the train step's iteration to the end of the schedule; returns the final metrics."""
     cfg, schedule, step = state.cfg, state.schedule, state.training.step
@@ -273,6 +284,7 @@ def train_loop(state: TrainState) -> dict:
             if it % cfg.train.log_every == 0 or it == schedule.total_iters:
                 _log_step(state, it, window, count, time.monotonic() - tic, data_clock[0], bar if state.progress else None)
                 window, count, tic, data_clock[0] = {}, 0, time.monotonic(), 0.0
+                stop_if_preempted(state, it)  # at a log step: the loss window has synchronised already
             pause = time.monotonic()
             if state.eval_every and it % state.eval_every == 0 and it < schedule.total_iters:
                 metrics = run_evaluation(state, it)
@@ -385,7 +397,7 @@ def write_run_files(cfg: ExperimentConfig, training: Training) -> None:
 
 def run(cfg: ExperimentConfig) -> dict:
     """Train and evaluate one experiment; returns final metrics on rank 0 ({} on other ranks)."""
-    info = init_distributed()
+    info = init_distributed(cfg.train.collective_timeout_s)
     validate(cfg, info.world, info.local_world)
     with run_lock.held(cfg.train.run_dir, info.rank):  # one job per run directory
         return _run_locked(cfg, info)
@@ -407,9 +419,13 @@ def _run_locked(cfg: ExperimentConfig, info: DistInfo) -> dict:
     tracker.add_config({"resolved_schedule": training.schedule.as_dict()})
     tic = time.monotonic()  # not the wall clock: an NTP step must not make throughput negative
     try:
-        metrics = train_loop(state)
+        with state.watch:
+            metrics = train_loop(state)
     except Diverged as err:  # a diverged run is a result (a study row), not a lost run
         write_run_summary(state, err.iteration, {}, True, time.monotonic() - tic)
+        tracker.finish()
+        raise
+    except Preempted:
         tracker.finish()
         raise
     check_ranks_agree(training.engine, cfg.train.run_dir)
