@@ -43,7 +43,7 @@ def _job_dir(tmp_path: Path, master: str, port: int) -> Path:
     Open MPI's remote daemons get sshd's default PATH, and the ranks would run another ninja), and rank 0's
     address for Open MPI's ranks (DeepSpeed passes it to pdsh's itself)."""
     job = tmp_path / "job"
-    job.mkdir()
+    job.mkdir(parents=True)
     (job / ".deepspeed_env").write_text(f"PATH={Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin\n"
                                         f"OMP_NUM_THREADS=1\nMASTER_ADDR={master}\nMASTER_PORT={port}\n")
     return job
@@ -119,3 +119,35 @@ def test_a_hostname_on_loopback_does_not_break_a_job_across_hosts(shapes_root, t
         assert "resolves to 127.0.1.1 (loopback): gloo talks over eth0" in done.stdout + done.stderr
     finally:
         c.stop()
+
+
+def test_a_host_killed_mid_run_ends_the_job_promptly_and_it_resumes(hosts, shapes_root, tmp_path):
+    """Fault (a): every process of one host SIGKILLed mid-run. The surviving rank fails within seconds (its
+    sockets are reset), the launcher exits non-zero, and a relaunch continues from the last complete
+    checkpoint to the end. The time to detect is printed for the faults table."""
+    import time
+
+    overrides = tiny_overrides(shapes_root, tmp_path, "faster_rcnn") + [
+        "schedule.max_iters=12", "train.micro_batch=1", "train.ckpt_every_iters=2", "train.evaluate=false"]
+    port = free_port()
+    cmd = [DEEPSPEED, "--hostfile", str(hosts.hostfile(1)), "--master_addr", hosts.names[0], "--master_port",
+           str(port), str(REPO / "launch/train.py"), *overrides]
+    job = subprocess.Popen(cmd, cwd=_job_dir(tmp_path, hosts.names[0], port), env=hosts.env(PYTHONUNBUFFERED="1"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marker = tmp_path / "run/checkpoints/iter_00000002/complete.json"
+    deadline = time.time() + 240
+    while not marker.is_file() and time.time() < deadline:
+        assert job.poll() is None, "the job ended before the fault"
+        time.sleep(0.05)
+    hosts.kill_host(hosts.names[1])
+    tic = time.time()
+    output, _ = job.communicate(timeout=180)
+    detected = time.time() - tic
+    print(f"\nfault (a) host killed: launcher exit {job.returncode} after {detected:.1f} s")
+    assert job.returncode != 0 and detected < 120, output[-3000:]
+    lost = complete_tags(tmp_path / "run/checkpoints")
+    resumed = _launch(hosts, tmp_path / "again", ["--hostfile", str(hosts.hostfile(1))],
+                      overrides + ["train.resume=true"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming at iteration {int(lost[-1].split('_')[1])}" in resumed.stdout + resumed.stderr
+    assert sorted(_losses(tmp_path / "run")) == list(range(1, 13))
