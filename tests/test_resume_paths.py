@@ -380,3 +380,34 @@ def test_a_resume_that_redoes_logged_steps_continues_in_a_new_wandb_run(tmp_path
         assert tracker.wandb.config["previous_wandb_runs"] == [{"run_id": "firstrun0001", "until_iteration": 6}]
     finally:
         tracker.finish()
+
+
+def _clock_step_worker(rank: int, world: int, overrides: list, out: str) -> None:
+    """A run during which the wall clock keeps stepping back (10 s per reading: NTP corrections, at worst)."""
+    import time
+
+    from pipeline.config import load_config
+    from pipeline.train.trainer import run
+
+    real, calls = time.time, [0]
+
+    def stepping():
+        calls[0] += 1
+        return real() - 10.0 * calls[0]
+
+    time.time = stepping
+    try:
+        run(load_config(None, overrides))
+    finally:
+        time.time = real
+
+
+def test_throughput_survives_a_wall_clock_step(shapes_root, tmp_path):
+    from conftest import run_distributed
+
+    overrides = [*tiny_overrides(shapes_root, tmp_path, "faster_rcnn"), "schedule.max_iters=6", "train.log_every=2",
+                 "train.evaluate=false"]
+    run_distributed(_clock_step_worker, 1, overrides, str(tmp_path))
+    summary = json.loads((tmp_path / "run/run_summary.json").read_text())
+    assert summary["images_per_s"] > 0 and summary["train_seconds"] > 0, summary
+    assert all(r["train/images_per_s"] > 0 for r in read_metrics(tmp_path / "run") if "train/images_per_s" in r)
