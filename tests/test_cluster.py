@@ -121,6 +121,7 @@ def test_a_hostname_on_loopback_does_not_break_a_job_across_hosts(shapes_root, t
         c.stop()
 
 
+@pytest.mark.slow  # two multi-host launches; by hand: pytest -m slow tests/test_cluster.py
 def test_a_host_killed_mid_run_ends_the_job_promptly_and_it_resumes(hosts, shapes_root, tmp_path):
     """Fault (a): every process of one host SIGKILLed mid-run. The surviving rank fails within seconds (its
     sockets are reset), the launcher exits non-zero, and a relaunch continues from the last complete
