@@ -371,7 +371,7 @@ def write_job_record(cfg: ExperimentConfig, info: DistInfo, training: Training) 
     dist.all_gather_object(ranks, mine)
     if info.rank != 0:
         return
-    halves = training.agvm.halves_of if training.agvm is not None else None
+    halves = training.agvm.tap.halves_of if training.agvm is not None else None
     cfg.train.run_dir.mkdir(parents=True, exist_ok=True)
     write_json(cfg.train.run_dir / "job.json", {
         "ranks": ranks, "bn_groups": training.bn_layout,
