@@ -45,10 +45,13 @@ def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 class Cluster:
     """``hosts`` namespace-hosts ``<prefix>h0``, ``<prefix>h1``, ... at 10.77.<net>.1, .2, ..."""
 
+    made = 0  # clusters made by this process: each gets its own names and subnet
+
     def __init__(self, workdir: Path, hosts: int = 2, loopback_hostnames: bool = False):
-        tag = os.getpid() % 200
+        Cluster.made += 1
+        tag = (os.getpid() * 7 + Cluster.made) % 200
         self.prefix = f"mdt{tag}"
-        self.net = 20 + tag  # 10.77.20.0/24 .. 10.77.219.0/24: one subnet per test process
+        self.net = 20 + tag  # 10.77.20.0/24 .. 10.77.219.0/24: one subnet per cluster
         self.bridge = f"{self.prefix}br"
         self.dir = Path(workdir)
         self.names = [f"{self.prefix}h{i}" for i in range(hosts)]
