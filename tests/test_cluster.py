@@ -96,6 +96,7 @@ def test_pdsh_job_across_two_hosts_forms_one_job_with_bn_groups_per_host(hosts, 
         assert abs(got[it] - want[it]) <= 1e-5 * abs(want[it]), (it, got[it], want[it])
 
 
+@pytest.mark.slow  # 78 s in CI; by hand: pytest -m slow tests/test_cluster.py
 def test_open_mpi_job_across_two_hosts(hosts, shapes_root, tmp_path):
     """`deepspeed --launcher openmpi`, 2 hosts x 1 rank: node ranks from Open MPI's variables."""
     if not Path("/usr/bin/mpirun").is_file():
