@@ -266,7 +266,10 @@ class TrainConfig(_Section):
     seed: int = 0
     output_dir: Path = Path("runs")
     run_name: str = "default"
-    resume: bool = Field(False, description="continue from the newest complete checkpoint in the run directory")
+    resume: Union[bool, Literal["auto"]] = Field(
+        False, description="true: continue from the newest complete checkpoint in the run directory (none there is an "
+                           "error); auto: continue when one exists, start fresh otherwise (requeued jobs, study "
+                           "retries); false: start fresh, moving an earlier run in the directory aside")
     resume_from: Optional[str] = Field(None, description="resume from this checkpoint tag (e.g. iter_00001000) "
                                        "instead of the newest; implies resume")
     collective_timeout_s: float = Field(

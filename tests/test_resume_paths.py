@@ -93,7 +93,7 @@ def test_a_damaged_line_inside_the_log_is_an_error_naming_file_and_line(tmp_path
 
 
 def test_a_retry_before_the_first_checkpoint_starts_the_log_afresh(tmp_path):
-    """``train.resume=true`` and no checkpoint yet (an attempt that crashed before its first save):
+    """``train.resume=auto`` and no checkpoint yet (an attempt that crashed before its first save):
     the earlier attempt's records are moved aside, not appended to."""
     _write_log(tmp_path, RECORDS[:12])
     (tmp_path / "run_summary.json").write_text("{}")
@@ -411,3 +411,20 @@ def test_throughput_survives_a_wall_clock_step(shapes_root, tmp_path):
     summary = json.loads((tmp_path / "run/run_summary.json").read_text())
     assert summary["images_per_s"] > 0 and summary["train_seconds"] > 0, summary
     assert all(r["train/images_per_s"] > 0 for r in read_metrics(tmp_path / "run") if "train/images_per_s" in r)
+
+
+def test_resume_true_needs_a_checkpoint_and_auto_starts_fresh_without_one(reference_run, shapes_root, tmp_path):
+    """``train.resume=true`` on a run directory with no complete checkpoint is an error naming it (exit status
+    2, before anything is built); ``auto`` starts fresh there, and continues where a checkpoint exists."""
+    short = ("schedule.max_iters=2", "train.evaluate=false")
+    refused = _train(shapes_root, tmp_path / "typo", *short, "train.resume=true")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "holds no complete checkpoint" in refused.stderr and "train.resume=auto" in refused.stderr
+    assert str(tmp_path / "typo/run/checkpoints") in refused.stderr
+    fresh = _train(shapes_root, tmp_path / "fresh", *short, "train.resume=auto")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "starting fresh" in fresh.stderr and sorted(_losses(tmp_path / "fresh/run")) == [1, 2]
+    run_dir = _copy_run(reference_run, tmp_path)
+    resumed = _train(shapes_root, tmp_path, *REFERENCE, "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at iteration 8 from {run_dir / 'checkpoints/iter_00000008'}" in resumed.stderr

@@ -166,7 +166,7 @@ def test_failing_point_is_retried_once_then_reported(shapes_root, tmp_path):
     assert status["ok"]["status"] == "done" and status["ok"]["attempts"] == 1
     assert status["crash"]["status"] == "failed" and status["crash"]["attempts"] == 2
     log = (study.root / "crash.log").read_text()
-    assert log.count("### ") == 2 and "train.resume=true" in log.split("### ")[2]
+    assert log.count("### ") == 2 and "train.resume=auto" in log.split("### ")[2]
     assert status["bad_data"]["status"] == "failed" and status["bad_data"]["attempts"] == 1
     assert status["bad_data"]["returncode"] == 2
     assert "instances_train.json is not valid JSON" in (study.root / "bad_data.log").read_text()

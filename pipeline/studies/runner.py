@@ -10,7 +10,7 @@ The command is ``launch/study.py``; this module is its logic.
 
 Every point is validated for its launch shape (``pipeline.train.validate``) before the first one
 starts. Running is resumable: finished points (trained to the end, or diverged) are skipped; a
-point that crashes is retried once from its last checkpoint (train.resume=true), then marked
+point that crashes is retried once from its last checkpoint (train.resume=auto), then marked
 failed in ``study_status.json`` and in the results, never dropped. A point that exits with a
 configuration or data error (exit status 2) is marked failed at once: retrying cannot help.
 The runner's exit status is 1 when any point failed. Each point is a W&B run in the group
@@ -74,9 +74,10 @@ def validate_points(study: Study, gpus_per_node: int | None = None) -> None:
 
 
 def run_point(study: Study, point: Point, resume: bool) -> tuple[int, float]:
-    """One point through the deepspeed launcher on this machine; output appended to <point>.log."""
+    """One point through the deepspeed launcher on this machine; output appended to <point>.log. A ``resume``d
+    point continues from its newest complete checkpoint, or starts fresh where an attempt left none."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(point.ranks),
-           "--master_port", str(free_port())] + train_args(study, point) + [f"train.resume={str(resume).lower()}"]
+           "--master_port", str(free_port())] + train_args(study, point) + ["train.resume=auto" if resume else "train.resume=false"]
     threads = max(1, (os.cpu_count() or 1) // point.ranks)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     study.root.mkdir(parents=True, exist_ok=True)
@@ -147,7 +148,7 @@ def write_plan(study: Study, hostfile: Path, gpus_per_node: int) -> Path:
         cmd = (f"deepspeed --hostfile {hostfile} --num_nodes {nodes} --num_gpus {per_node} "
                + " ".join(shlex.quote(a) for a in train_args(study, point)))
         done = point_result(study.run_dir(point)) is not None
-        lines.append(("# done: " if done else "") + cmd + " train.resume=true")
+        lines.append(("# done: " if done else "") + cmd + " train.resume=auto")
     path = study.root / "launch_plan.sh"
     study.root.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -24,7 +24,7 @@ class Preempted(Exception):
 
     def __init__(self, iteration: int, signum: int):
         super().__init__(f"preempted by {signal.Signals(signum).name}: checkpoint at iteration {iteration} saved; "
-                         f"resume with train.resume=true (exit status {EXIT_PREEMPTED}: requeue me)")
+                         f"resume with train.resume=auto (exit status {EXIT_PREEMPTED}: requeue me)")
         self.iteration, self.signum = iteration, signum
 
 

@@ -304,13 +304,18 @@ def train_loop(state: TrainState) -> dict:
 
 def checkpoint_to_resume(cfg: ExperimentConfig, world: int) -> Optional[ckpt.ResumePoint]:
     """The checkpoint a resumed run loads (``train.resume_from`` or the newest complete one), checked
-    against this launch before anything is built; None for a fresh start. Checkpoints newer than it
+    against this launch before anything is built; None for a fresh start (``train.resume=auto`` with none
+    there; ``true`` with none is an error: the run it names is not there). Checkpoints newer than it
     (or, starting afresh, every one: each was cut short) are moved aside, and a fresh start's log
     begins anew, so nothing of an abandoned attempt is resumed or logged twice."""
     if not cfg.train.resume:
         return None
     ckpt_dir = cfg.train.run_dir / "checkpoints"
     tag = ckpt.choose(ckpt_dir, cfg.train.resume_from)
+    if tag is None and cfg.train.resume is True:  # asked to continue a run that is not there: a typo, most often
+        raise CheckpointError(f"train.resume=true, but {ckpt_dir} holds no complete checkpoint to continue: check "
+                              "train.output_dir and train.run_name, or pass train.resume=auto to start fresh when "
+                              "there is none (what a requeued job wants)")
     point = None if tag is None else ckpt.resume_point(ckpt_dir, tag, cfg, world, zero_stage(engine_config(cfg, world)))
     if dist.get_rank() == 0:
         ckpt.retire_newer(ckpt_dir, tag)
