@@ -275,6 +275,9 @@ class TrainConfig(_Section):
     collective_timeout_s: float = Field(
         1800.0, gt=0, description="how long a collective may wait for the other ranks before the job stops with an "
                                   "error (a host whose link is cut resets no socket: only this ends the wait)")
+    stall_report_s: float = Field(
+        300.0, ge=0, description="a rank without progress this long writes every thread's stack to <run>/stalls/ "
+                                 "and logs where it is; rank 0 names the ranks behind (0 = off)")
     allow_schedule_change: bool = Field(False, description="resume from a checkpoint saved with another schedule "
                                         "(iterations, epochs, warmup, decay points): continue on this run's")
     keep_checkpoints: int = Field(3, ge=1, description="complete checkpoints kept; older ones are deleted once a "

@@ -29,3 +29,16 @@ class ReshardError(DataError):
 def as_config_error(err: ModelConfigError) -> ConfigError:
     """The model code's error as the pipeline's (``models`` cannot import this module)."""
     return ConfigError(str(err))
+
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_DIVERGED = 1, 2, 3
+
+
+def exit_status(err: BaseException) -> int:
+    """The status a command exits with for ``err``: 2 for what a user must fix, 3 diverged, an error's own
+    ``exit_status`` (preempted: 4), else 1 (a retry may get past it)."""
+    if isinstance(err, (ConfigError, DataError)):
+        return EXIT_CONFIG
+    if isinstance(err, FloatingPointError):
+        return EXIT_DIVERGED
+    return getattr(err, "exit_status", EXIT_FAILED)

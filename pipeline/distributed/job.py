@@ -20,6 +20,7 @@ import torch.distributed as dist
 from pipeline.distributed.ds_internals import release_cpu_allreduce_segment
 from pipeline.distributed.launcher import LaunchError, device_index, export_env, mpi4py_importable, resolve
 from pipeline.distributed.network import choose_gloo_interface
+from pipeline.distributed.watchdog import enable_flight_recorder
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
         index = device_index(launch.local_rank, torch.cuda.device_count())
         torch.cuda.set_device(index)
         device = torch.device("cuda", index)
+        enable_flight_recorder()  # before the process group: NCCL reads it there
     else:
         device = torch.device("cpu")
     import deepspeed  # here, not at the top: the commands import this module before validating a config
@@ -53,11 +55,24 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", **timeout,
                                distributed_port=launch.master_port)
+    if timeout_s is not None:
+        bound_later_groups(timedelta(seconds=timeout_s))
     if (dist.get_rank(), dist.get_world_size()) != (launch.rank, launch.world):
         raise LaunchError(f"the process group made this rank {dist.get_rank()} of {dist.get_world_size()}, its "
                           f"launcher ({launch.launcher}) said {launch.rank} of {launch.world}")
     return DistInfo(launch.rank, launch.world, launch.local_rank, launch.local_world, device, launch.node,
                     launch.launcher)
+
+
+def bound_later_groups(timeout: timedelta) -> None:
+    """Make ``timeout`` the default of every process group made from now on: the BN groups and DeepSpeed's
+    own (its data-parallel clone of the world group) come from ``new_group`` without a timeout, which gives
+    them torch's module default (30 minutes), not the job's: a rank waiting on a hung peer in a BN
+    all-reduce would outlive ``train.collective_timeout_s`` by far. torch reads these defaults at each call."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def leave_job() -> None:

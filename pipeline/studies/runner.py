@@ -32,12 +32,12 @@ from tqdm import tqdm
 from pipeline.checkpoint.manager import complete_tags
 from pipeline.config import REPO_ROOT, load_config, resolve_repo_path
 from pipeline.distributed.launcher import free_port
-from pipeline.errors import ConfigError
-from pipeline.utils.files import write_json
+from pipeline.errors import EXIT_CONFIG, ConfigError
 from pipeline.studies.spec import (STATUS_FILE, Comparison, Point, Study, aggregate_seeds, collect_rows, load_study,
                                    markdown_table, paired_differences, point_result, read_status, series_key, write_csv,
                                    write_status)
 from pipeline.train.validate import validate
+from pipeline.utils.files import write_json
 
 # What a finished point's results are (``collect_rows``, the plots) without its checkpoints: an
 # archive of them is a few tens of KB per point, small enough for git, and copied back into the
@@ -45,7 +45,6 @@ from pipeline.train.validate import validate
 ARCHIVED_FILES = ("run_summary.json", "metrics.jsonl", "config.yaml", "model.json", "eval_metrics.json",
                   "schedule.json")
 MAX_ATTEMPTS = 2  # the first run and one retry from the last checkpoint
-EXIT_CONFIG = 2  # launch/train.py's exit status for a configuration or data error
 RESULT_COLUMNS = ["point", "global_batch", "status", "AP", "AP50", "iterations", "wall_s", "images_per_s",
                   "peak_mem_gib", "parameters"]
 

@@ -28,12 +28,10 @@ from pathlib import Path
 from pipeline.config import load_config
 from pipeline.distributed.job import exit_skipping_teardown, leave_job
 from pipeline.distributed.launcher import mpi4py_importable, resolve
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import EXIT_CONFIG, EXIT_DIVERGED, ConfigError, DataError
 from pipeline.train.preemption import EXIT_PREEMPTED, Preempted
 from pipeline.train.run_lock import RunLocked
 from pipeline.train.validate import validate
-
-EXIT_CONFIG, EXIT_DIVERGED = 2, 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:

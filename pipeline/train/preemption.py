@@ -22,6 +22,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class Preempted(Exception):
     """The job was asked to stop; a complete checkpoint of ``iteration`` is on disk."""
 
+    agreed = True  # every rank raises it together (pipeline.distributed.watchdog publishes no such error)
+    exit_status = EXIT_PREEMPTED
+
     def __init__(self, iteration: int, signum: int):
         super().__init__(f"preempted by {signal.Signals(signum).name}: checkpoint at iteration {iteration} saved; "
                          f"resume with train.resume=auto (exit status {EXIT_PREEMPTED}: requeue me)")

@@ -34,6 +34,8 @@ class TrainStep:
         self.iteration = iteration
         self.base_clip = engine.gradient_clipping()
         self.estimated = False  # whether the last iteration estimated AGVM's Phi (its record is fresh)
+        # progress marks for the job's watchdog (pipeline.distributed.watchdog.JobWatch.mark): Python only
+        self.mark = lambda phase, iteration: None
 
     def group_lrs(self, it: int) -> list[float]:
         """Each param group's lr at iteration ``it``: the schedule's, times its layer-wise decay scale
@@ -52,13 +54,17 @@ class TrainStep:
             agvm.tap.arm()
         losses: dict[str, torch.Tensor] = {}
         for micro in range(self.accum):
-            out = engine(*next(micro_batches))
+            batch = next(micro_batches)
+            self.mark("forward", it)
+            out = engine(*batch)
             if armed:
                 agvm.tap.begin_micro(micro)
+            self.mark("backward", it)
             engine.backward(sum(out.values()))
             if armed:
                 agvm.tap.after_backward(micro)
             if micro == self.accum - 1:  # DeepSpeed steps the optimizer at this engine.step()
+                self.mark("optimizer step", it)
                 self._before_optimizer_step(it, armed)
             engine.step()
             for k, v in out.items():

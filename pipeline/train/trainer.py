@@ -26,6 +26,7 @@ from pipeline.distributed.ds_config import engine_config, zero_stage
 from pipeline.distributed.ds_internals import count_parameters, weights_finite
 from pipeline.distributed.job import DistInfo, init_distributed
 from pipeline.distributed.norm import sync_running_stats
+from pipeline.distributed.watchdog import JobWatch
 from pipeline.errors import CheckpointError
 from pipeline.evaluation.coco import evaluate
 from pipeline.evaluation.previews import draw_previews, save_previews
@@ -92,6 +93,8 @@ def _reduce_window(window: dict[str, torch.Tensor], count: int) -> dict[str, flo
 
 class Diverged(FloatingPointError):
     """The loss became NaN or infinite at ``iteration``."""
+
+    agreed = True  # found by a collective: every rank raises it together
 
     def __init__(self, iteration: int, message: str):
         super().__init__(message)
@@ -405,14 +408,17 @@ def run(cfg: ExperimentConfig) -> dict:
     info = init_distributed(cfg.train.collective_timeout_s)
     validate(cfg, info.world, info.local_world)
     with run_lock.held(cfg.train.run_dir, info.rank):  # one job per run directory
-        return _run_locked(cfg, info)
+        with JobWatch(info.rank, info.world, cfg.train.run_dir, cfg.train.stall_report_s,
+                      cfg.train.collective_timeout_s, cuda=info.device.type == "cuda") as watch:
+            return _run_locked(cfg, info, watch)
 
 
-def _run_locked(cfg: ExperimentConfig, info: DistInfo) -> dict:
+def _run_locked(cfg: ExperimentConfig, info: DistInfo, watch: JobWatch) -> dict:
     if not cfg.train.resume:
         archive_previous_run(cfg.train.run_dir, info.rank)
     point = checkpoint_to_resume(cfg, info.world)
     training = build_training(cfg, info, load_universal=point is not None and point.universal)
+    training.step.mark = watch.mark
     carried = resume(cfg, info, training, point) if point is not None else None
     write_job_record(cfg, info, training)
     if info.rank == 0:
