@@ -99,7 +99,9 @@ class Cluster:
         blocks = [f"Host {n}\n  HostName {a}\n" for n, a in zip(self.names, self.addrs)]
         (d / "ssh_config").write_text("".join(blocks) + (
             f"Host *\n  User root\n  IdentityFile {d / 'id'}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
-            "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n  ConnectTimeout 10\n"))
+            "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n  ConnectTimeout 10\n"
+            # a host whose link died resets nothing: without keepalives pdsh's ssh to it waits for hours
+            "  ServerAliveInterval 5\n  ServerAliveCountMax 3\n"))
         (d / "bin").mkdir(exist_ok=True)
         wrapper = d / "bin" / "ssh"
         wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('ssh')} -F {d / 'ssh_config'} \"$@\"\n")
@@ -165,6 +167,9 @@ class Cluster:
 
     def cut_link(self, name: str) -> None:
         _sh("ip", "-n", name, "link", "set", "eth0", "down")
+
+    def restore_link(self, name: str) -> None:
+        _sh("ip", "-n", name, "link", "set", "eth0", "up")
 
     # ---- tear down ----
 

@@ -130,15 +130,11 @@ def test_a_hostname_on_loopback_does_not_break_a_job_across_hosts(shapes_root, t
         c.stop()
 
 
-@pytest.mark.slow  # two multi-host launches; by hand: pytest -m slow tests/test_cluster.py
-def test_a_host_killed_mid_run_ends_the_job_promptly_and_it_resumes(hosts, shapes_root, tmp_path):
-    """Fault (a): every process of one host SIGKILLed mid-run. The surviving rank fails within seconds (its
-    sockets are reset), the launcher exits non-zero, and a relaunch continues from the last complete
-    checkpoint to the end. The time to detect is printed for the faults table."""
+def _fault_mid_run(hosts: cluster.Cluster, tmp_path: Path, overrides: list[str], fault) -> tuple[int, float, str]:
+    """A 2-host x 1-rank pdsh job hit by ``fault(hosts)`` once its iteration-2 checkpoint is complete;
+    returns the launcher's exit status, the seconds from the fault to its exit, and its output."""
     import time
 
-    overrides = tiny_overrides(shapes_root, tmp_path, "faster_rcnn") + [
-        "schedule.max_iters=12", "train.micro_batch=1", "train.ckpt_every_iters=2", "train.evaluate=false"]
     port = free_port()
     cmd = [DEEPSPEED, "--hostfile", str(hosts.hostfile(1)), "--master_addr", hosts.names[0], "--master_port",
            str(port), str(REPO / "launch/train.py"), *overrides]
@@ -149,15 +145,50 @@ def test_a_host_killed_mid_run_ends_the_job_promptly_and_it_resumes(hosts, shape
     while not marker.is_file() and time.time() < deadline:
         assert job.poll() is None, "the job ended before the fault"
         time.sleep(0.05)
-    hosts.kill_host(hosts.names[1])
+    fault(hosts)
     tic = time.time()
     output, _ = job.communicate(timeout=180)
-    detected = time.time() - tic
-    print(f"\nfault (a) host killed: launcher exit {job.returncode} after {detected:.1f} s")
-    assert job.returncode != 0 and detected < 120, output[-3000:]
-    lost = complete_tags(tmp_path / "run/checkpoints")
+    return job.returncode, time.time() - tic, output
+
+
+def _resumes_to_the_end(hosts: cluster.Cluster, tmp_path: Path, overrides: list[str]) -> None:
+    """A relaunch with train.resume=auto continues from the last complete checkpoint, each iteration logged once."""
+    last = complete_tags(tmp_path / "run/checkpoints")[-1]
     resumed = _launch(hosts, tmp_path / "again", ["--hostfile", str(hosts.hostfile(1))],
-                      overrides + ["train.resume=true"])
+                      overrides + ["train.resume=auto"])
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"resuming at iteration {int(lost[-1].split('_')[1])}" in resumed.stdout + resumed.stderr
+    assert f"resuming at iteration {int(last.split('_')[1])}" in resumed.stdout + resumed.stderr
     assert sorted(_losses(tmp_path / "run")) == list(range(1, 13))
+
+
+FAULT_RUN = ["schedule.max_iters=12", "train.micro_batch=1", "train.ckpt_every_iters=2", "train.evaluate=false"]
+
+
+@pytest.mark.slow  # two multi-host launches; by hand: pytest -m slow tests/test_cluster.py
+def test_a_host_killed_mid_run_ends_the_job_promptly_and_it_resumes(hosts, shapes_root, tmp_path):
+    """Fault (a): every process of one host SIGKILLed mid-run. The surviving rank fails within seconds (its
+    sockets are reset), the launcher exits non-zero, and a relaunch continues from the last complete
+    checkpoint to the end. The time to detect is printed for the faults table."""
+    overrides = tiny_overrides(shapes_root, tmp_path, "faster_rcnn") + FAULT_RUN
+    status, seconds, output = _fault_mid_run(hosts, tmp_path, overrides, lambda c: c.kill_host(c.names[1]))
+    print(f"\nfault (a) host killed: launcher exit {status} after {seconds:.1f} s")
+    assert status != 0 and seconds < 120, output[-3000:]
+    _resumes_to_the_end(hosts, tmp_path, overrides)
+
+
+@pytest.mark.slow  # two multi-host launches; by hand: pytest -m slow tests/test_cluster.py
+def test_a_cut_link_ends_the_job_within_the_collective_timeout_and_it_resumes(hosts, shapes_root, tmp_path):
+    """Fault (b): host 1's link goes down mid-run; no socket is reset, so only timeouts end the wait: rank 0's
+    collective at ``train.collective_timeout_s`` (15 s here), rank 1's watchdog when the job's store has been
+    unreachable as long, the launcher's ssh by its keepalives. Then the link comes back and a relaunch resumes."""
+    overrides = tiny_overrides(shapes_root, tmp_path, "faster_rcnn") + FAULT_RUN + ["train.collective_timeout_s=15"]
+    try:
+        status, seconds, output = _fault_mid_run(hosts, tmp_path, overrides, lambda c: c.cut_link(c.names[1]))
+    finally:
+        hosts.restore_link(hosts.names[1])
+    hosts.kill_host(hosts.names[1])  # whatever the cut left behind on that host
+    print(f"\nfault (b) link cut: launcher exit {status} after {seconds:.1f} s")
+    assert status != 0 and seconds < 90, output[-3000:]
+    assert "[rank0]" in output and ("Timed out" in output or "timed out" in output or "Timeout" in output), \
+        output[-4000:]
+    _resumes_to_the_end(hosts, tmp_path, overrides)

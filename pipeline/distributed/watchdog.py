@@ -44,7 +44,7 @@ from pipeline.errors import exit_status
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often each rank's thread looks at the store
-ACK_WAIT_S = 15.0  # how long a failing rank 0 keeps the store up for the others to read its error
+ACK_WAIT_S = 5.0  # how long a failing rank 0 keeps the store up for the others (polling every POLL_S) to read its error
 STORE_LOST_S = 60.0  # unreachable this long (or train.collective_timeout_s if shorter): the job is lost
 EXIT_JOB_LOST = 1  # a retry may get past it (requeue, resume)
 _PREFIX = "pipeline/watchdog/"
@@ -59,7 +59,7 @@ def enable_flight_recorder() -> None:
 
 
 def _where(err: BaseException) -> str:
-    """`` (at pipeline/x/y.py:line in function)``: the innermost frame of this project that raised ``err``."""
+    """`` (at <path in this repository>:line in function)``: the innermost frame of this project that raised ``err``."""
     for frame in reversed(traceback.extract_tb(err.__traceback__)):
         for package in ("/pipeline/", "/models/"):
             if package in frame.filename:
