@@ -148,6 +148,7 @@ def _fault_mid_run(hosts: cluster.Cluster, tmp_path: Path, overrides: list[str],
     fault(hosts)
     tic = time.time()
     output, _ = job.communicate(timeout=180)
+    (tmp_path / "launcher.log").write_text(output)  # the whole of it, for a failed assertion's reader
     return job.returncode, time.time() - tic, output
 
 
@@ -167,12 +168,14 @@ FAULT_RUN = ["schedule.max_iters=12", "train.micro_batch=1", "train.ckpt_every_i
 @pytest.mark.slow  # two multi-host launches; by hand: pytest -m slow tests/test_cluster.py
 def test_a_host_killed_mid_run_ends_the_job_promptly_and_it_resumes(hosts, shapes_root, tmp_path):
     """Fault (a): every process of one host SIGKILLed mid-run. The surviving rank fails within seconds (its
-    sockets are reset), the launcher exits non-zero, and a relaunch continues from the last complete
+    sockets are reset) naming the rank and host that did not answer, the launcher exits non-zero, and a relaunch continues from the last complete
     checkpoint to the end. The time to detect is printed for the faults table."""
     overrides = tiny_overrides(shapes_root, tmp_path, "faster_rcnn") + FAULT_RUN
     status, seconds, output = _fault_mid_run(hosts, tmp_path, overrides, lambda c: c.kill_host(c.names[1]))
     print(f"\nfault (a) host killed: launcher exit {status} after {seconds:.1f} s")
     assert status != 0 and seconds < 120, output[-3000:]
+    assert f"rank(s) [1] did not answer within 5 s" in output and f"rank 1 on {hosts.names[1]}" in output, \
+        output[-4000:]  # rank 0 names the rank and host it lost
     _resumes_to_the_end(hosts, tmp_path, overrides)
 
 

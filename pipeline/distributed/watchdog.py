@@ -78,6 +78,7 @@ class JobWatch:
         self.lost_after_s = min(STORE_LOST_S, collective_timeout_s)
         self.host = socket.gethostname()
         self.count, self.phase, self._changed = 0, "start", time.monotonic()
+        self._last_contact = time.monotonic()  # with the job's store
         self._stall_reported = -1  # the count at which this rank last reported a stall
         self._main = threading.main_thread().ident
         self._stop = threading.Event()
@@ -119,12 +120,26 @@ class JobWatch:
             return
         try:
             store.compare_set(_PREFIX + "error", "", record)
-            store.add(_PREFIX + "seen", 1)  # this rank knows
-            deadline = time.monotonic() + (ACK_WAIT_S if self.rank == 0 else 0)
-            while store.add(_PREFIX + "seen", 0) < self.world and time.monotonic() < deadline:
-                time.sleep(0.1)
+            store.set(f"{_PREFIX}seen/{self.rank}", "1")  # this rank knows
+            if self.rank == 0:
+                self._wait_until_read(store)
         except Exception as store_err:  # the store going away is no reason to hide this rank's own error
             log.warning("could not publish this rank's error to the other ranks: %s", store_err)
+
+    def _wait_until_read(self, store) -> None:
+        """Keep the store up until every rank has read the error, at most ``ACK_WAIT_S``; name the ranks that
+        never did: they are gone (a host lost, a process killed) or cut off from this one."""
+        keys = [f"{_PREFIX}seen/{r}" for r in range(self.world)]
+        deadline = time.monotonic() + ACK_WAIT_S
+        while not store.check(keys) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        silent = [r for r, key in enumerate(keys) if not store.check([key])]
+        if silent:
+            hosts = {r: json.loads(store.get(f"{_PREFIX}progress/{r}"))[2] for r in silent
+                     if store.check([f"{_PREFIX}progress/{r}"])}
+            log.error("rank(s) %s did not answer within %.0f s: gone (host lost, process killed) or cut off from "
+                      "rank 0; their last hosts: %s", silent, ACK_WAIT_S,
+                      ", ".join(f"rank {r} on {h}" for r, h in hosts.items()) or "never reported")
 
     # ---- the thread ----
 
@@ -139,32 +154,38 @@ class JobWatch:
         return self._store
 
     def _run(self) -> None:
-        last_contact = time.monotonic()
-        while not self._stop.wait(POLL_S):
-            store = self._connect()
-            try:
-                if store is None:
-                    raise ConnectionError(f"cannot connect to {self._address[0]}:{self._address[1]}")
-                store.set(f"{_PREFIX}progress/{self.rank}", json.dumps([self.count, self.phase, self.host]))
-                peer = store.get(_PREFIX + "error").decode() if store.check([_PREFIX + "error"]) else ""
-            except Exception as err:  # noqa: BLE001 - any failure to talk to the store
-                self._store = None
-                if time.monotonic() - last_contact > self.lost_after_s:
-                    self._exit(EXIT_JOB_LOST, f"rank {self.rank} on {self.host} lost the job: its store at "
-                               f"{self._address[0]}:{self._address[1]} (rank 0's process) has been unreachable for "
-                               f"{time.monotonic() - last_contact:.0f} s ({err}); rank 0's host is gone or the "
-                               "network between them is cut. Relaunch with train.resume=auto")
-                continue
-            last_contact = time.monotonic()
-            if peer and not self._stop.is_set():
-                self._peer_failed(store, json.loads(peer))
-            self._check_stall(store)
+        self._last_contact = time.monotonic()
+        while True:  # at once, then every POLL_S: the host is on record from the start
+            self._poll()
+            if self._stop.wait(POLL_S):
+                return
+
+    def _poll(self) -> None:
+        store = self._connect()
+        try:
+            if store is None:
+                raise ConnectionError(f"cannot connect to {self._address[0]}:{self._address[1]}")
+            store.set(f"{_PREFIX}progress/{self.rank}", json.dumps([self.count, self.phase, self.host]))
+            peer = store.get(_PREFIX + "error").decode() if store.check([_PREFIX + "error"]) else ""
+        except Exception as err:  # noqa: BLE001 - any failure to talk to the store
+            self._store = None
+            lost = time.monotonic() - self._last_contact
+            if lost > self.lost_after_s:
+                self._exit(EXIT_JOB_LOST, f"rank {self.rank} on {self.host} lost the job: its store at "
+                           f"{self._address[0]}:{self._address[1]} (rank 0's process) has been unreachable for "
+                           f"{lost:.0f} s ({err}); rank 0's host is gone or the network between them is cut. "
+                           "Relaunch with train.resume=auto")
+            return
+        self._last_contact = time.monotonic()
+        if peer and not self._stop.is_set():
+            self._peer_failed(store, json.loads(peer))
+        self._check_stall(store)
 
     def _peer_failed(self, store, peer: dict) -> None:
         if peer["rank"] == self.rank:
             return
         try:
-            store.add(_PREFIX + "seen", 1)
+            store.set(f"{_PREFIX}seen/{self.rank}", "1")
         except Exception:  # noqa: BLE001 - rank 0 may be gone already; the message below stands
             pass
         self._exit(peer["status"], f"rank {peer['rank']} on {peer['host']} failed: {peer['error']}\n"
