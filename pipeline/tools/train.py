@@ -14,7 +14,8 @@ are validated before any process group forms.
 Exit status: 0 done, 1 a failure a retry may get past (an I/O error, out of memory, another job holding the
 run directory: the message names it), 2 a configuration, data or checkpoint error (retrying cannot help),
 3 diverged, 4 preempted (SIGTERM or SIGUSR1: a complete checkpoint was saved at the next log step;
-requeue with train.resume=auto).
+requeue with train.resume=auto). A rank stopped because another failed exits with that rank's status
+(pipeline/distributed/watchdog.py), so the launcher's is the same whichever rank it reports.
 """
 
 from __future__ import annotations
