@@ -428,3 +428,30 @@ def test_resume_true_needs_a_checkpoint_and_auto_starts_fresh_without_one(refere
     resumed = _train(shapes_root, tmp_path, *REFERENCE, "train.resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at iteration 8 from {run_dir / 'checkpoints/iter_00000008'}" in resumed.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="open: the first step after a resume from a periodic checkpoint differs "
+                                       "(0.4% in its loss) though its images, RNG, weights and momentum match")
+def test_a_resume_from_a_periodic_checkpoint_is_exact(shapes_root, tmp_path):
+    """2 ranks, a checkpoint every 2 iterations; the run resumed from iteration 2 must log the losses of the
+    uninterrupted run. Found by the multi-host fault tests: at iteration 3 of the resumed run the image ids,
+    the pixels, torch's RNG state, the parameter, buffer and momentum sums all equal the uninterrupted
+    run's at its iteration 3 (traced on both ranks), yet the loss is 2.6956 against 2.6844 (FrozenBN; 2.5792
+    against 2.5308 with BN groups of one rank). tests/test_preemption.py's resume at a log step, whose
+    reference saves no checkpoint, is exact. Remove the xfail when this passes."""
+    from pipeline.distributed.launcher import free_port
+
+    def job(out: Path, *extra: str) -> dict[int, float]:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+               str(REPO / "launch/train.py"), *tiny_overrides(shapes_root, out, "faster_rcnn"), "schedule.max_iters=6",
+               "train.micro_batch=1", "train.ckpt_every_iters=2", "train.keep_checkpoints=10", "train.evaluate=false",
+               "model.norm=frozen", *extra]
+        done = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return _losses(out / "run")
+
+    want = job(tmp_path / "ref")
+    shutil.copytree(tmp_path / "ref", tmp_path / "again")
+    got = job(tmp_path / "again", "train.resume_from=iter_00000002")
+    assert got == want
