@@ -65,13 +65,15 @@ def _launch(c: cluster.Cluster, tmp_path: Path, launcher_args: list[str], overri
                           capture_output=True, text=True, timeout=timeout)
 
 
-COMMON = ["schedule.max_iters=4", "train.micro_batch=1", "train.final_checkpoint=true", "model.bn_group=node"]
+COMMON = ["schedule.max_iters=4", "train.micro_batch=1", "train.final_checkpoint=true", "optim.name=agvm_sgd",
+          "agvm.tau=1", "agvm.start_iter=1", "model.bn_group=node"]
 
 
 def test_pdsh_job_across_two_hosts_forms_one_job_with_bn_groups_per_host(hosts, shapes_root, tmp_path):
     """`deepspeed --hostfile` (pdsh), 2 hosts x 2 ranks: one 4-rank job, BN groups [[0, 1], [2, 3]] that follow
-    the hosts, one checkpoint on the shared directory, and the losses of a one-host 4-rank job with the
-    same BN groups and global batch."""
+    the hosts, AGVM's halves along them (ranks 0-1 against 2-3: a half inside one BN group would couple
+    them), one checkpoint on the shared directory, and the losses of a one-host 4-rank job with the same
+    BN groups, halves and global batch."""
     overrides = tiny_overrides(shapes_root, tmp_path, "faster_rcnn") + COMMON
     done = _launch(hosts, tmp_path, ["--hostfile", str(hosts.hostfile(2))], overrides)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -80,6 +82,7 @@ def test_pdsh_job_across_two_hosts_forms_one_job_with_bn_groups_per_host(hosts, 
     assert [(r["host"], r["node"], r["local_rank"], r["world"]) for r in ranks] == [
         (hosts.names[0], 0, 0, 4), (hosts.names[0], 0, 1, 4), (hosts.names[1], 1, 0, 4), (hosts.names[1], 1, 1, 4)]
     assert job["bn_groups"] == [[0, 1], [2, 3]]
+    assert job["agvm_halves"] == {"by": "ranks", "first": [0, 1]}
     assert complete_tags(tmp_path / "run/checkpoints") == ["iter_00000004"]
     assert json.loads((tmp_path / "run/run_summary.json").read_text())["world_size"] == 4
 
