@@ -154,7 +154,6 @@ class JobWatch:
         return self._store
 
     def _run(self) -> None:
-        self._last_contact = time.monotonic()
         while True:  # at once, then every POLL_S: the host is on record from the start
             self._poll()
             if self._stop.wait(POLL_S):
@@ -240,8 +239,7 @@ class JobWatch:
             log.warning("every rank is at the same mark (%d, %s): they wait in one collective together (a peer's "
                         "link or a hung collective); train.collective_timeout_s ends it", lowest, marks[0][1])
             return
-        ahead = max(m[0] for m in marks)
+        ahead = max(marks)  # [mark, phase, host] of a rank furthest on
         log.warning("rank(s) %s behind the others: %s; the rest are at mark %d (%s). Their stacks: %s",
                     behind, ", ".join(f"rank {r} on {marks[r][2]} at mark {marks[r][0]} ({marks[r][1]})"
-                                      for r in behind), ahead, marks[marks.index(max(marks))][1],
-                    self.run_dir / "stalls")
+                                      for r in behind), ahead[0], ahead[1], self.run_dir / "stalls")
