@@ -123,3 +123,27 @@ def test_unknown_backbone_names_the_key_and_close_names():
         validate(load_config(None, ["model.backbone=resnet_50"]), world=1, ranks_per_node=1)
     with pytest.raises(ConfigError, match=r"model.backbone='resnet_50'"):
         build_model(load_config(None, ["model.backbone=resnet_50"]), 3, pretrained=False)
+
+
+@pytest.mark.parametrize("detector", ["faster_rcnn", "mask_rcnn"])
+def test_roi_pooling_does_not_depend_on_the_first_batch_seen(detector):
+    """torchvision's MultiScaleRoIAlign infers each level's scale from the first batch it sees
+    (feature size / image size, rounded to a power of two) and keeps it. A first image of 65 px,
+    padded to 96, makes every level look twice as fine as it is: all later RoIs pool from the wrong
+    place, and a run resumed from a checkpoint (whose first batch differs) trains differently.
+    Truth: the same model fed a different first batch gives the same losses on the same batch."""
+    import copy
+
+    fresh = _tiny(detector)
+    seasoned = copy.deepcopy(fresh)
+    with_masks = detector == "mask_rcnn"
+    odd = [torch.rand(3, 65, 65) * 255]
+    odd_targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1]),
+                    **({"masks": torch.ones(1, 65, 65, dtype=torch.uint8)} if with_masks else {})}]
+    seasoned(odd, odd_targets)  # the first batch this copy sees
+    images = [torch.rand(3, 64, 80) * 255, torch.rand(3, 64, 80) * 255]
+    losses = []
+    for model in (fresh, seasoned):
+        torch.manual_seed(1)  # the heads' fg/bg sampling
+        losses.append({k: v.item() for k, v in model(images, _targets(with_masks)).items()})
+    assert losses[0] == losses[1]
