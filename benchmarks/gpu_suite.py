@@ -209,6 +209,17 @@ def _levers_here(device: torch.device) -> list[tuple[str, list[str]]]:
             if "fused" not in label]
 
 
+def _flop_rates(step, batch: int, seconds_per_step: float, precision: str, device: torch.device) -> dict:
+    """TFLOP/s and MFU of a timed step of ``batch`` images: its FLOPs counted on one more step
+    (pipeline.train.flops, as the training log counts them)."""
+    from pipeline.train.flops import FlopMeter, device_peak_tflops
+
+    meter = FlopMeter(world=1, peak_tflops=device_peak_tflops(device, precision == "bf16"))
+    meter.count(step, images=batch)
+    rates = meter.rates(batch / seconds_per_step)
+    return {"tflops": rates["tflops_per_rank"], "mfu": rates.get("mfu", "")}
+
+
 def part_b(sizes: Sizes, info, out_dir: Path) -> dict:
     rows = []
     precision = sizes.fast_precision
@@ -217,7 +228,8 @@ def part_b(sizes: Sizes, info, out_dir: Path) -> dict:
         _, tv = torchvision_step(sizes.hw, batch, precision, info.device)
         tv_s = time_steps(tv, info.device, sizes.warmup, sizes.timed)
         rows.append({"batch": batch, "variant": "torchvision fasterrcnn_resnet50_fpn", "img_s": batch / tv_s,
-                     "ratio": 1.0, "peak_gib": _peak_gib(info.device)})
+                     "ratio": 1.0, "peak_gib": _peak_gib(info.device), **_flop_rates(tv, batch, tv_s, precision,
+                                                                                       info.device)})
         del tv
         _release()
         here = dict(_levers_here(info.device))
@@ -233,13 +245,15 @@ def part_b(sizes: Sizes, info, out_dir: Path) -> dict:
             layers = _force_bn_group(training.engine.module)
             s = time_steps(step, info.device, sizes.warmup, sizes.timed)
             rows.append({"batch": batch, "variant": label, "img_s": batch / s, "ratio": tv_s / s,
-                         "peak_gib": _peak_gib(info.device), "note": f"{layers} BN layers over a 1-rank group"})
+                         "peak_gib": _peak_gib(info.device), **_flop_rates(step, batch, s, precision, info.device),
+                         "note": f"{layers} BN layers over a 1-rank group"})
             del training, step
             _release()
     note = (f"{sizes.hw[0]}x{sizes.hw[1]}, {precision}, ZeRO-0, same synthetic images; {sizes.warmup} warm-up + "
-            f"{sizes.timed} timed steps; ratio = ours / torchvision img/s")
-    return {"rows": rows, "note": note, "table": _md_table(rows, ["batch", "variant", "img_s", "ratio", "peak_gib",
-                                                                    "note"])}
+            f"{sizes.timed} timed steps; ratio = ours / torchvision img/s; tflops: model FLOPs (counted on one "
+            f"more step, forward + backward) x steps/s; mfu: of the device's dense peak (pipeline/train/flops.py)")
+    columns = ["batch", "variant", "img_s", "ratio", "tflops", "mfu", "peak_gib", "note"]
+    return {"rows": rows, "note": note, "table": _md_table(rows, columns)}
 
 
 def _count_iteration(step, device: torch.device) -> dict:
@@ -260,25 +274,10 @@ def _count_iteration(step, device: torch.device) -> dict:
         step()
     out = {"gflop": flops.get_total_flops() / 1e9, "aten_ops": ops, "syncs_counted": syncs.total,
            "syncs_by_package": dict(syncs.by_package()),
-           "sync_sites": [(_short(site), n, op) for (site, n), op in zip(syncs.sites.most_common(),
-                                                                         _ops_of(syncs))]}
+           "sync_sites": syncs.report()}
     if device.type == "cuda":
         out["cuda_syncs"] = _cuda_syncs(step)
     return out
-
-
-def _short(site: str) -> str:
-    """A source line relative to its package (site-packages/torchvision/ops/boxes.py:54 -> torchvision/ops/boxes.py:54)."""
-    path = Path(site)
-    parts = path.parts
-    for root in ("torchvision", "deepspeed", "timm", "pipeline", "models"):
-        if root in parts:
-            return str(Path(*parts[parts.index(root):]))
-    return site
-
-
-def _ops_of(syncs) -> list[str]:
-    return [syncs.site_ops.get(site, "") for site, _ in syncs.sites.most_common()]
 
 
 def _partial(out_dir: Path, key: str, rows: list[dict]) -> None:

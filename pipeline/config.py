@@ -296,6 +296,14 @@ class TrainConfig(_Section):
     ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="weight EMA (pipeline/optim/ema.py): evaluation and "
                                        "export use ema <- decay ema + (1 - decay) weights, e.g. 0.9999; None: off")
     progress: bool = True
+    profile: Optional[tuple[int, int]] = Field(
+        None, description="[first, last]: profile these iterations (numbered as logged) on every rank: a torch.profiler "
+                          "trace per rank, the top 15 operators and the host syncs in <run>/profile/")
+    oom_snapshot: bool = Field(True, description="CUDA: record the allocator's history so that an out-of-memory error "
+                                                 "writes a memory snapshot to <run>/oom/ (and names it)")
+    peak_tflops: Optional[float] = Field(
+        None, gt=0, description="the device's dense peak TFLOP/s for MFU; None: from the table in "
+                                "pipeline/train/flops.py by GPU name and precision (no MFU where unknown, e.g. CPUs)")
     compile: bool = Field(False, description="torch.compile the backbone and neck (training and inference); "
                                              "ZeRO 0-2; model.pad_to=auto then pads to one canvas per orientation")
     channels_last: Optional[bool] = Field(None, description="model and input batch in channels_last memory layout "
@@ -312,6 +320,14 @@ class TrainConfig(_Section):
         if isinstance(data, dict) and data.get("resume_from") is not None:
             data = dict(data, resume=True)
         return data
+
+    @field_validator("profile")
+    @classmethod
+    def _profile_window(cls, window: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
+        if window is not None and not 1 <= window[0] <= window[1]:
+            raise ValueError(f"train.profile={list(window)}: need [first, last] iterations with 1 <= first <= last, "
+                             "e.g. [20, 24]")
+        return window
 
     @property
     def run_dir(self) -> Path:

@@ -30,6 +30,7 @@ def test_every_part_runs_in_smoke_mode(tmp_path):
     assert len(smoke) == 9 and all(r["ok"] and r["cgbn_layers"] > 0 for r in smoke), smoke  # 3 configs x ZeRO 0/2/3
     speed = {r["variant"]: r for r in parts["b"]["rows"]}
     assert speed["torchvision fasterrcnn_resnet50_fpn"]["img_s"] > 0
+    assert all(r["tflops"] > 0 and r["mfu"] == "" for r in speed.values() if r["img_s"])  # no CPU peak: no MFU
     assert speed["+ channels_last"]["img_s"] > 0 and speed["+ fused cross-GPU BN"]["note"] == "CUDA only"
     counts = {r["model"]: r for r in parts["c"]["rows"]}
     tv = counts["torchvision fasterrcnn_resnet50_fpn"]

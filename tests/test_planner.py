@@ -72,17 +72,20 @@ def test_estimate_within_measured_error_of_peak(shapes_root, tmp_path, backbone,
     assert -0.10 <= error <= 0.03, f"estimate {100 * error:+.1f}% off the measured peak"
 
 
-def test_command_line_plans_the_shipped_default_config(shapes_root, capsys):
+def test_command_line_plans_the_shipped_default_config(shapes_root, capfd):
     """`python launch/plan.py --config configs/shapes_default.yaml` (MegDet's named policy,
-    whose fixed fields must not leak into the probe's config) on the test dataset."""
+    whose fixed fields must not leak into the probe's config) on the test dataset. The probe says
+    what it runs, with an estimate, before it starts, and its child process a line per step."""
     from conftest import REPO
     from pipeline.tools.planner import main
 
     rc = main(["--config", str(REPO / "configs/shapes_default.yaml"), "--world-size", "2", "--gpu-memory", "16",
                f"data.root={shapes_root}", "data.source=coco", "model.backbone=test_byobnet",
                "data.min_size=64", "data.max_size=96"])
-    out = capsys.readouterr().out
-    assert rc == 0, out
+    out, err = capfd.readouterr()
+    assert rc == 0, out + err
+    assert "activation probe: faster_rcnn test_byobnet at " in err and "on this cpu" in err, err
+    assert "that is slow" not in err and all(f"probe step {i}/3" in err for i in (1, 2, 3)), err
     assert "total per rank" in out and "largest micro-batch for 16 GiB" in out
     assert "images 96x96" in out or "images 64x96" in out or "images 96x64" in out
 
@@ -116,3 +119,20 @@ def test_agvm_adds_its_estimate_iteration_to_the_plan():
 
     counted = model_facts(cfg, 3)
     assert 0 < counted.largest_module < counted.trainable  # the backbone, here
+
+
+def test_a_probe_that_takes_minutes_on_a_cpu_says_so_and_names_probe_size(capsys, monkeypatch):
+    """ViT-g at 1024x1024: 20 TFLOP per image forward (counted on the meta device), an hour and more on a
+    CPU; the planner says so before probing and gives --probe-size's estimate. Nothing is probed here."""
+    import torch
+
+    from conftest import REPO
+    from pipeline.tools import planner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(REPO / "configs/coco_r50_fpn.yaml", ["model.backbone=vit_giant_patch14_dinov2"])
+    assert planner.backbone_forward_flops(cfg, (1024, 1024)) > 1.5e13
+    planner.announce_probe(cfg, (1024, 1024), explicit_probe_size=False)
+    err = capsys.readouterr().err
+    assert "activation probe: faster_rcnn vit_giant_patch14_dinov2 at 1024x1024" in err
+    assert " min on this cpu" in err and "--probe-size 256x256 probes smaller images" in err, err

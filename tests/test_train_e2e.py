@@ -244,3 +244,9 @@ def test_log_records_split_data_wait_from_compute_and_give_an_eta(shapes_root, t
         assert r["train/data_s"] + r["train/compute_s"] == pytest.approx(seconds_per_iter, rel=1e-6)
         assert r["train/eta_s"] == pytest.approx((6 - r["iteration"]) * seconds_per_iter, rel=1e-6)
     assert records[-1]["train/eta_s"] == 0
+    # model FLOPs counted on the first iteration: TFLOP/s per rank in every record; no MFU on a CPU
+    summary = json.loads((tmp_path / "run/run_summary.json").read_text())
+    assert summary["flops_per_image"] > 1e6 and summary["peak_tflops"] is None and "mfu" not in summary
+    for r in records:
+        assert r["train/tflops_per_rank"] == pytest.approx(summary["flops_per_image"] * r["train/images_per_s"] / 1e12)
+        assert "train/mfu" not in r

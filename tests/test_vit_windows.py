@@ -106,10 +106,12 @@ def test_windowed_training_with_checkpointing_under_zero3(tmp_path):
 
 def test_the_shipped_vitdet_config_trains_a_few_iterations(shapes_root, tmp_path):
     """configs/coco_vitdet_b.yaml at tiny size: its recipe (windows, layer decay, AdamW, checkpointing)
-    on the embedded shapes data, with AdamW and with AGVM-AdamW."""
+    on the embedded shapes data, with AdamW and with AGVM-AdamW (and a weight EMA). The start-up block
+    names the recipe: windows, layer decay, large-scale jitter, EMA, AGVM."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    for optimizer, extra in [("adamw", []), ("agvm_adamw", ["train.grad_accum=2", "agvm.start_iter=0"])]:
+    for optimizer, extra in [("adamw", []), ("agvm_adamw", ["train.grad_accum=2", "agvm.start_iter=0",
+                                                           "train.ema_decay=0.99"])]:
         cmd = [sys.executable, str(REPO / "launch/train.py"), "--config", str(REPO / "configs/coco_vitdet_b.yaml"),
                *tiny_overrides(shapes_root, tmp_path / optimizer, "faster_rcnn"), "model.backbone=test_vit",
                "model.vit_window=2", "train.ds_config=ds_configs/zero1_fp32.json", "train.evaluate=false",
@@ -121,3 +123,11 @@ def test_the_shipped_vitdet_config_trains_a_few_iterations(shapes_root, tmp_path
         assert done.returncode == 0, done.stderr[-3000:]
         summary = json.loads((tmp_path / optimizer / "run" / "run_summary.json").read_text())
         assert summary["iterations"] == 4 and not summary["diverged"], summary
+        block = done.stderr[done.stderr.index("what runs:"):]
+        assert "windows of 2x2 tokens, global blocks [" in block, block
+        assert "layer decay               0.7" in block and "large-scale jitter x0.1-2 then a 96x96 crop" in block
+        assert "activation checkpointing  True" in block
+        if optimizer == "agvm_adamw":
+            assert "EMA                       decay 0.99" in block and "agvm_adamw: tau" in block, block
+        else:
+            assert "EMA                       off" in block and "AGVM                      off" in block, block

@@ -20,7 +20,7 @@ from pipeline.tools.planner import GIB, build_plan, measure_peak
 
 log = logging.getLogger(__name__)
 COLUMNS = ["point", "backbone", "zero", "ranks", "parameters", "estimate_gib", "measured_gib", "error_pct",
-           "images_per_s", "label"]
+           "images_per_s", "tflops_per_rank", "label"]
 
 
 def machine_budget(ranks: int) -> float:
@@ -46,6 +46,7 @@ def measure_cell(study: Study, point: Point, iters: int = 3) -> dict:
     if plan.total < budget:
         summary = measure_peak(study.config, point.override_args(), point.ranks, iters)
         cell.update(measured_gib=summary["peak_mem_gib"], images_per_s=summary["images_per_s"],
+                    tflops_per_rank=summary.get("tflops_per_rank"),
                     device=summary["device"], label="measured",
                     error_pct=100 * (cell["estimate_gib"] - summary["peak_mem_gib"]) / summary["peak_mem_gib"])
     return cell

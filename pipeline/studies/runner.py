@@ -46,7 +46,7 @@ ARCHIVED_FILES = ("run_summary.json", "metrics.jsonl", "config.yaml", "model.jso
                   "schedule.json")
 MAX_ATTEMPTS = 2  # the first run and one retry from the last checkpoint
 RESULT_COLUMNS = ["point", "global_batch", "status", "AP", "AP50", "iterations", "wall_s", "images_per_s",
-                  "peak_mem_gib", "parameters"]
+                  "tflops_per_rank", "mfu", "peak_mem_gib", "parameters"]
 
 
 def train_args(study: Study, point: Point) -> list[str]:

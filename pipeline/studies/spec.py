@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 SHORTHAND = ("batch", "optimizer", "norm", "backbone", "zero", "lr_scaling", "seed")
 SEED_AXES = ("seed", "train.seed")
 # What differs between the seeds of a point, merged as mean, std and n; the rest is the same in every seed.
-SEED_METRICS = ("AP", "AP50", "iterations", "wall_s", "train_s", "images_per_s", "peak_mem_gib")
+SEED_METRICS = ("AP", "AP50", "iterations", "wall_s", "train_s", "images_per_s", "tflops_per_rank", "mfu",
+                "peak_mem_gib")
 _STUDY_KEYS = {"name", "config", "fixed", "grid", "precision", "mode", "output_dir", "plots", "measure_iters",
                "compare"}
 STATUS_FILE = "study_status.json"
@@ -294,8 +295,8 @@ def collect_rows(study: Study) -> list[dict]:
                "status": st.get("status", "diverged" if s.get("diverged") else ("done" if s else "pending")),
                "attempts": st.get("attempts", 0), "AP": metrics.get("bbox/AP"), "AP50": metrics.get("bbox/AP50"),
                "iterations": s.get("iterations"), "wall_s": st.get("wall_s"), "train_s": s.get("train_seconds"),
-               "images_per_s": s.get("images_per_s"), "peak_mem_gib": s.get("peak_mem_gib"),
-               "diverged": s.get("diverged"), "parameters": _parameters(run_dir)}
+               "images_per_s": s.get("images_per_s"), "tflops_per_rank": s.get("tflops_per_rank"),
+               "mfu": s.get("mfu"), "peak_mem_gib": s.get("peak_mem_gib"), "diverged": s.get("diverged"), "parameters": _parameters(run_dir)}
         row.update(_agvm_summary(run_dir) if (run_dir / "metrics.jsonl").is_file() else {})
         rows.append(row)
     return rows

@@ -37,6 +37,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -228,6 +229,71 @@ def _probe_batch(b: int, size: tuple[int, int], num_classes: int, masks: bool, d
     return images, targets
 
 
+PROBE_BATCHES = (1, 1, 2)  # micro-batches of probe_activations' steps: the first allocates the gradients
+_SLOW_PROBE_S = 60.0  # above this, say so up front and name --probe-size
+
+
+def backbone_forward_flops(cfg: ExperimentConfig, size: tuple[int, int]) -> Optional[float]:
+    """FLOPs of one image's forward through the backbone and neck at ``size``, counted on the meta
+    device (no memory, no compute); None where the model does not run there."""
+    from models.detector import build_backbone
+    from pipeline.train.flops import count_flops
+
+    try:
+        with torch.device("meta"):
+            backbone = build_backbone(cfg.model.model_copy(update={"pretrained": None}))
+            image = torch.empty(1, 3, *size)
+        with torch.no_grad():
+            return float(count_flops(lambda: backbone(image))[1])
+    except Exception as err:  # an estimate only: the probe itself will say what is wrong
+        log.debug("no FLOP count on the meta device: %s", err)
+        return None
+
+
+def matmul_flops_per_s(device: torch.device, seconds: float = 0.3) -> float:
+    """This machine's fp32 matmul rate (FLOP/s), timed for about ``seconds``."""
+    a = torch.rand(512, 512, device=device)
+    a @ a  # warm-up (thread pool, kernels)
+    done, tic = 0, time.perf_counter()
+    while time.perf_counter() - tic < seconds:
+        a @ a
+        done += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return done * 2 * 512**3 / (time.perf_counter() - tic)
+
+
+def probe_estimate(cfg: ExperimentConfig, size: tuple[int, int], device: torch.device) -> Optional[float]:
+    """Seconds the activation probe will take at ``size``: its images' forward and backward (3x the
+    forward) of the backbone and neck, at this machine's matmul rate. A lower bound (the heads, the
+    build and convolutions' lower efficiency are not in it), good to the order of magnitude."""
+    forward = backbone_forward_flops(cfg, size)
+    if forward is None:
+        return None
+    return 3 * forward * sum(PROBE_BATCHES) / matmul_flops_per_s(device)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def announce_probe(cfg: ExperimentConfig, size: tuple[int, int], explicit_probe_size: bool) -> None:
+    """Say what the probe runs and, from counted FLOPs, about how long it will take; on a CPU, when that
+    is minutes, name --probe-size with its own estimate (printed before the probe starts)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    estimate = probe_estimate(cfg, size, device)
+    about = "" if estimate is None else f"; at least ~{_minutes(estimate)} on this {device.type}"
+    print(f"activation probe: {cfg.model.detector} {cfg.model.backbone} at {size[0]}x{size[1]}, forward + backward "
+          f"at micro-batches {', '.join(map(str, PROBE_BATCHES))} on {device.type}, in a child process{about}",
+          file=sys.stderr, flush=True)
+    if estimate is not None and estimate > _SLOW_PROBE_S and device.type == "cpu" and not explicit_probe_size:
+        small = (min(size[0], 256), min(size[1], 256))
+        quick = probe_estimate(cfg, small, device)
+        print(f"  that is slow on a CPU: --probe-size {small[0]}x{small[1]} probes smaller images and scales by "
+              f"pixel count (exact for convolutions, low for attention)"
+              + ("" if quick is None else f", ~{_minutes(quick)}"), file=sys.stderr, flush=True)
+
+
 def run_probe(cfg: ExperimentConfig, num_classes: int, autocast: bool, image_size: tuple[int, int],
               probe_size: Optional[tuple[int, int]] = None) -> ActivationProbe:
     """``probe_activations`` in a fresh process: like a training rank, it starts from a clean heap
@@ -242,10 +308,11 @@ def run_probe(cfg: ExperimentConfig, num_classes: int, autocast: bool, image_siz
         cmd = [sys.executable, "-m", "pipeline.tools.planner", "--config", str(Path(tmp) / "config.yaml"),
                "--probe-child", str(out), "--num-classes", str(num_classes), "--image-size", _hw(image_size),
                "--probe-size", _hw(probe_size or image_size)] + (["--autocast"] if autocast else [])
-        done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+        announce_probe(cfg, probe_size or image_size, probe_size is not None)
+        # the child's stderr is the terminal's: its progress per step shows as it goes
+        done = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
         if done.returncode != 0 or not out.is_file():
-            raise RuntimeError(f"activation probe failed (exit {done.returncode}): {' '.join(cmd)}\n"
-                               f"{done.stderr[-3000:]}")
+            raise RuntimeError(f"activation probe failed (exit {done.returncode}, its error above): {' '.join(cmd)}")
         fields = json.loads(out.read_text())
     fields["image_size"], fields["probe_size"] = tuple(fields["image_size"]), tuple(fields["probe_size"])
     return ActivationProbe(**fields)
@@ -280,8 +347,13 @@ def probe_activations(cfg: ExperimentConfig, num_classes: int, autocast: bool, i
         del loss
         return peak
 
-    step(1)  # allocates .grad: later steps reuse it, so the peaks below are activations only
-    one, two = step(1), step(2)
+    peaks = []
+    for i, b in enumerate(PROBE_BATCHES):  # the first allocates .grad: later steps reuse it (activations only)
+        tic = time.monotonic()
+        peaks.append(step(b))
+        print(f"  probe step {i + 1}/{len(PROBE_BATCHES)} (micro-batch {b}): {time.monotonic() - tic:.1f} s",
+              file=sys.stderr, flush=True)
+    one, two = peaks[1], peaks[2]
     per_image = max(two - one, 0.0)
     scale = (image_size[0] * image_size[1]) / (probe_size[0] * probe_size[1])
     return ActivationProbe(fixed=max(one - per_image, 0.0) * scale, per_image=per_image * scale,

@@ -33,9 +33,12 @@ from pipeline.evaluation.previews import draw_previews, save_previews
 from pipeline.optim import ema as ema_io
 from pipeline.train import run_lock
 from pipeline.train.build import Training, build_training
+from pipeline.train.flops import FlopMeter, device_peak_tflops
 from pipeline.train.preemption import Preempted, PreemptionWatch
+from pipeline.train.profiling import WindowProfiler, oom_report, planned_memory, record_memory_history
 from pipeline.train.tracking import Tracker, new_wandb_run_after_rollback, start_metrics_afresh, truncate_metrics
 from pipeline.train.validate import validate
+from pipeline.train.what_runs import describe_run, format_block
 from pipeline.utils.files import write_json
 from pipeline.utils.logger import log_dist
 from pipeline.utils.memory import peak_memory, reset_peak_memory
@@ -118,6 +121,8 @@ class TrainState:
         # last iteration still reports them in run_summary.json.
         self.carried = carried or {"images": 0, "seconds": 0.0, "peak_bytes": 0}
         self.watch = PreemptionWatch()  # installed around the loop by run()
+        half = training.ds_config.get("torch_autocast", {}).get("enabled", False)
+        self.flops = FlopMeter(info.world, cfg.train.peak_tflops or device_peak_tflops(info.device, half))
 
     def timed_windows(self) -> tuple[int, float]:
         """Images and seconds of this attempt's log windows but the first (it holds start-up costs),
@@ -202,6 +207,8 @@ def _log_step(state: TrainState, it: int, window: dict, count: int, seconds: flo
     record["train/compute_s"] = (seconds - data_seconds) / count
     record["train/eta_s"] = (state.schedule.total_iters - it) * seconds / count
     record["train/epoch"] = it / state.schedule.steps_per_epoch
+    rates = state.flops.rates(record["train/images_per_s"])
+    record.update({f"train/{k}": v for k, v in rates.items()})
     state.windows.append((images, seconds))
     # Peak per rank (CUDA: allocated tensors; CPU: resident set), the largest rank's.
     state.peak_bytes = max(state.peak_bytes, _max_over_ranks(peak_memory(state.info.device), state.info.device))
@@ -211,9 +218,16 @@ def _log_step(state: TrainState, it: int, window: dict, count: int, seconds: flo
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{record['train/lr']:.4f}",
                         ips=f"{record['train/images_per_s']:.1f}", data=f"{record['train/data_s']:.2f}s")
     elif state.info.rank == 0:
-        log.info("iter %d loss %.4f lr %.5f %.1f img/s; per iteration %.3f s data + %.3f s compute; ETA %s", it,
-                 values["loss"], record["train/lr"], record["train/images_per_s"], record["train/data_s"],
-                 record["train/compute_s"], _clock(record["train/eta_s"]))
+        log.info("iter %d loss %.4f lr %.5f %.1f img/s%s; per iteration %.3f s data + %.3f s compute; ETA %s", it,
+                 values["loss"], record["train/lr"], record["train/images_per_s"], _flop_rates(rates),
+                 record["train/data_s"], record["train/compute_s"], _clock(record["train/eta_s"]))
+
+
+def _flop_rates(rates: dict) -> str:
+    if not rates:
+        return ""
+    mfu = f", MFU {100 * rates['mfu']:.1f}%" if "mfu" in rates else ""
+    return f" ({rates['tflops_per_rank']:.3g} TFLOP/s per rank{mfu})"
 
 
 def write_run_summary(state: TrainState, iteration: int, metrics: dict, diverged: bool, seconds: float) -> None:
@@ -227,7 +241,8 @@ def write_run_summary(state: TrainState, iteration: int, metrics: dict, diverged
         "global_batch": state.schedule.global_batch, "world_size": state.info.world,
         "train_seconds": seconds, "images_per_s": images / secs if secs else None,
         "peak_mem_gib": peak / 2**30 if peak else None, "device": str(state.info.device.type),
-        "metrics": metrics,
+        "flops_per_image": state.flops.flops_per_image, "peak_tflops": state.flops.peak_tflops,
+        **(state.flops.rates(images / secs) if secs else {}), "metrics": metrics,
     }
     write_json(state.cfg.train.run_dir / "run_summary.json", summary)
 
@@ -267,18 +282,53 @@ def stop_if_preempted(state: TrainState, it: int) -> None:
 
 def train_loop(state: TrainState) -> dict:
     """Optimizer steps from the train step's iteration to the end of the schedule; returns the final metrics."""
-    cfg, schedule, step = state.cfg, state.schedule, state.training.step
-    sampler, spe = state.data.train_loader.batch_sampler, schedule.steps_per_epoch
-    it, metrics = step.iteration, {}
+    cfg, schedule = state.cfg, state.schedule
+    it = state.training.step.iteration
     reset_peak_memory(state.info.device)  # the training peak, not the build's
-    window, count, tic, data_clock = {}, 0, time.monotonic(), [0.0]
     bar = tqdm(total=schedule.total_iters, initial=it, desc="train", disable=not state.progress,
                mininterval=2.0)
+    images_per_rank = cfg.train.micro_batch * cfg.train.grad_accum
+    profiler = WindowProfiler(cfg.train.profile, cfg.train.run_dir / "profile", state.info.rank, state.info.device)
+    try:
+        it, metrics = _epochs(state, it, bar, images_per_rank, profiler)
+    finally:
+        profiler.close()  # a window cut short (preemption, an error) still leaves its trace
+    bar.close()
+    if cfg.train.final_checkpoint:
+        save_checkpoint(state, it)
+    if not cfg.train.evaluate:
+        return metrics
+    return run_evaluation(state, it, final=True) or metrics
+
+
+def _iteration(state: TrainState, batches, images: int, profiler: WindowProfiler) -> dict:
+    """One optimizer step: the launch's first counts its FLOPs; a CUDA OOM is reported with a snapshot."""
+    step = state.training.step
+    profiler.before(step.iteration + 1)
+    try:
+        if state.flops.flops_per_image is None:
+            losses = state.flops.count(lambda: step(batches), images)
+        else:
+            losses = step(batches)
+    except torch.OutOfMemoryError as err:
+        cfg, info = state.cfg, state.info
+        planned = planned_memory(cfg, info.world, state.training.data.num_classes if state.training.data else 1)
+        raise oom_report(err, cfg.train.run_dir / "oom", info.rank, info.device, planned) from err
+    profiler.after(step.iteration)
+    return losses
+
+
+def _epochs(state: TrainState, it: int, bar, images_per_rank: int, profiler: WindowProfiler) -> tuple[int, dict]:
+    """The loop of train_loop: iterations from ``it`` to the end, with logs, evaluations and checkpoints."""
+    cfg, schedule, step = state.cfg, state.schedule, state.training.step
+    sampler, spe = state.data.train_loader.batch_sampler, schedule.steps_per_epoch
+    metrics = {}
+    window, count, tic, data_clock = {}, 0, time.monotonic(), [0.0]
     while it < schedule.total_iters:
         sampler.set_position(*divmod(it, spe))  # a resumed run continues inside its epoch
         batches = timed(device_batches(state.data.train_loader, state.info.device), data_clock)
         for _ in range(min(spe - it % spe, schedule.total_iters - it)):
-            for k, v in step(batches).items():  # stays on the device: no host sync per step
+            for k, v in _iteration(state, batches, images_per_rank, profiler).items():  # on the device: no sync
                 window[k] = window.get(k, 0) + v
             it, count = step.iteration, count + 1
             bar.update(1)
@@ -297,12 +347,7 @@ def train_loop(state: TrainState) -> dict:
             if cfg.train.ckpt_every_iters and it % cfg.train.ckpt_every_iters == 0 and not last:
                 save_checkpoint(state, it)
             tic += time.monotonic() - pause  # evaluations and checkpoints are not training time
-    bar.close()
-    if cfg.train.final_checkpoint:
-        save_checkpoint(state, it)
-    if not cfg.train.evaluate:
-        return metrics
-    return run_evaluation(state, it, final=True) or metrics
+    return it, metrics
 
 
 def checkpoint_to_resume(cfg: ExperimentConfig, world: int) -> Optional[ckpt.ResumePoint]:
@@ -417,6 +462,7 @@ def _run_locked(cfg: ExperimentConfig, info: DistInfo, watch: JobWatch) -> dict:
     if not cfg.train.resume:
         archive_previous_run(cfg.train.run_dir, info.rank)
     point = checkpoint_to_resume(cfg, info.world)
+    record_memory_history(info.device, cfg.train.oom_snapshot)  # before the model: its blocks are in the history
     training = build_training(cfg, info, load_universal=point is not None and point.universal)
     training.step.mark = watch.mark
     carried = resume(cfg, info, training, point) if point is not None else None
@@ -427,7 +473,10 @@ def _run_locked(cfg: ExperimentConfig, info: DistInfo, watch: JobWatch) -> dict:
     state = TrainState(cfg, info, training, tracker, carried)
     log_dist(log, "%d train / %d val images, %d classes, %d ranks; %s", len(training.data.train_set),
              len(training.data.val_set), training.data.num_classes, info.world, training.schedule.describe())
-    tracker.add_config({"resolved_schedule": training.schedule.as_dict()})
+    what = describe_run(cfg, info, training)
+    if info.rank == 0:
+        log.info(format_block(what))
+    tracker.add_config({"resolved_schedule": training.schedule.as_dict(), "what_runs": what})
     tic = time.monotonic()  # not the wall clock: an NTP step must not make throughput negative
     try:
         with state.watch:

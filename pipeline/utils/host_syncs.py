@@ -114,6 +114,21 @@ class HostSyncCounter(TorchFunctionMode):
         out: Counter = Counter()
         for site, n in self.sites.items():
             parts = Path(site.rsplit(":", 1)[0]).parts
-            pkg = next((p for p in ("torchvision", "deepspeed", "timm", "pipeline", "models") if p in parts), "other")
-            out[pkg] += n
+            out[next((p for p in PACKAGES if p in parts), "other")] += n
         return out
+
+    def report(self) -> list[tuple[str, int, str]]:
+        """(site relative to its package, count, the call) per site, most frequent first."""
+        return [(short_site(site), n, self.site_ops.get(site, "")) for site, n in self.sites.most_common()]
+
+
+PACKAGES = ("torchvision", "deepspeed", "timm", "pipeline", "models")
+
+
+def short_site(site: str) -> str:
+    """A source line relative to its package: .../site-packages/torchvision/ops/boxes.py:54 -> torchvision/ops/boxes.py:54."""
+    parts = Path(site).parts
+    for root in PACKAGES:
+        if root in parts:
+            return str(Path(*parts[parts.index(root):]))
+    return site
