@@ -71,6 +71,20 @@ def _runs_here(command: str) -> str:
     return next((test for key, test in RUNS_HERE.items() if command.endswith(key)), "")
 
 
+def test_what_runs_a_command_exists():
+    """Each RUNS_HERE entry names a test file (and test) that exists, or a test of this file, or .ci/run."""
+    here = Path(__file__).read_text()
+    for command, runner in RUNS_HERE.items():
+        target = runner.split(" ")[0]
+        if target.startswith("tests/"):
+            path, _, name = target.partition("::")
+            assert (REPO / path).is_file() and (not name or f"def {name}(" in (REPO / path).read_text()), command
+        elif target.startswith("test_"):
+            assert f"def {target}(" in here, command
+        else:
+            assert (REPO / target).is_file(), command
+
+
 def test_the_readme_has_its_commands():
     assert len(COMMANDS) >= 15 and COMMANDS[0][0] == 4  # the two set-up commands open the README
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from pipeline.config import load_config
 from pipeline.distributed.job import exit_skipping_teardown, leave_job
 from pipeline.distributed.launcher import mpi4py_importable, resolve
-from pipeline.errors import EXIT_CONFIG, EXIT_DIVERGED, ConfigError, DataError
+from pipeline.errors import EXIT_CONFIG, EXIT_DIVERGED, ConfigError, DataError, exit_status
 from pipeline.train.preemption import EXIT_PREEMPTED, Preempted
 from pipeline.train.run_lock import RunLocked
 from pipeline.train.validate import validate
@@ -65,18 +65,12 @@ def main(argv=None) -> int:
 
     try:
         metrics = run(cfg)
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
-    except Preempted as err:  # a complete checkpoint is saved: requeue and resume
-        print(f"stopped: {err}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    except RunLocked as err:  # another job holds the run directory: a later retry can succeed
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except FloatingPointError as err:  # diverged: run_summary.json in the run directory says so
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_DIVERGED
+    except (ConfigError, DataError, Preempted, RunLocked, FloatingPointError) as err:
+        # expected ends, one line each; the status from the one mapping (pipeline.errors.exit_status):
+        # 2 fix the config or data, 4 preempted (requeue: a complete checkpoint is saved), 1 the run
+        # directory is held (a later retry can succeed), 3 diverged (run_summary.json says so)
+        print(f"{'stopped' if isinstance(err, Preempted) else 'error'}: {err}", file=sys.stderr)
+        return exit_status(err)
     finally:
         leave_job()
     if metrics:
