@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 MODEL = ["model.detector=faster_rcnn", "model.backbone=test_byobnet", "model.fpn_channels=16",
          "model.anchor_scale=4", "model.rpn_post_nms_train=100", "model.roi_batch_per_image=32",
          "model.box_head_dim=32", "data.min_size=64", "data.max_size=96", "train.micro_batch=2",
-         "schedule.policy=constant", "schedule.max_iters=100", "model.bn_group=world"]
+         "schedule.policy=constant", "schedule.max_iters=100"]
 
 
 def _batch(rank: int, step: int):
@@ -52,6 +52,7 @@ def _rank(rank: int, world: int, port: int, local_world: int, case: dict, steps:
 
     info = init_distributed()
     overrides = MODEL + [f"train.ds_config=ds_configs/{case['preset']}.json", f"model.norm={case['norm']}",
+                         f"model.bn_group={case['bn_group']}",
                          f"optim.name={case['optim']}", "agvm.tau=1", "agvm.start_iter=0"]
     training = build_training(load_config(None, overrides), info, data=False, num_classes=3)
     training.step(iter([_batch(rank, 0)]))
@@ -83,6 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("--presets", nargs="+", default=["zero0_fp32", "zero1_fp32", "zero2_fp32", "zero3_fp32"])
     parser.add_argument("--norms", nargs="+", default=["frozen", "cgbn"])
     parser.add_argument("--optims", nargs="+", default=["sgd", "agvm_sgd"])
+    parser.add_argument("--bn-group", default="world", help="model.bn_group of the cgbn cases (world, node, or "
+                        "ranks per group; AGVM refuses one group of all ranks without accumulation)")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here (markdown)")
     args = parser.parse_args(argv)
     local_world = args.local_world or args.ranks
@@ -90,8 +93,14 @@ def main(argv=None) -> int:
              f"(test_byobnet, FPN 16), micro-batch 2, mean of {args.steps} steps after the first; "
              f"`python benchmarks/comm_bytes.py {' '.join(argv or sys.argv[1:])}`", ""]
     for preset, norm, optim in itertools.product(args.presets, args.norms, args.optims):
-        case = {"preset": preset, "norm": norm, "optim": optim}
-        got = measure(case, args.ranks, local_world, args.steps)
+        case = {"preset": preset, "norm": norm, "optim": optim, "bn_group": args.bn_group}
+        try:
+            got = measure(case, args.ranks, local_world, args.steps)
+        except mp.ProcessRaisedException as err:  # a refused configuration: say why, measure the others
+            reason = str(err).strip().splitlines()[-1]
+            lines += [f"### {preset}, norm {norm}, {optim}: not run ({reason})", ""]
+            print(lines[-2], flush=True)
+            continue
         lines += [f"### {preset}, norm {norm}, {optim} ({got['trainable']:,} trainable parameters)", "",
                   "| op | group | scope | dtype | calls | bytes |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['op']} | {r['group']} | {r['scope']} | {r['dtype']} | {r['calls']:g} | {r['bytes']:,.0f} |"

@@ -84,3 +84,85 @@ def test_a_zero0_step_sends_each_gradient_once_and_three_bn_reductions_per_layer
     reduced = table.pop(("all_reduce", "float32"))
     assert reduced["bytes"] == 4 * got["trainable"] + bn_bytes, (reduced, got["trainable"], bn_bytes)
     assert not table, table  # nothing else goes over the wire in a ZeRO-0 fp32 step
+
+
+# --------------------------------------------------------------------------- the model against the count
+
+CASES = {  # world (ranks per node) -> cases: (ds preset, norm, bn_group, optimizer)
+    (2, 2): [(z, n, g, o) for z in ("zero0_fp32", "zero1_fp32", "zero2_fp32")
+             for n, g, o in (("frozen", "world", "sgd"), ("frozen", "world", "agvm_sgd"), ("cgbn", "world", "sgd"))],
+    (4, 2): [(z, n, g, o) for z in ("zero0_fp32", "zero1_fp32", "zero2_fp32")
+             for n, g, o in (("frozen", "world", "sgd"), ("cgbn", "node", "sgd"), ("cgbn", "node", "agvm_sgd"))],
+}
+
+
+def _case_overrides(case) -> list[str]:
+    preset, norm, bn_group, optim = case
+    return MODEL[:-1] + [f"train.ds_config=ds_configs/{preset}.json", f"model.norm={norm}", f"model.bn_group={bn_group}",
+                         f"optim.name={optim}", "agvm.tau=1", "agvm.start_iter=0"]
+
+
+def _count_cases(rank: int, world: int, port: int, local_world: int, out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % local_world),
+                      LOCAL_WORLD_SIZE=str(local_world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from test_engine import _batch
+
+    from pipeline.config import load_config
+    from pipeline.distributed.job import exit_skipping_teardown, init_distributed, leave_job
+    from pipeline.train.build import build_training
+
+    info = init_distributed()
+    measured = {}
+    for case in CASES[(world, local_world)]:
+        training = build_training(load_config(None, _case_overrides(case)), info, data=False, num_classes=3)
+        training.step(iter([_batch(rank, 0, 0)]))
+        with CommCounter(local_world) as counter:
+            training.step(iter([_batch(rank, 1, 0)]))
+        measured["/".join(case)] = [[r["op"], r["group"], r["scope"], r["dtype"], r["calls"], r["bytes"]]
+                                    for r in counter.table()]
+        del training
+    if rank == 0:
+        json.dump(measured, open(out, "w"))
+    leave_job()
+    exit_skipping_teardown(0, finished=True)
+
+
+@pytest.mark.parametrize("world,local_world", list(CASES))
+def test_the_planned_bytes_are_the_measured_bytes(tmp_path, world, local_world):
+    """pipeline/tools/comm_plan.py, from the config alone, against CommCounter on rank 0 of a real job: ZeRO
+    0-2, FrozenBN and cross-GPU BN (world groups; per-node groups on 2 nodes of 2), SGD and AGVM-SGD (an
+    estimate step). Every operation, group, scope, dtype, call count and byte equal; a mismatch names them."""
+    import torch.multiprocessing as mp
+
+    from pipeline.config import load_config
+    from pipeline.distributed.launcher import free_port
+    from pipeline.tools.comm_plan import step_transfers, totals
+
+    out = tmp_path / "measured.json"
+    mp.start_processes(_count_cases, args=(world, free_port(), local_world, str(out)), nprocs=world,
+                       start_method="spawn")
+    measured = json.loads(out.read_text())
+    for case in CASES[(world, local_world)]:
+        planned = totals(step_transfers(load_config(None, _case_overrides(case)), world, local_world, 3))
+        got = {tuple(r[:4]): (r[4], r[5]) for r in measured["/".join(case)]}
+        assert got == planned, f"{case}: measured {got}, planned {planned}"
+
+
+def test_the_planner_prints_the_communication_of_a_cluster_run(capsys):
+    """R50-FPN on 64 ranks, 8 per node, ZeRO-1: the gradient all-reduce is 4 bytes x the trainable
+    parameters, across nodes; BN groups of 4 ranks stay inside a node; ZeRO-3 is refused with the reason."""
+    from conftest import REPO
+    from pipeline.tools.planner import main
+
+    args = ["--config", str(REPO / "configs/coco_r50_fpn.yaml"), "--world-size", "64", "--ranks-per-node", "8",
+            "--comm", "train.ds_config=ds_configs/zero1_fp32.json", "model.bn_group=4"]
+    assert main(args) == 0
+    rows = {line.split()[-1]: line.split() for line in capsys.readouterr().out.splitlines()[2:-1]}
+    assert rows["gradients"][:4] == ["all_reduce", "64", "inter-node", "float32"]
+    assert rows["statistics"][1:3] == ["4", "intra-node"]
+    assert main(args[:-2] + ["train.ds_config=ds_configs/zero3_fp32.json"]) == 2
+    assert "ZeRO-3 is not modelled yet" in capsys.readouterr().err

@@ -457,6 +457,24 @@ def format_plan(plan: MemoryPlan, probe: ActivationProbe, cfg: ExperimentConfig,
     return "\n".join(lines)
 
 
+def print_comm_plan(cfg: ExperimentConfig, world: int, local_world: int) -> int:
+    from pipeline.tools.comm_plan import step_transfers
+
+    try:
+        transfers = step_transfers(cfg, world, local_world, _num_classes(cfg))
+    except NotImplementedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"communication per optimizer step of one rank: {cfg.model.detector} {cfg.model.backbone}, {world} rank(s), "
+          f"{local_world} per node, {cfg.train.ds_config.name}, norm {cfg.model.norm}, {cfg.optim.name} "
+          "(payloads handed to each collective; an AGVM row is per estimate step)")
+    print(f"{'collective':<24}{'group':>6}  {'scope':<11}{'dtype':<9}{'calls':>7}{'MiB':>11}  what")
+    for t in transfers:
+        print(f"{t.op:<24}{t.group:>6}  {t.scope:<11}{t.dtype:<9}{t.calls:>7g}{t.bytes / 2**20:>11.3f}  {t.what}")
+    print(f"{'total':<57}{sum(t.bytes for t in transfers) / 2**20:>11.3f}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None)
@@ -466,6 +484,9 @@ def main(argv=None) -> int:
     parser.add_argument("--probe-size", type=_size, default=None, help="HxW to probe at, scaled by pixel count")
     parser.add_argument("--measure", action="store_true", help="also run 3 real steps and report the peak")
     parser.add_argument("--json", type=Path, default=None, help="write the plan (and measurement) here")
+    parser.add_argument("--comm", action="store_true", help="instead of memory: the bytes each rank sends per "
+                        "optimizer step, by collective and scope (pipeline/tools/comm_plan.py)")
+    parser.add_argument("--ranks-per-node", type=int, default=None, help="with --comm: ranks per node (default: all)")
     parser.add_argument("--probe-child", type=Path, default=None, help=argparse.SUPPRESS)  # run_probe's process
     parser.add_argument("--num-classes", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
@@ -479,6 +500,8 @@ def main(argv=None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.comm:
+            return print_comm_plan(cfg, args.world_size, args.ranks_per_node or args.world_size)
         plan, probe = build_plan(cfg, args.world_size, args.image_size, args.probe_size)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
