@@ -24,9 +24,6 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 MODEL = ["model.detector=faster_rcnn", "model.backbone=test_byobnet", "model.fpn_channels=16",
          "model.anchor_scale=4", "model.rpn_post_nms_train=100", "model.roi_batch_per_image=32",
          "model.box_head_dim=32", "data.min_size=64", "data.max_size=96", "train.micro_batch=2",

@@ -14,7 +14,7 @@ import torch
 
 from conftest import tiny_overrides
 from pipeline.config import load_config
-from pipeline.train.profiling import oom_report, planned_memory
+from pipeline.train.profiling import oom_report
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -48,19 +48,22 @@ def test_a_profile_window_must_be_ordered():
 
 
 def test_the_oom_report_names_the_plan_and_what_to_change(tmp_path):
-    """On a CPU there is no snapshot to write; the report still gives the planner's model-state estimate
-    (ResNet-18 Faster R-CNN, fp32, SGD with momentum, ZeRO-0: parameters + gradients + momentum, 12 bytes
-    per parameter at least) and the planner command with the run's config."""
+    """On a CPU there is no snapshot to write; the report names what to change, and the planner's line
+    (which launch/train.py adds) gives its model-state estimate (ResNet-18 Faster R-CNN, fp32, SGD with
+    momentum, ZeRO-0: parameters + gradients + momentum, 12 bytes per parameter at least) and the planner
+    command with the run's config."""
+    from pipeline.tools.planner import model_states_summary
+
     cfg = load_config(REPO / "configs/shapes_default.yaml", [f"train.output_dir={tmp_path}"])
-    planned = planned_memory(cfg, world=1, num_classes=3)
+    planned = model_states_summary(cfg, world=1)
     gib = float(planned.split("world size 1: ")[1].split(" GiB")[0])
     assert gib > 12 * 11e6 / 2**30  # ResNet-18 alone has 11M parameters
-    assert f"python -m pipeline.planner --config {tmp_path}/shapes_default/config.yaml --world-size 1" in planned
+    assert f"python launch/plan.py --config {tmp_path}/shapes_default/config.yaml --world-size 1" in planned
     err = oom_report(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), tmp_path / "oom", 3,
-                     torch.device("cpu"), planned)
+                     torch.device("cpu"))
     text = str(err)
     assert text.startswith("rank 3 ran out of memory on cpu: CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert planned in text and "train.micro_batch" in text and not (tmp_path / "oom").exists()
+    assert "train.micro_batch" in text and not (tmp_path / "oom").exists()
 
 
 @pytest.mark.gpu
@@ -74,4 +77,5 @@ def test_a_cuda_oom_in_training_writes_a_snapshot_and_names_it(shapes_root, tmp_
     done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert "ran out of memory on cuda" in done.stderr and "memory snapshot:" in done.stderr, done.stderr[-3000:]
+    assert "the memory planner's model states for this config" in done.stderr
     assert (tmp_path / "run/oom/rank0.pickle").stat().st_size > 0

@@ -27,7 +27,7 @@ NEEDS = re.compile(r"#\s*needs:\s*(.+)$")
 # The commands that run here without anything the checkout lacks, and the test that runs each (or its
 # small-scale form). A command not in this table must say what it needs.
 RUNS_HERE = {
-    "launch/train.py --config configs/shapes_default.yaml": "tests/test_train_e2e.py (the same run, small)",
+    "launch/train.py --config configs/shapes_default.yaml": "test_readme_command_1_trains_and_reports_map",
     "pytest -q --durations=15 tests": ".ci/run",
     "launch/plan.py --config configs/shapes_default.yaml --world-size 2 --measure":
         "test_the_readme_planner_example_runs_here",
@@ -163,3 +163,23 @@ def test_the_readme_study_listing_runs_here(capsys):
     _, args = _script_and_args(command)
     assert main([str(REPO / a) if a.endswith(".yaml") else a for a in args]) in (0, None)
     assert "point" in capsys.readouterr().out
+
+
+def test_readme_command_1_trains_and_reports_map(shapes_root, tmp_path):
+    """README command 1's training as written, with length and size overrides appended: it trains through
+    DeepSpeed, evaluates with COCOeval and ends on its 'final bbox AP ... AP50 ...' line."""
+    import os
+    import subprocess
+
+    from conftest import tiny_overrides
+
+    command = COMMANDS[0][1].split("&&")[-1].split()
+    script = command.index("launch/train.py")
+    extra = tiny_overrides(shapes_root, tmp_path, "faster_rcnn") + ["schedule.max_iters=2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    done = subprocess.run([sys.executable, *command[script:], *extra], cwd=REPO, env=dict(env, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"final bbox AP [0-9.]+  AP50 [0-9.]+", done.stdout), done.stdout[-2000:]
+    assert "what runs:" in done.stderr and "GFLOP per training image" in done.stderr

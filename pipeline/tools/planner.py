@@ -45,6 +45,7 @@ from typing import Optional
 import torch
 
 from pipeline.config import REPO_ROOT, ExperimentConfig, load_config
+from pipeline.distributed.ds_config import engine_config
 from pipeline.distributed.launcher import free_port
 from pipeline.errors import ConfigError
 from pipeline.utils.memory import CPU_MMAP_THRESHOLD, current_memory, peak_memory, pin_mmap_threshold, reset_peak_memory
@@ -455,6 +456,23 @@ def format_plan(plan: MemoryPlan, probe: ActivationProbe, cfg: ExperimentConfig,
                      f"{measured['device']}): {got:.2f} GiB; estimate {plan.total / GIB:.2f} GiB "
                      f"({100 * (plan.total / GIB - got) / got:+.1f}%)")
     return "\n".join(lines)
+
+
+def model_states_summary(cfg: ExperimentConfig, world: int) -> str:
+    """One line for an out-of-memory report: the planner's per-GPU model states (parameters, gradients,
+    optimizer state, buffers) for this config and world size, and the command that adds activations."""
+    try:
+        facts = model_facts(cfg, _num_classes(cfg))
+        none = ActivationProbe(0.0, 0.0, (0, 0), (0, 0), 0.0, "none")
+        plan = plan_memory(facts, ds_settings(engine_config(cfg, world)), world, cfg.optim.name, cfg.optim.momentum,
+                           cfg.train.micro_batch, none, ema=cfg.train.ema_decay is not None,
+                           agvm_halves=cfg.agvm.halves)
+        states = f"{plan.total / GIB:.2f} GiB per GPU"
+    except Exception as err:  # a report must not fail for want of an estimate
+        states = f"(no estimate: {err})"
+    return (f"the memory planner's model states for this config at world size {world}: {states}, activations not "
+            f"included; with them: python launch/plan.py --config {cfg.train.run_dir / 'config.yaml'} "
+            f"--world-size {world}")
 
 
 def print_comm_plan(cfg: ExperimentConfig, world: int, local_world: int) -> int:

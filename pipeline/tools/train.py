@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    from pipeline.tools.planner import model_states_summary
+    from pipeline.train.profiling import OutOfMemory
     from pipeline.train.trainer import run  # heavy imports (deepspeed) only after the config is valid
 
     try:
@@ -70,6 +72,9 @@ def main(argv=None) -> int:
         # 2 fix the config or data, 4 preempted (requeue: a complete checkpoint is saved), 1 the run
         # directory is held (a later retry can succeed), 3 diverged (run_summary.json says so)
         print(f"{'stopped' if isinstance(err, Preempted) else 'error'}: {err}", file=sys.stderr)
+        return exit_status(err)
+    except OutOfMemory as err:  # the snapshot is named; add what the planner expects of this config
+        print(f"error: {err}\n{model_states_summary(cfg, launch.world)}", file=sys.stderr)
         return exit_status(err)
     finally:
         leave_job()

@@ -8,8 +8,8 @@ torch call in Python, and compiled code runs eagerly under it): the window's ite
 than the others, and the log's throughput for that window says so.
 
 On CUDA the allocator records its history from the start (``train.oom_snapshot``); an out-of-memory
-error writes a snapshot (open it in pytorch.org/memory_viz) and the error names it, with the memory
-planner's estimate for the same config.
+error writes a snapshot (open it in pytorch.org/memory_viz) and the error names it; the command
+(``pipeline/tools/train.py``) adds the memory planner's estimate for the same config.
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ def record_memory_history(device: torch.device, enabled: bool) -> None:
         torch.cuda.memory._record_memory_history(max_entries=100_000)
 
 
-def oom_report(err: BaseException, out_dir: Path, rank: int, device: torch.device, planned: str) -> OutOfMemory:
+def oom_report(err: BaseException, out_dir: Path, rank: int, device: torch.device) -> OutOfMemory:
     """The error to raise for a CUDA out-of-memory ``err``: a snapshot written where the allocator
-    recorded its history, and what the planner expects of the config (``planned``)."""
+    recorded its history (``launch/train.py`` adds what the memory planner expects of the config)."""
     lines = [f"rank {rank} ran out of memory on {device}: {str(err).splitlines()[0]}"]
     if device.type == "cuda":
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,27 +92,6 @@ def oom_report(err: BaseException, out_dir: Path, rank: int, device: torch.devic
             lines.append(f"memory snapshot: {snapshot} (drag it into https://pytorch.org/memory_viz)")
         except Exception as dump_err:  # the snapshot is a help, not a condition: keep the OOM the error
             lines.append(f"no memory snapshot ({dump_err})")
-    lines.append(planned)
     lines.append("lower train.micro_batch (raise train.grad_accum to keep the global batch), enable "
                  "model.activation_checkpointing, or move to a higher ZeRO stage")
     return OutOfMemory("\n".join(lines))
-
-
-def planned_memory(cfg, world: int, num_classes: int) -> str:
-    """The planner's per-GPU estimate of the model states (parameters, gradients, optimizer state,
-    buffers) for this config, and the command that adds the measured activations."""
-    from pipeline.distributed.ds_config import engine_config
-    from pipeline.tools.planner import GIB, ActivationProbe, ds_settings, model_facts, plan_memory
-
-    try:
-        facts = model_facts(cfg, num_classes)
-        none = ActivationProbe(0.0, 0.0, (0, 0), (0, 0), 0.0, "none")
-        plan = plan_memory(facts, ds_settings(engine_config(cfg, world)), world, cfg.optim.name, cfg.optim.momentum,
-                           cfg.train.micro_batch, none, ema=cfg.train.ema_decay is not None,
-                           agvm_halves=cfg.agvm.halves)
-        states = f"{plan.total / GIB:.2f} GiB per GPU"
-    except Exception as err:  # a report must not fail for want of an estimate
-        states = f"(no estimate: {err})"
-    run_config = cfg.train.run_dir / "config.yaml"
-    return (f"the memory planner's model states for this config at world size {world}: {states}, activations not "
-            f"included; with them: python -m pipeline.planner --config {run_config} --world-size {world}")

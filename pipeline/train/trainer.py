@@ -35,7 +35,7 @@ from pipeline.train import run_lock
 from pipeline.train.build import Training, build_training
 from pipeline.train.flops import FlopMeter, device_peak_tflops
 from pipeline.train.preemption import Preempted, PreemptionWatch
-from pipeline.train.profiling import WindowProfiler, oom_report, planned_memory, record_memory_history
+from pipeline.train.profiling import WindowProfiler, oom_report, record_memory_history
 from pipeline.train.tracking import Tracker, new_wandb_run_after_rollback, start_metrics_afresh, truncate_metrics
 from pipeline.train.validate import validate
 from pipeline.train.what_runs import describe_run, format_block
@@ -311,9 +311,7 @@ def _iteration(state: TrainState, batches, images: int, profiler: WindowProfiler
         else:
             losses = step(batches)
     except torch.OutOfMemoryError as err:
-        cfg, info = state.cfg, state.info
-        planned = planned_memory(cfg, info.world, state.training.data.num_classes if state.training.data else 1)
-        raise oom_report(err, cfg.train.run_dir / "oom", info.rank, info.device, planned) from err
+        raise oom_report(err, state.cfg.train.run_dir / "oom", state.info.rank, state.info.device) from err
     profiler.after(step.iteration)
     return losses
 
