@@ -166,3 +166,5 @@ def test_the_planner_prints_the_communication_of_a_cluster_run(capsys):
     assert rows["statistics"][1:3] == ["4", "intra-node"]
     assert main(args[:-2] + ["train.ds_config=ds_configs/zero3_fp32.json"]) == 2
     assert "ZeRO-3 is not modelled yet" in capsys.readouterr().err
+    assert main(args + ["train.grad_accum=2"]) == 2  # accumulation: not measured, so not planned
+    assert "with grad_accum > 1 is not modelled yet" in capsys.readouterr().err

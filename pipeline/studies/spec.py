@@ -296,7 +296,8 @@ def collect_rows(study: Study) -> list[dict]:
                "attempts": st.get("attempts", 0), "AP": metrics.get("bbox/AP"), "AP50": metrics.get("bbox/AP50"),
                "iterations": s.get("iterations"), "wall_s": st.get("wall_s"), "train_s": s.get("train_seconds"),
                "images_per_s": s.get("images_per_s"), "tflops_per_rank": s.get("tflops_per_rank"),
-               "mfu": s.get("mfu"), "peak_mem_gib": s.get("peak_mem_gib"), "diverged": s.get("diverged"), "parameters": _parameters(run_dir)}
+               "mfu": s.get("mfu"), "peak_mem_gib": s.get("peak_mem_gib"), "diverged": s.get("diverged"),
+               "parameters": _parameters(run_dir)}
         row.update(_agvm_summary(run_dir) if (run_dir / "metrics.jsonl").is_file() else {})
         rows.append(row)
     return rows

@@ -9,13 +9,13 @@ what this rank hands the collective (``pipeline.distributed.comm_count``); per o
   all-reduce per optimizer parameter group, and after the step one all-gather per group of this rank's
   partition of the updated parameters, the group's flat size padded to a multiple of 2 x world
   (DeepSpeed's ``nccl_start_alignment_factor``), over the world;
-- cross-GPU BN, per BN layer of C channels and per micro-batch, within its BN group (MegDet's
+- cross-GPU BN, per BN layer of C channels, within its BN group (MegDet's
   Algorithm 1): forward, the group's sums with the pixel count (C + 1 floats) then its squared
   deviations (C); backward, the sums of dy and dy x_hat (2C); none for a group of one rank;
 - AGVM, on each estimate iteration (every ``agvm.tau``): one all-reduce of 3 float64 per module.
 
 Not modelled yet (an error says so): ZeRO-3 (parameter all-gathers in forward and backward, with the
-persistence threshold and recomputation), gradient accumulation under ZeRO 1-2, bf16 and fp16.
+persistence threshold and recomputation), gradient accumulation (not measured yet), bf16 and fp16.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def step_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
     ds = engine_config(cfg, world)
     stage = zero_stage(ds)
     half = ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")
-    if stage == 3 or half or (stage in (1, 2) and cfg.train.grad_accum > 1):
+    if stage == 3 or half or cfg.train.grad_accum > 1:
         raise NotImplementedError(f"communication of ZeRO-{stage}{' with half-precision parameters' if half else ''}"
                                   f"{' with grad_accum > 1' if cfg.train.grad_accum > 1 else ''} is not modelled yet "
                                   "(pipeline/tools/comm_plan.py says what is)")
@@ -87,9 +87,9 @@ def step_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
         mine = next(g for g in bn_group_layout(cfg.model.bn_group, nodes, cfg.train.micro_batch, cfg.model.bn_images)
                     if 0 in g)
         if len(mine) > 1:
-            floats = sum((c + 1) + c + 2 * c for c in widths) * cfg.train.grad_accum
-            out.append(Transfer("all_reduce", len(mine), _scope(mine, local_world), "float32",
-                                3 * len(widths) * cfg.train.grad_accum, 4 * floats, "cross-GPU BN statistics"))
+            floats = sum((c + 1) + c + 2 * c for c in widths)
+            out.append(Transfer("all_reduce", len(mine), _scope(mine, local_world), "float32", 3 * len(widths),
+                                4 * floats, "cross-GPU BN statistics"))
     if cfg.optim.name.startswith("agvm") and world > 1:
         out.append(Transfer("all_reduce", world, scope, "float64", 1, 8 * 3 * modules, "AGVM's 3 numbers per module"))
     return out

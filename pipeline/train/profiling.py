@@ -34,7 +34,6 @@ class WindowProfiler:
     def __init__(self, window: Optional[tuple[int, int]], out_dir: Path, rank: int, device: torch.device):
         self.window, self.out_dir, self.rank, self.device = window, out_dir, rank, device
         self._stack: Optional[contextlib.ExitStack] = None
-        self.table: Optional[str] = None
 
     def before(self, it: int) -> None:
         if self.window is None or it != self.window[0]:
@@ -59,15 +58,15 @@ class WindowProfiler:
         trace = self.out_dir / f"rank{self.rank}.trace.json"
         self._prof.export_chrome_trace(str(trace))
         key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        self.table = self._prof.key_averages().table(sort_by=key, row_limit=TOP_ROWS)
+        table = self._prof.key_averages().table(sort_by=key, row_limit=TOP_ROWS)
         syncs = "\n".join(f"{n:6d}  {site}  ({call})" for site, n, call in self._syncs.report())
         first, last = self.window
-        (self.out_dir / f"rank{self.rank}_top{TOP_ROWS}.txt").write_text(self.table)
+        (self.out_dir / f"rank{self.rank}_top{TOP_ROWS}.txt").write_text(table)
         (self.out_dir / f"rank{self.rank}_host_syncs.txt").write_text(syncs + "\n")
         if self.rank == 0:
             kind = "synchronisations" if self.device.type == "cuda" else "calls that would synchronise on CUDA"
             log.info("profile of iterations %d-%d: trace %s (one per rank); top %d by %s:\n%s\n%d host %s:\n%s",
-                     first, last, trace, TOP_ROWS, key, self.table, self._syncs.total, kind, syncs or "  none")
+                     first, last, trace, TOP_ROWS, key, table, self._syncs.total, kind, syncs or "  none")
 
 
 class OutOfMemory(RuntimeError):

@@ -287,10 +287,9 @@ def train_loop(state: TrainState) -> dict:
     reset_peak_memory(state.info.device)  # the training peak, not the build's
     bar = tqdm(total=schedule.total_iters, initial=it, desc="train", disable=not state.progress,
                mininterval=2.0)
-    images_per_rank = cfg.train.micro_batch * cfg.train.grad_accum
     profiler = WindowProfiler(cfg.train.profile, cfg.train.run_dir / "profile", state.info.rank, state.info.device)
     try:
-        it, metrics = _epochs(state, it, bar, images_per_rank, profiler)
+        it, metrics = _epochs(state, it, bar, profiler)
     finally:
         profiler.close()  # a window cut short (preemption, an error) still leaves its trace
     bar.close()
@@ -301,13 +300,13 @@ def train_loop(state: TrainState) -> dict:
     return run_evaluation(state, it, final=True) or metrics
 
 
-def _iteration(state: TrainState, batches, images: int, profiler: WindowProfiler) -> dict:
+def _iteration(state: TrainState, batches, profiler: WindowProfiler) -> dict:
     """One optimizer step: the launch's first counts its FLOPs; a CUDA OOM is reported with a snapshot."""
     step = state.training.step
     profiler.before(step.iteration + 1)
     try:
-        if state.flops.flops_per_image is None:
-            losses = state.flops.count(lambda: step(batches), images)
+        if state.flops.flops_per_image is None:  # this rank's images in a step: micro-batch x accumulation
+            losses = state.flops.count(lambda: step(batches), state.cfg.train.micro_batch * step.accum)
         else:
             losses = step(batches)
     except torch.OutOfMemoryError as err:
@@ -316,7 +315,7 @@ def _iteration(state: TrainState, batches, images: int, profiler: WindowProfiler
     return losses
 
 
-def _epochs(state: TrainState, it: int, bar, images_per_rank: int, profiler: WindowProfiler) -> tuple[int, dict]:
+def _epochs(state: TrainState, it: int, bar, profiler: WindowProfiler) -> tuple[int, dict]:
     """The loop of train_loop: iterations from ``it`` to the end, with logs, evaluations and checkpoints."""
     cfg, schedule, step = state.cfg, state.schedule, state.training.step
     sampler, spe = state.data.train_loader.batch_sampler, schedule.steps_per_epoch
@@ -326,7 +325,7 @@ def _epochs(state: TrainState, it: int, bar, images_per_rank: int, profiler: Win
         sampler.set_position(*divmod(it, spe))  # a resumed run continues inside its epoch
         batches = timed(device_batches(state.data.train_loader, state.info.device), data_clock)
         for _ in range(min(spe - it % spe, schedule.total_iters - it)):
-            for k, v in _iteration(state, batches, images_per_rank, profiler).items():  # on the device: no sync
+            for k, v in _iteration(state, batches, profiler).items():  # on the device: no sync
                 window[k] = window.get(k, 0) + v
             it, count = step.iteration, count + 1
             bar.update(1)

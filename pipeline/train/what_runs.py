@@ -41,9 +41,8 @@ def _agvm(cfg: ExperimentConfig, training: Training) -> str:
     if training.agvm is None:
         return "off"
     a, halves = cfg.agvm, training.agvm.tap.halves_of
-    by = f"halves by {halves.by}, first half ranks {sorted(halves.first)}" if halves.by == "ranks" else \
-        f"halves by {halves.by}"
-    return f"{cfg.optim.name}: tau {a.tau}, from iteration {a.start_iter}, {by}"
+    first = f", first half ranks {sorted(halves.first)}" if halves.by == "ranks" else ""
+    return f"{cfg.optim.name}: tau {a.tau}, from iteration {a.start_iter}, halves by {halves.by}{first}"
 
 
 def _norm(cfg: ExperimentConfig, training: Training) -> str:
