@@ -41,7 +41,22 @@ _PAYLOAD = {
     "all_to_all_single": ((1, "input"), (5, "group")),
     "send": ((0, "tensor"), (2, "group")),
     "recv": ((0, "tensor"), (2, "group")),
+    "isend": ((0, "tensor"), (2, "group")),
+    "irecv": ((0, "tensor"), (2, "group")),
+    "all_to_all": ((1, "input_tensor_list"), (2, "group")),
+    "gather": ((0, "tensor"), (3, "group")),
+    "scatter": ((1, "scatter_list"), (3, "group")),
+    "all_reduce_coalesced": ((0, "tensors"), (2, "group")),
+    "all_gather_coalesced": ((1, "input_tensor_list"), (2, "group")),
+    # torch 2.14's names of the flat-tensor collectives (the old names stay as separate functions)
+    "reduce_scatter_single": ((1, "input"), (3, "group")),
+    "all_gather_single": ((1, "input_tensor"), (2, "group")),
+    "gather_single": ((0, "tensor"), (3, "group")),
+    "gather_into_tensor": ((0, "tensor"), (3, "group")),
 }
+# a renamed collective is counted under its older name, so tables (and the plan) do not depend on the torch version
+_CANONICAL = {"reduce_scatter_single": "reduce_scatter_tensor", "all_gather_single": "all_gather_into_tensor",
+              "gather_single": "gather", "gather_into_tensor": "gather"}
 
 
 @dataclass(frozen=True)
@@ -97,7 +112,7 @@ class CommCounter:
             payload = kwargs.get(keyword, args[index] if len(args) > index else None)
             group = kwargs.get("group", args[group_index] if len(args) > group_index else None)
             size, scope = self._scope(group)
-            key = Key(name, size, scope, _dtype(payload))
+            key = Key(_CANONICAL.get(name, name), size, scope, _dtype(payload))
             self.calls[key] += 1
             self.bytes[key] += _payload_bytes(payload)
             return original(*args, **kwargs)
