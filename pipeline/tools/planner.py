@@ -488,8 +488,47 @@ def print_comm_plan(cfg: ExperimentConfig, world: int, local_world: int) -> int:
           "(payloads handed to each collective; an AGVM row is per estimate step)")
     print(f"{'collective':<24}{'group':>6}  {'scope':<11}{'dtype':<9}{'calls':>7}{'MiB':>11}  what")
     for t in transfers:
-        print(f"{t.op:<24}{t.group:>6}  {t.scope:<11}{t.dtype:<9}{t.calls:>7g}{t.bytes / 2**20:>11.3f}  {t.what}")
+        print(f"{t.op:<24}{t.group:>6}  {t.scope:<11}{t.dtype:<9}{t.calls:>7g}{t.bytes / 2**20:>11.3f}  {t.what}"
+              + ("" if t.counted else " (modelled, not counted)"))
     print(f"{'total':<57}{sum(t.bytes for t in transfers) / 2**20:>11.3f}")
+    return 0
+
+
+def print_step_plan(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    """The step-time table (``--nodes``): inputs from the command line, FLOPs counted, memory probed."""
+    from pipeline.distributed.ds_config import load_ds_config
+    from pipeline.tools import step_time as st
+
+    try:
+        cluster = st.Cluster(args.nodes, args.gpus_per_node, args.gpu.lower(), st.intra_link(args.intra_node),
+                             st.network_link(args.inter_node), args.efficiency, args.algorithm, args.overlap)
+        if cluster.gpu not in st.GPUS:
+            raise ValueError(f"--gpu {args.gpu}: one of {', '.join(st.GPUS)}")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    num_classes = _num_classes(cfg)
+    size = args.image_size or largest_image(cfg)
+    if args.flops_per_image:
+        flops, source = args.flops_per_image * 1e9, "given with --flops-per-image"
+    else:
+        at = args.probe_size or size
+        flops = st.count_training_flops(cfg, num_classes, at) * (size[0] * size[1]) / (at[0] * at[1])
+        source = (f"counted at {_hw(at)}" + (f", scaled by pixels to {_hw(size)}" if at != size else "")
+                  + ": forward + backward, matmuls and convolutions")
+    mfu, mfu_source = (args.mfu, "given with --mfu") if args.mfu else st.default_mfu(cfg)
+    autocast = load_ds_config(cfg.train.ds_config).get("torch_autocast", {})
+    inputs = st.Inputs(cluster, args.batch or cfg.train.micro_batch * cfg.train.grad_accum * cluster.world, flops,
+                       source, mfu, mfu_source, bool(autocast.get("enabled")),
+                       args.epoch_images or st.COCO_TRAIN_IMAGES, st.run_epochs(cfg))
+    probe = None if args.no_memory else run_probe(cfg, num_classes, inputs.half, size, args.probe_size)
+    micro = [int(m) for m in args.micro_batches.split(",")] if args.micro_batches else None
+    try:
+        rows = st.plan_cluster(cfg, inputs, num_classes, [int(k) for k in args.stages.split(",")], micro, probe)
+    except (ValueError, NotImplementedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(st.format_step_plan(cfg, inputs, rows))
     return 0
 
 
@@ -505,6 +544,26 @@ def main(argv=None) -> int:
     parser.add_argument("--comm", action="store_true", help="instead of memory: the bytes each rank sends per "
                         "optimizer step, by collective and scope (pipeline/tools/comm_plan.py)")
     parser.add_argument("--ranks-per-node", type=int, default=None, help="with --comm: ranks per node (default: all)")
+    cluster = parser.add_argument_group("step time on a cluster (pipeline/tools/step_time.py): given --nodes")
+    cluster.add_argument("--nodes", type=int, default=None, help="nodes: print the step-time table per candidate")
+    cluster.add_argument("--gpus-per-node", type=int, default=8)
+    cluster.add_argument("--gpu", default="h100", help="one of h100, h200, a100, l40s, titanxp")
+    cluster.add_argument("--inter-node", default="400Gb", help="network rate per GPU, e.g. 400Gb or 50GB")
+    cluster.add_argument("--intra-node", default="nvlink4", help="nvlink4, nvlink3, pcie5/4/3, or a rate such as 300GB")
+    cluster.add_argument("--batch", type=int, default=None, help="global batch (default: the config's micro-batch x "
+                         "accumulation x the cluster's GPUs)")
+    cluster.add_argument("--stages", default="0,1,2,3", help="ZeRO stages to compare")
+    cluster.add_argument("--micro-batches", default=None, help="micro-batches to compare (default: the 3 largest "
+                         "divisors of the per-GPU batch; the rest is accumulation)")
+    cluster.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation, 0-1 (default: by backbone "
+                         "family, anchored to one-GPU H100 figures)")
+    cluster.add_argument("--flops-per-image", type=float, default=None, help="training GFLOP per image (default: "
+                         "counted on the real model at --probe-size or the image size)")
+    cluster.add_argument("--efficiency", type=float, default=0.8, help="achieved bus bandwidth / line rate")
+    cluster.add_argument("--algorithm", choices=("ring", "tree"), default="ring", help="all-reduce algorithm")
+    cluster.add_argument("--overlap", type=float, default=0.0, help="fraction of ZeRO's traffic hidden behind backward")
+    cluster.add_argument("--epoch-images", type=int, default=None, help="images per epoch (default: COCO train2017's)")
+    cluster.add_argument("--no-memory", action="store_true", help="skip the activation probe (no memory column)")
     parser.add_argument("--probe-child", type=Path, default=None, help=argparse.SUPPRESS)  # run_probe's process
     parser.add_argument("--num-classes", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
@@ -520,6 +579,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.comm:
             return print_comm_plan(cfg, args.world_size, args.ranks_per_node or args.world_size)
+        if args.nodes:
+            return print_step_plan(cfg, args)
         plan, probe = build_plan(cfg, args.world_size, args.image_size, args.probe_size)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
