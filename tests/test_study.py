@@ -71,6 +71,29 @@ def test_cluster_plan_has_one_command_per_point(tmp_path):
         study_cli.write_plan(bad, REPO / "launch/hostfile.example", gpus_per_node=8)
 
 
+def test_the_cluster_plan_carries_each_points_predicted_hours(tmp_path, capsys):
+    """--plan predicts every point with the step-time model: a comment before each command and a table
+    with hours and GPU-hours (= hours x GPUs); the same epochs on 8x the GPUs at 8x the batch take fewer
+    hours and no fewer GPU-hours."""
+    from test_step_time import TINY
+
+    fixed = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in TINY)}
+    fixed.update({"data.root": str(tmp_path / "not_written"), "data.synthetic_train": 4096,
+                  "schedule.policy": "multistep", "schedule.epochs": 2})
+    path = _write(tmp_path, {"name": "big", "fixed": fixed, "grid": {"batch": ["8x2", "64x2"]}})
+    assert study_cli.main([str(path), "--output-dir", str(tmp_path / "out"), "--plan", "--gpu", "a100",
+                           "--inter-node", "200Gb", "--intra-node", "nvlink3"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("8x2 ", "64x2 "))}
+    (g8, h8, gh8), (g64, h64, gh64) = [[float(rows[p][i].replace(",", "")) for i in (1, 5, 6)] for p in ("8x2", "64x2")]
+    assert (g8, g64) == (8, 64) and h64 < h8 and gh64 >= gh8 * 0.99
+    assert gh8 == pytest.approx(h8 * 8, rel=0.02) and gh64 == pytest.approx(h64 * 64, rel=0.02)
+    plan = (tmp_path / "out/big/launch_plan.sh").read_text().splitlines()
+    for name in ("8x2", "64x2"):
+        comment = next(i for i, line in enumerate(plan) if line.startswith(f"# {name}: predicted "))
+        assert plan[comment + 1].startswith("deepspeed ") and f"train.run_name={name}" in plan[comment + 1]
+
+
 def _tiny_fixed(shapes_root, tmp_path) -> dict:
     fixed = {}
     for item in tiny_overrides(shapes_root, tmp_path, "faster_rcnn"):

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 from tqdm import tqdm
 
@@ -38,6 +39,9 @@ from pipeline.studies.spec import (STATUS_FILE, Comparison, Point, Study, aggreg
                                    write_status)
 from pipeline.train.validate import validate
 from pipeline.utils.files import write_json
+
+if TYPE_CHECKING:
+    from pipeline.tools.step_time import RunPrediction
 
 # What a finished point's results are (``collect_rows``, the plots) without its checkpoints: an
 # archive of them is a few tens of KB per point, small enough for git, and copied back into the
@@ -133,8 +137,43 @@ def run_study(study: Study, retry_failed: bool = False) -> list[str]:
     return failed
 
 
-def write_plan(study: Study, hostfile: Path, gpus_per_node: int) -> Path:
-    """launch_plan.sh: one ``deepspeed --hostfile`` command per point, finished points commented out."""
+def predict_points(study: Study, gpus_per_node: int, link_args: dict) -> dict[str, "RunPrediction"]:
+    """Each point's predicted hours on the cluster (``pipeline.tools.step_time.predict_run``): FLOPs per image
+    counted once per distinct model and image size."""
+    from pipeline.tools.planner import _num_classes, largest_image
+    from pipeline.tools.step_time import count_training_flops, predict_run
+
+    flops: dict[str, float] = {}
+    out = {}
+    for point in tqdm(study.points, desc="predicting", unit="point", disable=None):
+        cfg = load_config(study.config, point.override_args())
+        size, num_classes = largest_image(cfg), _num_classes(cfg)
+        key = f"{cfg.model.model_dump_json()} {size}"
+        if key not in flops:
+            flops[key] = count_training_flops(cfg, num_classes, size)
+        out[point.name] = predict_run(cfg, point.ranks, gpus_per_node, link_args, num_classes, flops[key])
+    return out
+
+
+def plan_table(study: Study, predictions: dict[str, "RunPrediction"], link_args: dict) -> str:
+    lines = [f"predicted on {link_args['gpu']} GPUs, intra-node {link_args['intra_node']}, inter-node "
+             f"{link_args['inter_node']} (launch/plan.py --nodes prints every input; a prediction, not a measurement)",
+             f"{'point':<40}{'GPUs':>6}{'ZeRO':>5}{'img/s':>10}{'comm':>7}{'hours':>10}{'GPU-h':>10}"]
+    for point in study.points:
+        p = predictions[point.name]
+        lines.append(f"{point.name:<40}{p.gpus:>6}{p.step.stage:>5}{p.step.images_per_s:>10,.0f}"
+                     f"{100 * p.step.comm_fraction:>6.1f}% {p.hours:>9.3g} {p.gpu_hours:>9.3g}"
+                     + ("" if p.counted else "  * modelled collectives"))
+    total = sum(p.gpu_hours for p in predictions.values())
+    lines.append(f"{'all points':<40}{'':>6}{'':>5}{'':>10}{'':>7} {sum(p.hours for p in predictions.values()):>9.3g}"
+                 f" {total:>9.3g}")
+    return "\n".join(lines)
+
+
+def write_plan(study: Study, hostfile: Path, gpus_per_node: int,
+               predictions: Optional[dict[str, "RunPrediction"]] = None) -> Path:
+    """launch_plan.sh: one ``deepspeed --hostfile`` command per point, finished points commented out; with
+    ``predictions``, each command follows a comment with the point's predicted hours and GPU-hours."""
     hostfile = resolve_repo_path(hostfile).resolve()  # the plan cds into the repository first
     lines = ["#!/usr/bin/env bash", f"# Study {study.name} ({study.source}): one command per point.",
              "# Run them in order (or hand them to your scheduler); then: "
@@ -147,6 +186,10 @@ def write_plan(study: Study, hostfile: Path, gpus_per_node: int) -> Path:
         cmd = (f"deepspeed --hostfile {hostfile} --num_nodes {nodes} --num_gpus {per_node} "
                + " ".join(shlex.quote(a) for a in train_args(study, point)))
         done = point_result(study.run_dir(point)) is not None
+        if predictions:
+            p = predictions[point.name]
+            lines.append(f"# {point.name}: predicted {p.hours:.3g} h, {p.gpu_hours:,.3g} GPU-hours "
+                         f"({p.step.images_per_s:,.0f} img/s, {100 * p.step.comm_fraction:.0f}% in collectives)")
         lines.append(("# done: " if done else "") + cmd + " train.resume=auto")
     path = study.root / "launch_plan.sh"
     study.root.mkdir(parents=True, exist_ok=True)
@@ -257,6 +300,10 @@ def main(argv=None) -> int:
     parser.add_argument("--plan", action="store_true", help="write launch_plan.sh for a cluster instead of running")
     parser.add_argument("--hostfile", type=Path, default=Path("launch/hostfile.example"))
     parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu", default="h100", help="with --plan: the GPU, for predicted hours (launch/plan.py)")
+    parser.add_argument("--inter-node", default="400Gb", help="with --plan: network rate per GPU")
+    parser.add_argument("--intra-node", default="nvlink4", help="with --plan: link inside a node")
+    parser.add_argument("--mfu", type=float, default=None, help="with --plan: MFU (default: by backbone family)")
     parser.add_argument("--report", action="store_true", help="only collect results and draw plots")
     parser.add_argument("--retry-failed", action="store_true", help="run points marked failed again")
     parser.add_argument("--archive", type=Path, metavar="DIR",
@@ -286,7 +333,15 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.plan:
-        print(f"wrote {write_plan(study, args.hostfile, args.gpus_per_node)}")
+        link_args = {"gpu": args.gpu.lower(), "inter_node": args.inter_node, "intra_node": args.intra_node,
+                     "mfu": args.mfu}
+        try:
+            predictions = predict_points(study, args.gpus_per_node, link_args)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(plan_table(study, predictions, link_args))
+        print(f"wrote {write_plan(study, args.hostfile, args.gpus_per_node, predictions)}")
         return 0
     failed = []
     if not args.report:

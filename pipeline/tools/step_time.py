@@ -323,3 +323,44 @@ def format_step_plan(cfg: ExperimentConfig, inputs: Inputs, rows: list[tuple[Ste
                  "candidate on one node; ! : over 90% of the GPU's memory (model states + probed activations); "
                  "* : a modelled collective (ZeRO-3 or gradient accumulation) not yet checked against a count")
     return "\n".join(lines)
+
+
+def train_images(cfg: ExperimentConfig) -> int:
+    """Images in one epoch of the config's training set: its annotation file's count where it exists,
+    else the synthetic set's size or COCO train2017's."""
+    import json
+
+    ann = cfg.data.path(cfg.data.train_ann)
+    if ann.is_file():
+        return len(json.loads(ann.read_text())["images"])
+    return cfg.data.synthetic_train if cfg.data.source == "synthetic" else COCO_TRAIN_IMAGES
+
+
+@dataclass(frozen=True)
+class RunPrediction:
+    step: StepTime
+    hours: float
+    gpus: int
+    counted: bool
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.hours * self.gpus
+
+
+def predict_run(cfg: ExperimentConfig, ranks: int, gpus_per_node: int, link_args: dict, num_classes: int,
+                flops_per_image: float) -> RunPrediction:
+    """A whole run of ``cfg`` on ``ranks`` GPUs (nodes of ``gpus_per_node``) as configured: its ZeRO stage,
+    micro-batch and accumulation; hours = the images its schedule trains on over the predicted img/s."""
+    from pipeline.distributed.ds_config import load_ds_config, zero_stage
+
+    cluster = Cluster(max(1, ranks // gpus_per_node), min(ranks, gpus_per_node), link_args["gpu"],
+                      intra_link(link_args["intra_node"]), network_link(link_args["inter_node"]))
+    mfu = link_args.get("mfu") or default_mfu(cfg)[0]
+    ds = load_ds_config(cfg.train.ds_config)
+    half = bool(ds.get("torch_autocast", {}).get("enabled"))
+    step, transfers = predict_step(cfg, cluster, num_classes, flops_per_image, mfu, half, zero_stage(ds),
+                                   cfg.train.micro_batch, cfg.train.grad_accum)
+    images = (cfg.schedule.max_iters * step.images_per_step if cfg.schedule.max_iters
+              else run_epochs(cfg) * train_images(cfg))
+    return RunPrediction(step, images / step.images_per_s / 3600, cluster.world, all(t.counted for t in transfers))
