@@ -134,3 +134,21 @@ def test_the_plan_counts_flops_and_probes_memory_when_not_given(capsys):
     assert "GFLOP per training image (counted at " in out and "MFU          6.0% (torchvision Faster R-CNN" in out
     rows = _table(out)
     assert len(rows) == 2 * 2 and all(math.isfinite(float(r[5].rstrip("!"))) for r in rows)
+
+
+def test_the_vit_anchor_uses_vit_g_forward_flops_counted_on_the_meta_device():
+    """DEFAULT_MFU's ViT anchor: timm's ViT-g/14 at 1024x1024 (the ENVIRONMENT.md measurement), its forward
+    counted here with torch's FlopCounterMode on the meta device; the convnet anchor is 47.4 x 1249 / 989.4."""
+    import timm
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.tools.step_time import DEFAULT_MFU, VIT_G_FORWARD_TFLOP_1024
+
+    with torch.device("meta"):
+        model = timm.create_model("vit_giant_patch14_dinov2", pretrained=False, img_size=1024, num_classes=0)
+        with FlopCounterMode(display=False) as counter:
+            model.forward_features(torch.empty(1, 3, 1024, 1024))
+    assert counter.get_total_flops() / 1e12 == pytest.approx(VIT_G_FORWARD_TFLOP_1024, abs=1e-3)
+    assert DEFAULT_MFU["vit"][0] == pytest.approx(0.360, abs=5e-4)
+    assert DEFAULT_MFU["convnet"][0] == pytest.approx(0.0598, abs=5e-4)

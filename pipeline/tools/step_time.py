@@ -67,14 +67,18 @@ GPUS = {
     "titanxp": ({"bf16": 12.1, "fp32": 12.1}, 12.0),  # MegDet's GPU: no tensor cores, fp32 only
 }
 
-# MFU by backbone family when none is measured, anchored to one-GPU H100 figures (shared/ENVIRONMENT.md):
+# MFU by backbone family when none is measured, anchored to one-GPU H100 figures (shared/ENVIRONMENT.md),
+# FLOPs counted as ``count_training_flops`` counts them (forward + backward; a recomputed forward too):
 # torchvision's Faster R-CNN R50-FPN, 800x1333, AMP bf16, batch 8: 47.4 img/s x 1249 GFLOP = 59.2 TFLOP/s
-# = 6.0% of 989.4; ViT-g/14 backbone at 1024x1024, bf16, per-block checkpointing, batch 8: 4.67 img/s x
-# 3 x 8.65 TFLOP (forward, counted on the meta device by tests/test_step_time.py's reference) = 121 TFLOP/s
-# = 12.2% (model FLOPs: the recomputed forward not counted).
-DEFAULT_MFU = {"convnet": (0.060, "torchvision Faster R-CNN R50-FPN on one H100, bf16, batch 8 (ENVIRONMENT.md)"),
-               "vit": (0.122, "ViT-g/14 backbone at 1024x1024 on one H100, bf16, checkpointing, batch 8 "
-                              "(ENVIRONMENT.md)")}
+# = 6.0% of 989.4; timm's ViT-g/14 backbone at 1024x1024 (73 x 73 tokens, global attention), bf16,
+# per-block checkpointing, batch 8: 4.67 img/s x 4 x 19.06 TFLOP (its forward, counted on the meta device:
+# tests/test_step_time.py) = 356 TFLOP/s = 36.0%.
+VIT_G_FORWARD_TFLOP_1024 = 19.063
+DEFAULT_MFU = {"convnet": (47.4 * 1249e9 / 989.4e12, "torchvision Faster R-CNN R50-FPN on one H100, bf16, batch 8 "
+                                                     "(ENVIRONMENT.md)"),
+               "vit": (4.67 * 4 * VIT_G_FORWARD_TFLOP_1024 * 1e12 / 989.4e12,
+                       "ViT-g/14 backbone at 1024x1024 on one H100, bf16, checkpointing, batch 8 (ENVIRONMENT.md)")}
+
 
 @dataclass(frozen=True)
 class Cluster:
