@@ -25,6 +25,9 @@ scales by pixel count (exact for convolutions; attention's quadratic part is und
 
 ``--measure`` then runs a few real training steps through ``launch/train.py`` with the same
 config and world size and prints the measured peak beside the estimate.
+
+``--comm``: the bytes each rank sends per optimizer step (``pipeline.tools.comm_plan``). ``--nodes``: the
+step time of each candidate on a cluster (``pipeline.tools.step_time``), memory from this planner.
 """
 
 from __future__ import annotations
