@@ -278,16 +278,18 @@ def _score_thresh(cfg, key: str) -> dict:
     return {} if cfg.score_thresh is None else {key: cfg.score_thresh}
 
 
-def _roi_pool(levels: list[str], strides: list[int], output_size: int, sampling_ratio: int) -> MultiScaleRoIAlign:
+def _roi_pool(levels: list[str], strides: list[int], output_size: int, sampling_ratio: int,
+              canonical_scale: float = 224) -> MultiScaleRoIAlign:
     """torchvision's RoIAlign over the pyramid ``levels``, with each level's scale set from the
     backbone's ``strides``. Left alone, MultiScaleRoIAlign infers the scales from the first batch it
     sees (feature size / unpadded image size, rounded to a power of two) and keeps them: a small
     first image padded up (65 px -> 96) halves every scale for the rest of the run, and a resumed
-    run, whose first batch differs, pools from other places than the run it continues."""
+    run, whose first batch differs, pools from other places than the run it continues. A box of side
+    ``canonical_scale`` pools from level 4 (stride 16), each halving or doubling one level down or up."""
     pool = MultiScaleRoIAlign(levels, output_size=output_size, sampling_ratio=sampling_ratio)
     pool.scales = [1.0 / s for s in strides[:len(levels)]]
     pool.map_levels = initLevelMapper(int(math.log2(strides[0])), int(math.log2(strides[len(levels) - 1])),
-                                      canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
+                                      canonical_scale=int(canonical_scale), canonical_level=pool.canonical_level)
     return pool
 
 
@@ -311,7 +313,7 @@ def build_detector(cfg, num_classes: int, min_size: int, max_size: int,
         return cls(backbone, num_classes + 1, anchor_generator=anchors,
                    detections_per_img=cfg.detections_per_img, **_score_thresh(cfg, "score_thresh"), **common)
     levels = [str(i) for i in range(len(backbone.strides) - 1)]  # the max-pool level feeds the RPN only
-    box_pool = _roi_pool(levels, backbone.strides, 7, cfg.roi_sampling_ratio)
+    box_pool = _roi_pool(levels, backbone.strides, 7, cfg.roi_sampling_ratio, cfg.roi_canonical_scale)
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, cfg.box_head_dim)
     kwargs = dict(rpn_anchor_generator=anchors, box_roi_pool=box_pool, box_head=box_head,
                   box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
@@ -322,7 +324,7 @@ def build_detector(cfg, num_classes: int, min_size: int, max_size: int,
                   rpn_batch_size_per_image=cfg.rpn_batch_per_image, box_batch_size_per_image=cfg.roi_batch_per_image,
                   box_detections_per_img=cfg.detections_per_img, **_score_thresh(cfg, "box_score_thresh"), **common)
     if cfg.detector == "mask_rcnn":
-        mask_pool = _roi_pool(levels, backbone.strides, 14, cfg.roi_sampling_ratio)
+        mask_pool = _roi_pool(levels, backbone.strides, 14, cfg.roi_sampling_ratio, cfg.roi_canonical_scale)
         mask_predictor = MaskRCNNPredictor(256, 256, num_classes + 1)  # torchvision's mask head is 256 wide
         return MaskRCNN(backbone, None, mask_roi_pool=mask_pool, mask_predictor=mask_predictor, **kwargs)
     return (BatchedFasterRCNN if batched_heads else FasterRCNN)(backbone, None, **kwargs)

@@ -47,6 +47,9 @@ class ModelConfig(_Section):
     box_head_dim: int = Field(1024, gt=0, description="width of the two-layer box head")
     roi_sampling_ratio: int = Field(2, ge=0, description="RoIAlign bilinear samples per bin side (0 = adaptive); "
                                     "1 is 4x cheaper than torchvision's 2, which matters on CPU")
+    roi_canonical_scale: float = Field(
+        224, gt=0, description="side of a box that RoIAlign pools from pyramid level 4 (stride 16), one level down "
+                               "per halving (the FPN paper's 224, for ~800 px images; scale it with the images)")
     vit_window: int = Field(0, ge=0, description="plain ViTs: blocks attend within windows of this many tokens per "
                                                  "side (ViTDet: 14); 0: every block global (models/vit.py)")
     vit_global_blocks: Optional[tuple[int, ...]] = Field(

@@ -125,6 +125,23 @@ def test_unknown_backbone_names_the_key_and_close_names():
         build_model(load_config(None, ["model.backbone=resnet_50"]), 3, pretrained=False)
 
 
+@pytest.mark.parametrize("canonical", [224, 64])
+def test_a_box_pools_from_the_level_the_fpn_formula_gives(canonical):
+    """The FPN paper's eq. 1: a box of side s = sqrt(w h) pools from level floor(4 + log2(s / canonical)),
+    clamped to the pyramid's levels (this backbone's strides 4-32: levels 2-5); ``model.roi_canonical_scale``
+    sets ``canonical`` (224 in the paper, for ~800 px images)."""
+    import math
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(detector="faster_rcnn", backbone=TINY_BACKBONE, fpn_channels=32, anchor_scale=4,
+                      roi_canonical_scale=canonical)
+    pool = build_detector(cfg, num_classes=3, min_size=64, max_size=96).roi_heads.box_roi_pool
+    sides = [8.0, 20.0, 40.0, 63.0, 65.0, 130.0, 300.0, 1000.0]
+    boxes = torch.tensor([[0.0, 0.0, s, s] for s in sides])
+    got = (pool.map_levels([boxes]) + 2).tolist()  # map_levels counts from the finest level, 2
+    assert got == [min(5, max(2, math.floor(4 + math.log2(s / canonical) + 1e-6))) for s in sides]
+
+
 @pytest.mark.parametrize("detector", ["faster_rcnn", "mask_rcnn"])
 def test_roi_pooling_does_not_depend_on_the_first_batch_seen(detector):
     """torchvision's MultiScaleRoIAlign infers each level's scale from the first batch it sees
