@@ -1,6 +1,6 @@
 """The step-time model's answers for docs/RESULTS.md (issue #31): predictions, not measurements.
 
-    python benchmarks/step_time_tables.py            # ~10 min on a 2-core CPU (FLOP counts and memory probes)
+    python benchmarks/step_time_tables.py --cache /tmp/step_time_inputs.json   # ~15 min on a 2-core CPU, then seconds
 
 1. Sanity checks against published figures, with those papers' hardware as inputs:
    MegDet's COCO training time at batch 16 on 8 GPUs (33.2 h) against batch 256 on 128 GPUs (4.1 h), and
@@ -13,10 +13,14 @@ Prints markdown; every input is in the text printed with it.
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Optional
 
 from pipeline.config import load_config
 from pipeline.tools import step_time as st
-from pipeline.tools.planner import largest_image, run_probe
+from pipeline.tools.planner import ActivationProbe, largest_image, run_probe
 
 R50 = ("configs/coco_r50_fpn.yaml", ["optim.name=agvm_sgd", "agvm.tau=10", "model.norm=cgbn", "model.bn_group=node"])
 VITG = ("configs/coco_vitdet_b.yaml", ["model.backbone=vit_giant_patch14_dinov2", "optim.name=agvm_adamw",
@@ -87,11 +91,11 @@ def cluster_tables(spec, batch: int, flops: float, probe, label: str) -> list[st
     out = [f"**{label}**, batch {batch}, {flops / 1e9:,.0f} GFLOP per training image (counted), MFU "
            f"{100 * mfu:.1f}% ({source}); NVLink 4 inside a node, 400 Gb/s per GPU between nodes, ring all-reduce, "
            "efficiency 0.8, no overlap; ! = best candidate does not fit 90% of 80 GB", "",
-           "| GPUs | fastest (ZeRO, micro x accum, BN) | img/s | comm share | eff. vs 1 node | best per-GPU BN | "
-           "best cgbn/node | AGVM tau 10 | AGVM tau 1 |", "|---|---|---|---|---|---|---|---|---|"]
+           "| GPUs | fastest (ZeRO, micro x accum, BN) | img/s | comm share | eff. vs 1 node | best ZeRO-0 / 1 / 2 / 3 "
+           "img/s | best per-GPU BN | best cgbn/node | AGVM tau 10 | AGVM tau 1 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for gpus in (64, 128, 256, 512, 1024):
         if batch % gpus:
-            out.append(f"| {gpus} | {batch / gpus:g} images per GPU: not a whole number | | | | | | | |")
+            out.append(f"| {gpus} | {batch / gpus:g} images per GPU: not a whole number | | | | | | | | |")
             continue
         cluster = st.Cluster(gpus // 8, 8, **H100)
         rows = st.plan_cluster(cfg, _inputs(cluster, batch, flops, mfu, source, cfg), 80, [0, 1, 2, 3], None, probe)
@@ -99,6 +103,8 @@ def cluster_tables(spec, batch: int, flops: float, probe, label: str) -> list[st
         step, one, _ = best
         by_bn = {bn: _best([r for r in rows if r[0].bn == bn]) for bn in {r[0].bn for r in rows}}
         bn_cells = [f"{by_bn[k][0].images_per_s:,.0f} img/s" if by_bn.get(k) else "-" for k in ("per_gpu", "cgbn/node")]
+        by_stage = [_best([r for r in rows if r[0].stage == k]) for k in range(4)]
+        stage_cell = " / ".join(f"{b[0].images_per_s:,.0f}" if b else "none fits" for b in by_stage)
         # AGVM's share of the best candidate's step at tau 10 and tau 1 (its collectives, not its compute)
         agvm = []
         for tau in (10, 1):
@@ -113,28 +119,54 @@ def cluster_tables(spec, batch: int, flops: float, probe, label: str) -> list[st
         out.append(f"| {gpus} | ZeRO-{step.stage}, {step.micro_batch} x {step.grad_accum}, {step.bn}"
                    f"{'' if step.fits is not False else ' !'} | {step.images_per_s:,.0f} | "
                    f"{100 * step.comm_fraction:.0f}% | {100 * step.images_per_s / (cluster.nodes * one.images_per_s):.0f}%"
-                   f" | {' | '.join(bn_cells)} | {' | '.join(agvm)} |")
+                   f" | {stage_cell} | {' | '.join(bn_cells)} | {' | '.join(agvm)} |")
     return out
+
+
+class Cache:
+    """The slow inputs (FLOP counts, activation probes) kept in a JSON file, so that a change to the model
+    of time reruns in seconds; delete the file when the detector code changes."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path and path.is_file() else {}
+
+    def get(self, key: str, compute):
+        if key not in self.data:
+            value = compute()
+            self.data[key] = asdict(value) if is_dataclass(value) else value
+            if self.path:
+                self.path.write_text(json.dumps(self.data, indent=1))
+        return self.data[key]
+
+
+def _probe(cache: Cache, key: str, *args) -> ActivationProbe:
+    fields = cache.get(key, lambda: run_probe(*args))
+    return ActivationProbe(**{**fields, "image_size": tuple(fields["image_size"]),
+                              "probe_size": tuple(fields["probe_size"])})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vitg-probe-size", default="448x448", help="HxW to count ViT-g's FLOPs and memory at")
+    parser.add_argument("--cache", type=Path, default=None, help="keep FLOP counts and probes in this JSON file")
     args = parser.parse_args()
+    cache = Cache(args.cache)
     r50 = _cfg(R50)
     r50_size = largest_image(r50)
-    r50_flops = st.count_training_flops(r50, 80, r50_size)
+    r50_flops = cache.get("r50_flops", lambda: st.count_training_flops(r50, 80, r50_size))
     print("## MegDet Table 3's two end points\n")
     print("\n".join(megdet_check(r50_flops)))
     print("\n## AGVM's overhead\n")
     print("\n".join(agvm_check(r50_flops)))
-    r50_probe = run_probe(r50, 80, True, r50_size)
+    r50_probe = _probe(cache, "r50_probe", r50, 80, True, r50_size)
     print("\n## Faster R-CNN R50-FPN, batch 1024\n")
     print("\n".join(cluster_tables(R50, 1024, r50_flops, r50_probe, "Faster R-CNN R50-FPN, AGVM-SGD")))
     vitg = _cfg(VITG)
     size, probe_size = largest_image(vitg), tuple(int(v) for v in args.vitg_probe_size.split("x"))
-    vitg_flops = st.count_training_flops(vitg, 80, probe_size) * size[0] * size[1] / (probe_size[0] * probe_size[1])
-    vitg_probe = run_probe(vitg, 80, True, size, probe_size)
+    vitg_flops = cache.get("vitg_flops", lambda: st.count_training_flops(vitg, 80, probe_size)) * (
+        size[0] * size[1] / (probe_size[0] * probe_size[1]))
+    vitg_probe = _probe(cache, "vitg_probe", vitg, 80, True, size, probe_size)
     print(f"\n## ViT-g/14 Faster R-CNN (1.15B), batch 1536 (FLOPs and activations probed at {args.vitg_probe_size}, "
           "scaled by pixels)\n")
     print("\n".join(cluster_tables(VITG, 1536, vitg_flops, vitg_probe, "ViT-g Faster R-CNN, AGVM-AdamW")))

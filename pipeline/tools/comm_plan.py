@@ -52,15 +52,19 @@ class Transfer:
     part: str = "zero"  # whose: "zero" (gradients and parameters), "bn" (cross-GPU BN) or "agvm"
     every: int = 1  # happens every this many optimizer steps (AGVM: agvm.tau)
     counted: bool = True  # its rule is checked against CommCounter in tests/test_comm_count.py
+    # Collective launches that each pay the algorithm's latency, where fewer than ``calls``: ZeRO-3 fetches
+    # one sub-module's parameters together (one grouped launch under NCCL; gloo issues them one by one)
+    launches: Optional[float] = None
 
 
 def _scope(ranks: list[int], local_world: int) -> str:
     return "intra-node" if len({r // local_world for r in ranks}) == 1 else "inter-node"
 
 
-def _model_facts(cfg: ExperimentConfig, num_classes: int) -> tuple[list[tuple[str, list[int]]], list[int]]:
+def _model_facts(cfg: ExperimentConfig, num_classes: int) -> tuple[list[tuple[str, list[int]]], list[int], int]:
     """(per optimizer parameter group: its AGVM module and its parameters' sizes, in the optimizer's order;
-    cross-GPU BN layer widths), from the model built on the meta device."""
+    cross-GPU BN layer widths; modules that hold parameters themselves, ZeRO-3's unit of fetching), from
+    the model built on the meta device."""
     from pipeline.optim.optimizers import build_param_groups
     from pipeline.train.build import build_model
 
@@ -69,7 +73,8 @@ def _model_facts(cfg: ExperimentConfig, num_classes: int) -> tuple[list[tuple[st
     groups = [(g["module"], [p.numel() for p in g["params"]]) for g in build_param_groups(model, cfg.model.detector,
                                                                                            cfg.optim)]
     widths = [m.num_features for m in model.modules() if isinstance(m, CrossGPUBatchNorm)]
-    return groups, widths
+    holders = sum(1 for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False)))
+    return groups, widths, holders
 
 
 def _zero12_partition(group_size: int, world: int) -> int:
@@ -106,13 +111,13 @@ def step_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
     if accum > 1 and not modelled:
         raise NotImplementedError(f"communication of ZeRO-{stage} with grad_accum > 1 is modelled but not counted "
                                   "yet; the step-time table (--nodes) shows it, marked")
-    groups, widths = _model_facts(cfg, num_classes)
+    groups, widths, holders = _model_facts(cfg, num_classes)
     sizes = [sum(numels) for _, numels in groups]
     everyone = list(range(world))
     scope = _scope(everyone, local_world)
     out, mine = [], [0]
     if world > 1 and stage == 3:
-        out += _zero3_rows(groups, ds, world, scope, accum)
+        out += _zero3_rows(groups, holders, ds, world, scope, accum)
     elif world > 1:
         per_micro = accum if stage == 2 else 1  # ZeRO-2 reduces its buckets in every backward
         out.append(Transfer("all_reduce", world, scope, "float32", per_micro, 4 * sum(sizes) * per_micro, "gradients",
@@ -135,7 +140,7 @@ def step_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
         width = _agvm_shard_width(groups, stage, world)
         micro_halves = accum >= 2 and (cfg.agvm.halves == "micro_batches" or (
             cfg.agvm.halves == "auto" and len(mine) == world))
-        checked = stage < 3 and accum == 1
+        checked = accum == 1
         if not (stage == 3 and micro_halves):  # ZeRO-3's micro-batch halves read D from its partitions
             out.append(Transfer("reduce_scatter_tensor", world, scope, "float32", len(width),
                                 4 * world * sum(width.values()), "AGVM's signed half-sum D, one per module",
@@ -145,13 +150,14 @@ def step_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
     return out
 
 
-def _zero3_rows(groups: list[tuple[str, list[int]]], ds: dict, world: int, scope: str, accum: int) -> list[Transfer]:
+def _zero3_rows(groups: list[tuple[str, list[int]]], holders: int, ds: dict, world: int, scope: str,
+                accum: int) -> list[Transfer]:
     """ZeRO-3: in every micro-step, one reduce-scatter of every gradient (each parameter padded
     to a multiple of ``world``, as measured: 975,632 B for the tiny model's 243,907 parameters on 2
     ranks) in buckets of ``reduce_bucket_size``, and all-gathers of every parameter's partition: one
     copy per micro-step while the model fits ``stage3_max_live_parameters`` (DeepSpeed keeps what it
     gathered in forward for backward; measured: the tiny model gathers exactly one copy), two
-    (forward, then backward) above it; after backward, one float64 all-reduce per parameter group (the
+    (forward, then backward) above it, fetched one sub-module at a time; after backward, one float64 all-reduce per parameter group (the
     gradient norm). Counted exactly (tests/test_comm_count.py) for one copy without accumulation, in a
     step after the first two: while DeepSpeed records its parameter trace it also broadcasts the trace's
     ids to check them (``assert_ints_same_as_other_ranks``), a few KB that steady state does not send.
@@ -167,7 +173,7 @@ def _zero3_rows(groups: list[tuple[str, list[int]]], ds: dict, world: int, scope
                      accum * 4 * world * chunks, "gradients (ZeRO-3 reduce-scatter)", counted=counted),
             Transfer("all_gather_into_tensor", world, scope, "float32", accum * copies * len(numels),
                      accum * copies * 4 * chunks, f"parameter partitions, {copies} cop{'y' if copies == 1 else 'ies'} "
-                     "per micro-step", counted=counted),
+                     "per micro-step", counted=counted, launches=accum * copies * holders),
             Transfer("all_reduce", world, scope, "float64", len(groups), 8 * len(groups),
                      "one float64 per parameter group (gradient norm)", counted=counted)]
 

@@ -123,7 +123,7 @@ def intra_link(text: str) -> Link:
 
 def collective_seconds(op: str, payload: float, calls: float, group: int, link: Link, efficiency: float,
                        algorithm: str = "ring") -> float:
-    """Wall time of ``calls`` collectives of ``payload`` bytes in all over ``group`` ranks on ``link``."""
+    """Wall time of ``calls`` collective launches of ``payload`` bytes in all over ``group`` ranks on ``link``."""
     if group <= 1 or calls == 0:
         return 0.0
     n, bw, alpha = group, link.gbytes_per_s * 1e9 * efficiency, link.latency_us * 1e-6
@@ -146,7 +146,8 @@ def transfer_seconds(t: Transfer, cluster: Cluster) -> float:
     if t.scope != "intra-node":
         link = replace(link, latency_us=max(cluster.inter.latency_us, link.latency_us))
     algorithm = cluster.algorithm if t.op == "all_reduce" else "ring"
-    return collective_seconds(t.op, t.bytes, t.calls, t.group, link, cluster.efficiency, algorithm) / t.every
+    launches = t.calls if t.launches is None else t.launches
+    return collective_seconds(t.op, t.bytes, launches, t.group, link, cluster.efficiency, algorithm) / t.every
 
 
 @dataclass
@@ -197,6 +198,14 @@ def predict_step(cfg: ExperimentConfig, cluster: Cluster, num_classes: int, flop
 def count_training_flops(cfg: ExperimentConfig, num_classes: int, size: tuple[int, int]) -> float:
     """FLOPs of one training forward + backward of one ``size`` image through the real model, on the CPU
     (``pipeline.train.flops.count_flops``: matmuls and convolutions, as the training log counts them)."""
+    from pipeline.utils.memory import release_free_heap
+
+    flops = _count_one_step(cfg, num_classes, size)
+    release_free_heap()  # the model is gone: hand a billion-parameter count's gigabytes back to the system
+    return flops
+
+
+def _count_one_step(cfg: ExperimentConfig, num_classes: int, size: tuple[int, int]) -> float:
     import torch
 
     from pipeline.tools.planner import _probe_batch
@@ -321,8 +330,8 @@ def format_step_plan(cfg: ExperimentConfig, inputs: Inputs, rows: list[tuple[Ste
         lines.append(
             f"{s.stage:>4} {f'{s.micro_batch} x {s.grad_accum}':>11} {s.bn:<10}{mem:>8}{1e3 * s.compute_s:>7.0f}ms"
             f"{1e3 * (1 - s.overlap) * s.hidden_comm_s:>8.1f}ms{1e3 * s.serial_comm_s:>7.1f}ms{1e3 * s.step_s:>7.0f}ms"
-            f"{s.images_per_s:>9,.0f}{100 * s.comm_fraction:>5.1f}%{100 * eff:>5.0f}%{h:>8.2f}"
-            f"{h * inputs.epochs:>7.1f}{h * inputs.epochs * c.world:>8,.0f}" + ("" if counted else "  *"))
+            f"{s.images_per_s:>9,.0f}{100 * s.comm_fraction:>5.1f}%{100 * eff:>5.0f}% {h:>7.3g}"
+            f" {h * inputs.epochs:>6.3g} {h * inputs.epochs * c.world:>7.3g}" + ("" if counted else "  *"))
     lines.append("comm: share of the step spent in collectives not hidden; eff: img/s per node against the same "
                  "candidate on one node; ! : over 90% of the GPU's memory (model states + probed activations); "
                  "* : a modelled collective (ZeRO-3 or gradient accumulation) not yet checked against a count")

@@ -38,7 +38,7 @@ from pipeline.train.preemption import Preempted, PreemptionWatch
 from pipeline.train.profiling import WindowProfiler, oom_report, record_memory_history
 from pipeline.train.tracking import Tracker, new_wandb_run_after_rollback, start_metrics_afresh, truncate_metrics
 from pipeline.train.validate import validate
-from pipeline.train.what_runs import describe_run, format_block
+from pipeline.train.what_runs import EMULATED_BF16, describe_run, format_block
 from pipeline.utils.files import write_json
 from pipeline.utils.logger import log_dist
 from pipeline.utils.memory import peak_memory, reset_peak_memory
@@ -473,6 +473,8 @@ def _run_locked(cfg: ExperimentConfig, info: DistInfo, watch: JobWatch) -> dict:
     what = describe_run(cfg, info, training)
     if info.rank == 0:
         log.info(format_block(what))
+        if "EMULATED" in what["precision"]:
+            log.warning(EMULATED_BF16)
     tracker.add_config({"resolved_schedule": training.schedule.as_dict(), "what_runs": what})
     tic = time.monotonic()  # not the wall clock: an NTP step must not make throughput negative
     try:

@@ -8,6 +8,8 @@ their YAML.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.config import ExperimentConfig
 from pipeline.distributed.ds_config import zero_stage
 from pipeline.distributed.job import DistInfo
@@ -60,11 +62,34 @@ def _decoding(cfg: ExperimentConfig) -> str:
     return f"JPEG decoded in {cfg.data.workers} loader workers per rank"
 
 
+EMULATED_BF16 = ("bf16 autocast on a CPU without AVX512-BF16 or AMX: bfloat16 is emulated there and slower than "
+                 "fp32; use ds_configs/zero0_fp32.json (train.ds_config=...) on this machine")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX flags in /proc/cpuinfo); True where
+    the flags cannot be read (not Linux): nothing to warn about then."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def _precision(training: Training, device) -> str:
+    autocast = training.ds_config.get("torch_autocast", {})
+    if not autocast.get("enabled"):
+        return "fp32"
+    dtype = autocast.get("dtype", "bfloat16")
+    if device.type == "cpu" and "bf" in str(dtype):
+        return f"{dtype} autocast ({'native' if cpu_has_native_bf16() else 'EMULATED'} on this CPU)"
+    return f"{dtype} autocast"
+
+
 def describe_run(cfg: ExperimentConfig, info: DistInfo, training: Training) -> dict[str, str]:
     """What runs, resolved, in the order a reader checks it."""
     m, t = cfg.model, cfg.train
-    autocast = training.ds_config.get("torch_autocast", {})
-    precision = f"{autocast.get('dtype', 'bfloat16')} autocast" if autocast.get("enabled") else "fp32"
+    precision = _precision(training, info.device)
     schedule = training.schedule
     return {
         "detector": f"{m.detector} on {m.backbone} (pretrained: {m.pretrained or 'none'}), FPN {m.fpn_channels}",
