@@ -107,7 +107,10 @@ def test_a_zero0_step_sends_each_gradient_once_and_three_bn_reductions_per_layer
 CASES = {  # world (ranks per node) -> cases: (ds preset, norm, bn_group, optimizer)
     (2, 2): [(z, n, g, o) for z in ("zero0_fp32", "zero1_fp32", "zero2_fp32")
              for n, g, o in (("frozen", "world", "sgd"), ("frozen", "world", "agvm_sgd"), ("cgbn", "world", "sgd"))]
-    + [("zero3_fp32", "frozen", "world", "sgd"), ("zero3_fp32", "cgbn", "world", "sgd")],
+    + [("zero3_fp32", "frozen", "world", "sgd"), ("zero3_fp32", "cgbn", "world", "sgd")]
+    # gradient accumulation (2 micro-batches): AGVM's micro-batch halves (one BN group of every rank)
+    + [(z, "cgbn", "world", o, 2) for z in ("zero0_fp32", "zero1_fp32", "zero2_fp32", "zero3_fp32")
+       for o in ("sgd", "agvm_sgd")],
     (4, 2): [(z, n, g, o) for z in ("zero0_fp32", "zero1_fp32", "zero2_fp32")
              for n, g, o in (("frozen", "world", "sgd"), ("cgbn", "node", "sgd"), ("cgbn", "node", "agvm_sgd"))]
     + [("zero3_fp32", "cgbn", "node", "agvm_sgd")],
@@ -115,9 +118,13 @@ CASES = {  # world (ranks per node) -> cases: (ds preset, norm, bn_group, optimi
 
 
 def _case_overrides(case) -> list[str]:
-    preset, norm, bn_group, optim = case
+    preset, norm, bn_group, optim, accum = (*case, 1)[:5]
     return MODEL[:-1] + [f"train.ds_config=ds_configs/{preset}.json", f"model.norm={norm}", f"model.bn_group={bn_group}",
-                         f"optim.name={optim}", "agvm.tau=1", "agvm.start_iter=0"]
+                         f"optim.name={optim}", "agvm.tau=1", "agvm.start_iter=0", f"train.grad_accum={accum}"]
+
+
+def _case_name(case) -> str:
+    return "/".join(str(c) for c in case)
 
 
 def _count_cases(rank: int, world: int, port: int, local_world: int, out: str) -> None:
@@ -137,12 +144,13 @@ def _count_cases(rank: int, world: int, port: int, local_world: int, out: str) -
     measured = {}
     for case in CASES[(world, local_world)]:
         training = build_training(load_config(None, _case_overrides(case)), info, data=False, num_classes=3)
-        training.step(iter([_batch(rank, 0, 0)]))
+        accum = (*case, 1)[4]
+        training.step(iter([_batch(rank, 0, m) for m in range(accum)]))
         if case[0].startswith("zero3"):  # past the steps in which ZeRO-3 records (and checks) its parameter trace
-            training.step(iter([_batch(rank, 0, 1)]))
+            training.step(iter([_batch(rank, 2, m) for m in range(accum)]))
         with CommCounter(local_world) as counter:
-            training.step(iter([_batch(rank, 1, 0)]))
-        measured["/".join(case)] = [[r["op"], r["group"], r["scope"], r["dtype"], r["calls"], r["bytes"]]
+            training.step(iter([_batch(rank, 1, m) for m in range(accum)]))
+        measured[_case_name(case)] = [[r["op"], r["group"], r["scope"], r["dtype"], r["calls"], r["bytes"]]
                                     for r in counter.table()]
         del training
     if rank == 0:
@@ -168,8 +176,9 @@ def test_the_planned_bytes_are_the_measured_bytes(tmp_path, world, local_world):
                        start_method="spawn")
     measured = json.loads(out.read_text())
     for case in CASES[(world, local_world)]:
-        planned = totals(step_transfers(load_config(None, _case_overrides(case)), world, local_world, 3))
-        got = {tuple(r[:4]): (r[4], r[5]) for r in measured["/".join(case)]}
+        planned = totals(step_transfers(load_config(None, _case_overrides(case)), world, local_world, 3,
+                                        modelled=True))
+        got = {tuple(r[:4]): (r[4], r[5]) for r in measured[_case_name(case)]}
         assert got == planned, f"{case}: measured {got}, planned {planned}"
 
 
