@@ -113,7 +113,8 @@ CASES = {  # world (ranks per node) -> cases: (ds preset, norm, bn_group, optimi
        for o in ("sgd", "agvm_sgd")],
     (4, 2): [(z, n, g, o) for z in ("zero0_fp32", "zero1_fp32", "zero2_fp32")
              for n, g, o in (("frozen", "world", "sgd"), ("cgbn", "node", "sgd"), ("cgbn", "node", "agvm_sgd"))]
-    + [("zero3_fp32", "cgbn", "node", "agvm_sgd")],
+    + [("zero3_fp32", "cgbn", "node", "agvm_sgd"), ("zero2_fp32", "cgbn", "node", "agvm_sgd", 2),
+       ("zero3_fp32", "cgbn", "world", "agvm_sgd", 2)],
 }
 
 
@@ -163,8 +164,9 @@ def _count_cases(rank: int, world: int, port: int, local_world: int, out: str) -
 def test_the_planned_bytes_are_the_measured_bytes(tmp_path, world, local_world):
     """pipeline/tools/comm_plan.py, from the config alone, against CommCounter on rank 0 of a real job: ZeRO
     0-3 (ZeRO-3 in steady state, after its trace is recorded), FrozenBN and cross-GPU BN (world groups;
-    per-node groups on 2 nodes of 2), SGD and AGVM-SGD (an estimate step). Every operation, group, scope,
-    dtype, call count and byte equal; a mismatch names them."""
+    per-node groups on 2 nodes of 2), SGD and AGVM-SGD (an estimate step: rank halves, and micro-batch halves
+    under accumulation), 1 and 2 micro-batches per step. Every operation, group, scope, dtype, call count and
+    byte equal; a mismatch names them."""
     import torch.multiprocessing as mp
 
     from pipeline.config import load_config
@@ -176,8 +178,7 @@ def test_the_planned_bytes_are_the_measured_bytes(tmp_path, world, local_world):
                        start_method="spawn")
     measured = json.loads(out.read_text())
     for case in CASES[(world, local_world)]:
-        planned = totals(step_transfers(load_config(None, _case_overrides(case)), world, local_world, 3,
-                                        modelled=True))
+        planned = totals(step_transfers(load_config(None, _case_overrides(case)), world, local_world, 3))
         got = {tuple(r[:4]): (r[4], r[5]) for r in measured[_case_name(case)]}
         assert got == planned, f"{case}: measured {got}, planned {planned}"
 
@@ -185,7 +186,7 @@ def test_the_planned_bytes_are_the_measured_bytes(tmp_path, world, local_world):
 def test_the_planner_prints_the_communication_of_a_cluster_run(capsys):
     """R50-FPN on 64 ranks, 8 per node, ZeRO-1: the gradient all-reduce is 4 bytes x the trainable
     parameters, across nodes; BN groups of 4 ranks stay inside a node; ZeRO-3 gathers one copy (R50 is below
-    stage3_max_live_parameters); accumulation is refused with the reason."""
+    stage3_max_live_parameters); with accumulation the gradients are reduced once and BN per micro-batch."""
     from conftest import REPO
     from pipeline.tools.planner import main
 
@@ -197,6 +198,8 @@ def test_the_planner_prints_the_communication_of_a_cluster_run(capsys):
     assert rows["statistics"][1:3] == ["4", "intra-node"]
     assert main(args[:-2] + ["train.ds_config=ds_configs/zero3_fp32.json"]) == 0
     zero3 = capsys.readouterr().out
-    assert "parameter partitions, 1 copy per micro-step" in zero3 and "modelled" not in zero3
-    assert main(args + ["train.grad_accum=2"]) == 2  # accumulation: not measured, so not planned
-    assert "ZeRO-1 with grad_accum > 1 is modelled but not counted yet" in capsys.readouterr().err
+    assert "parameter partitions, 1 copy per step" in zero3 and "modelled" not in zero3
+    assert main(args + ["train.grad_accum=2"]) == 0  # accumulation: ZeRO-1 still reduces once per step
+    accumulated = {line.split()[-1]: line.split() for line in capsys.readouterr().out.splitlines()[2:-1]}
+    assert accumulated["gradients"][4] == rows["gradients"][4] == "1"
+    assert int(accumulated["statistics"][4]) == 2 * int(rows["statistics"][4])  # BN reduces per micro-batch

@@ -12,7 +12,7 @@ what this rank hands the collective (``pipeline.distributed.comm_count``); per o
 - cross-GPU BN, per BN layer of C channels, within its BN group (MegDet's
   Algorithm 1): forward, the group's sums with the pixel count (C + 1 floats) then its squared
   deviations (C); backward, the sums of dy and dy x_hat (2C); none for a group of one rank;
-- AGVM, on each estimate iteration (every ``agvm.tau``; counted with rank halves, without accumulation): per module one reduce-scatter of its signed half-sum D,
+- AGVM, on each estimate iteration (every ``agvm.tau``): per module one reduce-scatter of its signed half-sum D,
   [world, row] fp32 with the row laid out as ZeRO 0's per-parameter chunks or ZeRO 1/2's partitions
   (S is read from DeepSpeed's own reduction), then one all-reduce of 3 float64 per module.
 
@@ -20,9 +20,11 @@ what this rank hands the collective (``pipeline.distributed.comm_count``); per o
   all-gathered, one float64 all-reduce per parameter group; counted while the model fits
   ``stage3_max_live_parameters``.
 
-Modelled, not counted yet (``step_transfers(modelled=True)``, rows with ``counted=False``): ZeRO-3 above
-``stage3_max_live_parameters`` (two copies gathered) and gradient accumulation (ZeRO 0/1 reduce once per step, ZeRO-2 and -3 in every
-backward; cross-GPU BN in every micro-step). Refused: bf16/fp16 parameters.
+Gradient accumulation: ZeRO 0/1 reduce once per optimizer step, ZeRO-2 in every backward; ZeRO-3's
+gathered copy serves every micro-batch; cross-GPU BN reduces in every micro-step; AGVM's halves are then
+the micro-batch halves where one BN group holds every rank (ZeRO-3 reads D from its partitions: no
+reduce-scatter). Modelled, not counted (``counted=False``): ZeRO-3 above ``stage3_max_live_parameters``
+(a copy gathered in forward and again in backward, every micro-step). Refused: bf16/fp16 parameters.
 """
 
 from __future__ import annotations
@@ -96,21 +98,16 @@ def _agvm_shard_width(groups: list[tuple[str, list[int]]], stage: int, world: in
 
 
 def step_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_classes: int, *,
-                   stage: Optional[int] = None, grad_accum: Optional[int] = None,
-                   modelled: bool = False) -> list[Transfer]:
+                   stage: Optional[int] = None, grad_accum: Optional[int] = None) -> list[Transfer]:
     """What rank 0 sends in one optimizer step (an AGVM estimate step when AGVM is on: its rows say
-    ``every`` = agvm.tau). ``stage`` and ``grad_accum`` replace the config's. Gradient accumulation is
-    not checked against a count yet: refused unless ``modelled``; rows of a rule not checked say
-    ``counted=False``."""
+    ``every`` = agvm.tau). ``stage`` and ``grad_accum`` replace the config's. Rows of a rule not checked
+    against a count say ``counted=False``."""
     ds = engine_config(cfg, world)
     stage = zero_stage(ds) if stage is None else stage
     accum = cfg.train.grad_accum if grad_accum is None else grad_accum
     if ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled"):
         raise NotImplementedError("communication with half-precision parameters (a bf16/fp16 section in the "
                                   "ds_config) is not modelled; this project's presets keep fp32 parameters")
-    if accum > 1 and not modelled:
-        raise NotImplementedError(f"communication of ZeRO-{stage} with grad_accum > 1 is modelled but not counted "
-                                  "yet; the step-time table (--nodes) shows it, marked")
     groups, widths, holders = _model_facts(cfg, num_classes)
     sizes = [sum(numels) for _, numels in groups]
     everyone = list(range(world))
@@ -120,14 +117,13 @@ def step_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
         out += _zero3_rows(groups, holders, ds, world, scope, accum)
     elif world > 1:
         per_micro = accum if stage == 2 else 1  # ZeRO-2 reduces its buckets in every backward
-        out.append(Transfer("all_reduce", world, scope, "float32", per_micro, 4 * sum(sizes) * per_micro, "gradients",
-                            counted=accum == 1))
+        out.append(Transfer("all_reduce", world, scope, "float32", per_micro, 4 * sum(sizes) * per_micro, "gradients"))
         if stage in (1, 2):
             shards = [_zero12_partition(s, world) for s in sizes]
             out.append(Transfer("all_reduce", world, scope, "float32", len(sizes), 4 * len(sizes),
-                                "one float per parameter group", counted=accum == 1))
+                                "one float per parameter group"))
             out.append(Transfer("all_gather_into_tensor", world, scope, "float32", len(sizes), 4 * sum(shards),
-                                "updated parameter partitions", counted=accum == 1))
+                                "updated parameter partitions"))
     if cfg.model.norm == "cgbn" and widths:
         nodes = [r // local_world for r in everyone]
         mine = next(g for g in bn_group_layout(cfg.model.bn_group, nodes, cfg.train.micro_batch, cfg.model.bn_images)
@@ -135,45 +131,45 @@ def step_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
         if len(mine) > 1:
             floats = sum((c + 1) + c + 2 * c for c in widths)
             out.append(Transfer("all_reduce", len(mine), _scope(mine, local_world), "float32", 3 * len(widths) * accum,
-                                4 * floats * accum, "cross-GPU BN statistics", part="bn", counted=accum == 1))
+                                4 * floats * accum, "cross-GPU BN statistics", part="bn"))
     if cfg.optim.name.startswith("agvm") and world > 1:
         width = _agvm_shard_width(groups, stage, world)
         micro_halves = accum >= 2 and (cfg.agvm.halves == "micro_batches" or (
             cfg.agvm.halves == "auto" and len(mine) == world))
-        checked = accum == 1
         if not (stage == 3 and micro_halves):  # ZeRO-3's micro-batch halves read D from its partitions
             out.append(Transfer("reduce_scatter_tensor", world, scope, "float32", len(width),
                                 4 * world * sum(width.values()), "AGVM's signed half-sum D, one per module",
-                                part="agvm", every=cfg.agvm.tau, counted=checked))
+                                part="agvm", every=cfg.agvm.tau))
         out.append(Transfer("all_reduce", world, scope, "float64", 1, 8 * 3 * len(width),
-                            "AGVM's 3 numbers per module", part="agvm", every=cfg.agvm.tau, counted=checked))
+                            "AGVM's 3 numbers per module", part="agvm", every=cfg.agvm.tau))
     return out
 
 
 def _zero3_rows(groups: list[tuple[str, list[int]]], holders: int, ds: dict, world: int, scope: str,
                 accum: int) -> list[Transfer]:
-    """ZeRO-3: in every micro-step, one reduce-scatter of every gradient (each parameter padded
-    to a multiple of ``world``, as measured: 975,632 B for the tiny model's 243,907 parameters on 2
-    ranks) in buckets of ``reduce_bucket_size``, and all-gathers of every parameter's partition: one
-    copy per micro-step while the model fits ``stage3_max_live_parameters`` (DeepSpeed keeps what it
-    gathered in forward for backward; measured: the tiny model gathers exactly one copy), two
-    (forward, then backward) above it, fetched one sub-module at a time; after backward, one float64 all-reduce per parameter group (the
-    gradient norm). Counted exactly (tests/test_comm_count.py) for one copy without accumulation, in a
-    step after the first two: while DeepSpeed records its parameter trace it also broadcasts the trace's
-    ids to check them (``assert_ints_same_as_other_ranks``), a few KB that steady state does not send.
-    Two copies and accumulation are modelled, not counted."""
+    """ZeRO-3: in every micro-step, one reduce-scatter of every gradient (each parameter padded to a multiple
+    of ``world``: 975,632 B for the tiny model's 243,907 parameters on 2 ranks) in buckets of
+    ``reduce_bucket_size``; all-gathers of every parameter's partition, fetched one sub-module at a time:
+    one copy per optimizer step while the model fits ``stage3_max_live_parameters`` (DeepSpeed keeps what
+    forward gathered for backward and the next micro-batches), a copy in forward and another in backward
+    of every micro-step above it (modelled, not counted); after backward, one float64 all-reduce per
+    parameter group (the gradient norm). Counted exactly (tests/test_comm_count.py) in a step after the
+    first two, with 1 and 2 micro-batches: while DeepSpeed records its parameter trace it also broadcasts
+    the trace's ids to check them (``assert_ints_same_as_other_ranks``), a few KB steady state never sends."""
     numels = [n for _, ns in groups for n in ns]
     chunks = sum(-(-n // world) for n in numels)
     zero = ds.get("zero_optimization", {})
     live = float(zero.get("stage3_max_live_parameters", 1e9))
     bucket = float(zero.get("reduce_bucket_size", 5e8))
-    copies = 1 if sum(numels) <= live else 2
-    counted = accum == 1 and copies == 1  # the regime tests/test_comm_count.py measures
+    # what forward gathered stays for backward and for the next micro-batches while it fits; above that,
+    # each micro-step gathers in forward and again in backward
+    copies = 1 if sum(numels) <= live else 2 * accum
+    counted = copies == 1  # the regime tests/test_comm_count.py measures (with and without accumulation)
     return [Transfer("reduce_scatter_tensor", world, scope, "float32", accum * math.ceil(world * chunks / bucket),
                      accum * 4 * world * chunks, "gradients (ZeRO-3 reduce-scatter)", counted=counted),
-            Transfer("all_gather_into_tensor", world, scope, "float32", accum * copies * len(numels),
-                     accum * copies * 4 * chunks, f"parameter partitions, {copies} cop{'y' if copies == 1 else 'ies'} "
-                     "per micro-step", counted=counted, launches=accum * copies * holders),
+            Transfer("all_gather_into_tensor", world, scope, "float32", copies * len(numels),
+                     copies * 4 * chunks, f"parameter partitions, {copies} cop{'y' if copies == 1 else 'ies'} per step",
+                     counted=counted, launches=copies * holders),
             Transfer("all_reduce", world, scope, "float64", len(groups), 8 * len(groups),
                      "one float64 per parameter group (gradient norm)", counted=counted)]
 

@@ -11,7 +11,7 @@ A prediction, not a measurement: every input is printed beside the output.
   ``--flops-per-image``). The MFU is a stated input: ``--mfu``, or the default of the model's family,
   anchored to one-GPU H100 figures (``DEFAULT_MFU`` says which).
 - **Communication** = for each collective of the step (``pipeline.tools.comm_plan``: counted exactly
-  for ZeRO 0-2, modelled for ZeRO-3 and gradient accumulation), the bytes over the link it crosses with
+  for ZeRO 0-3 with and without accumulation, modelled for ZeRO-3 above its live-parameter limit), the bytes over the link it crosses with
   the algorithm's factor (ring: an all-reduce moves 2 (n - 1) / n of its payload through each rank's
   link, a reduce-scatter (n - 1) / n of its input, an all-gather (n - 1) x its shard; tree all-reduce:
   2 x the payload) at the link's bandwidth x ``efficiency`` (achieved bus bandwidth over line rate),
@@ -185,7 +185,7 @@ def predict_step(cfg: ExperimentConfig, cluster: Cluster, num_classes: int, flop
     """The step of ``cfg`` at ZeRO ``stage`` with ``micro_batch`` x ``grad_accum`` images per GPU on ``cluster``."""
     if transfers is None:
         transfers = step_transfers(cfg, cluster.world, cluster.gpus_per_node, num_classes, stage=stage,
-                                   grad_accum=grad_accum, modelled=True)
+                                   grad_accum=grad_accum)
     images = micro_batch * grad_accum
     compute = images * flops_per_image / (cluster.peak_tflops(half) * 1e12 * mfu)
     hidden = sum(transfer_seconds(t, cluster) for t in transfers if t.part == "zero")
@@ -334,7 +334,7 @@ def format_step_plan(cfg: ExperimentConfig, inputs: Inputs, rows: list[tuple[Ste
             f" {h * inputs.epochs:>6.3g} {h * inputs.epochs * c.world:>7.3g}" + ("" if counted else "  *"))
     lines.append("comm: share of the step spent in collectives not hidden; eff: img/s per node against the same "
                  "candidate on one node; ! : over 90% of the GPU's memory (model states + probed activations); "
-                 "* : a modelled collective (ZeRO-3 or gradient accumulation) not yet checked against a count")
+                 "* : a modelled collective (ZeRO-3 above stage3_max_live_parameters) not checked against a count")
     return "\n".join(lines)
 
 
