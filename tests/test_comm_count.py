@@ -110,7 +110,9 @@ CASES = {  # world (ranks per node) -> cases: (ds preset, norm, bn_group, optimi
     + [("zero3_fp32", "frozen", "world", "sgd"), ("zero3_fp32", "cgbn", "world", "sgd")]
     # gradient accumulation (2 micro-batches): AGVM's micro-batch halves (one BN group of every rank)
     + [(z, "cgbn", "world", o, 2) for z in ("zero0_fp32", "zero1_fp32", "zero2_fp32", "zero3_fp32")
-       for o in ("sgd", "agvm_sgd")],
+       for o in ("sgd", "agvm_sgd")]
+    # activation checkpointing: the recomputed forward under ZeRO-3 gathers nothing new (the copy is kept)
+    + [("zero3_fp32", "frozen", "world", "sgd", 1, "model.activation_checkpointing=true")],
     (4, 2): [(z, n, g, o) for z in ("zero0_fp32", "zero1_fp32", "zero2_fp32")
              for n, g, o in (("frozen", "world", "sgd"), ("cgbn", "node", "sgd"), ("cgbn", "node", "agvm_sgd"))]
     + [("zero3_fp32", "cgbn", "node", "agvm_sgd"), ("zero2_fp32", "cgbn", "node", "agvm_sgd", 2),
@@ -119,9 +121,9 @@ CASES = {  # world (ranks per node) -> cases: (ds preset, norm, bn_group, optimi
 
 
 def _case_overrides(case) -> list[str]:
-    preset, norm, bn_group, optim, accum = (*case, 1)[:5]
+    preset, norm, bn_group, optim, accum, *extra = (*case, 1)[:5] + tuple(case[5:])
     return MODEL[:-1] + [f"train.ds_config=ds_configs/{preset}.json", f"model.norm={norm}", f"model.bn_group={bn_group}",
-                         f"optim.name={optim}", "agvm.tau=1", "agvm.start_iter=0", f"train.grad_accum={accum}"]
+                         f"optim.name={optim}", "agvm.tau=1", "agvm.start_iter=0", f"train.grad_accum={accum}", *extra]
 
 
 def _case_name(case) -> str:
