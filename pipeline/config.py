@@ -302,6 +302,9 @@ class TrainConfig(_Section):
     profile: Optional[tuple[int, int]] = Field(
         None, description="[first, last]: profile these iterations (numbered as logged) on every rank: a torch.profiler "
                           "trace per rank, the top 15 operators and the host syncs in <run>/profile/")
+    count_comm: bool = Field(False, description="count every collective of each iteration on rank 0 into "
+                                                "<run>/comm_counts.jsonl (pipeline/distributed/comm_count.py): "
+                                                "what launch/plan.py --comm plans, seen in the real run")
     oom_snapshot: bool = Field(True, description="CUDA: record the allocator's history so that an out-of-memory error "
                                                  "writes a memory snapshot to <run>/oom/ (and names it)")
     peak_tflops: Optional[float] = Field(

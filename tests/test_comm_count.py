@@ -205,3 +205,38 @@ def test_the_planner_prints_the_communication_of_a_cluster_run(capsys):
     accumulated = {line.split()[-1]: line.split() for line in capsys.readouterr().out.splitlines()[2:-1]}
     assert accumulated["gradients"][4] == rows["gradients"][4] == "1"
     assert int(accumulated["statistics"][4]) == 2 * int(rows["statistics"][4])  # BN reduces per micro-batch
+
+
+def test_a_real_run_sends_per_iteration_what_the_plan_says(shapes_root, tmp_path):
+    """`deepspeed --num_gpus 2 launch/train.py ... train.count_comm=true`: every iteration of a real run
+    (AGVM-SGD, an estimate every 2nd iteration, a log every 2nd and at the end) sends exactly the plan's
+    step, plus AGVM's rows on estimate iterations and the log step's reductions on log iterations."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO, tiny_overrides
+    from pipeline.config import load_config
+    from pipeline.distributed.launcher import free_port
+    from pipeline.tools.comm_plan import log_transfers, step_transfers, totals
+
+    overrides = [*tiny_overrides(shapes_root, tmp_path, "faster_rcnn"), "train.ds_config=ds_configs/zero0_fp32.json",
+                 "model.norm=frozen", "optim.name=agvm_sgd", "agvm.tau=2", "agvm.start_iter=0", "train.log_every=2",
+                 "schedule.max_iters=5", "train.count_comm=true", "train.evaluate=false"]
+    launcher = Path(sys.executable).parent / "deepspeed"
+    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()),
+                           str(REPO / "launch/train.py"), *overrides], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run/comm_counts.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5]
+    cfg = load_config(None, overrides)
+    step = step_transfers(cfg, 2, 2, 3)
+    for r in records:
+        planned = [t for t in step if t.part != "agvm" or r["estimated"]] + (log_transfers(cfg, 2, 2) if r["logged"]
+                                                                           else [])
+        got = {(row["op"], row["group"], row["scope"], row["dtype"]): (row["calls"], row["bytes"]) for row in r["rows"]}
+        assert got == totals(planned), f"iteration {r['iteration']} ({r}): planned {totals(planned)}"
+    assert [r["logged"] for r in records] == [False, True, False, True, True]
+    assert any(r["estimated"] for r in records) and not all(r["estimated"] for r in records)

@@ -145,6 +145,23 @@ def step_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
     return out
 
 
+LOSS_TERMS = {"faster_rcnn": 4, "mask_rcnn": 5, "retinanet": 2, "fcos": 3}  # torchvision's loss dicts
+
+
+def log_transfers(cfg: ExperimentConfig, world: int, local_world: int) -> list[Transfer]:
+    """What rank 0 sends at a log step (every ``train.log_every`` iterations, ``pipeline.train.trainer``):
+    the loss window's mean over ranks (one float32 per loss term), the peak memory's maximum (one float64)
+    and, with more than one rank, whether any rank was asked to stop (one float32)."""
+    scope, every = _scope(list(range(world)), local_world), cfg.train.log_every
+    out = [Transfer("all_reduce", world, scope, "float32", 1, 4 * LOSS_TERMS[cfg.model.detector],
+                    "loss window, mean over ranks", part="log", every=every),
+           Transfer("all_reduce", world, scope, "float64", 1, 8, "peak memory, max over ranks", part="log",
+                    every=every)]
+    if world > 1:
+        out.append(Transfer("all_reduce", world, scope, "float32", 1, 4, "preemption flag", part="log", every=every))
+    return out
+
+
 def _zero3_rows(groups: list[tuple[str, list[int]]], holders: int, ds: dict, world: int, scope: str,
                 accum: int) -> list[Transfer]:
     """ZeRO-3: in every micro-step, one reduce-scatter of every gradient (each parameter padded to a multiple

@@ -479,21 +479,21 @@ def model_states_summary(cfg: ExperimentConfig, world: int) -> str:
 
 
 def print_comm_plan(cfg: ExperimentConfig, world: int, local_world: int) -> int:
-    from pipeline.tools.comm_plan import step_transfers
+    from pipeline.tools.comm_plan import log_transfers, step_transfers
 
     try:
-        transfers = step_transfers(cfg, world, local_world, _num_classes(cfg))
+        transfers = step_transfers(cfg, world, local_world, _num_classes(cfg)) + log_transfers(cfg, world, local_world)
     except NotImplementedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"communication per optimizer step of one rank: {cfg.model.detector} {cfg.model.backbone}, {world} rank(s), "
           f"{local_world} per node, {cfg.train.ds_config.name}, norm {cfg.model.norm}, {cfg.optim.name} "
-          "(payloads handed to each collective; an AGVM row is per estimate step)")
-    print(f"{'collective':<24}{'group':>6}  {'scope':<11}{'dtype':<9}{'calls':>7}{'MiB':>11}  what")
+          "(payloads handed to each collective; an AGVM row is per estimate step, a log row per log step)")
+    print(f"{'collective':<24}{'group':>6}  {'scope':<11}{'dtype':<9}{'calls':>7}{'MiB':>11}{'every':>7}  what")
     for t in transfers:
-        print(f"{t.op:<24}{t.group:>6}  {t.scope:<11}{t.dtype:<9}{t.calls:>7g}{t.bytes / 2**20:>11.3f}  {t.what}"
-              + ("" if t.counted else " (modelled, not counted)"))
-    print(f"{'total':<57}{sum(t.bytes for t in transfers) / 2**20:>11.3f}")
+        print(f"{t.op:<24}{t.group:>6}  {t.scope:<11}{t.dtype:<9}{t.calls:>7g}{t.bytes / 2**20:>11.3f}{t.every:>7}  "
+              f"{t.what}" + ("" if t.counted else " (modelled, not counted)"))
+    print(f"{'total per step (rows every k steps count 1/k)':<57}{sum(t.bytes / t.every for t in transfers) / 2**20:>11.3f}")
     return 0
 
 

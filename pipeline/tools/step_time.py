@@ -21,7 +21,8 @@ A prediction, not a measurement: every input is printed beside the output.
 - **Overlap**: the gradient and parameter collectives of ZeRO may hide behind backward; ``overlap``
   is the fraction hidden (0 for this project's presets, which do not overlap). Cross-GPU BN's
   reductions sit inside forward and backward and AGVM's estimate after backward: never hidden.
-- **AGVM** runs every ``agvm.tau`` iterations: its collectives count 1/tau per step.
+- **AGVM** runs every ``agvm.tau`` iterations: its collectives count 1/tau per step; the log step's three
+  scalar reductions 1/``train.log_every``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from pipeline.config import ExperimentConfig
-from pipeline.tools.comm_plan import Transfer, step_transfers
+from pipeline.tools.comm_plan import Transfer, log_transfers, step_transfers
 from pipeline.train.flops import PEAK_TFLOPS
 
 COCO_TRAIN_IMAGES = 118_287
@@ -185,7 +186,7 @@ def predict_step(cfg: ExperimentConfig, cluster: Cluster, num_classes: int, flop
     """The step of ``cfg`` at ZeRO ``stage`` with ``micro_batch`` x ``grad_accum`` images per GPU on ``cluster``."""
     if transfers is None:
         transfers = step_transfers(cfg, cluster.world, cluster.gpus_per_node, num_classes, stage=stage,
-                                   grad_accum=grad_accum)
+                                   grad_accum=grad_accum) + log_transfers(cfg, cluster.world, cluster.gpus_per_node)
     images = micro_batch * grad_accum
     compute = images * flops_per_image / (cluster.peak_tflops(half) * 1e12 * mfu)
     hidden = sum(transfer_seconds(t, cluster) for t in transfers if t.part == "zero")

@@ -8,6 +8,7 @@ list of steps.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import socket
@@ -23,6 +24,7 @@ from pipeline.checkpoint import manager as ckpt
 from pipeline.config import ExperimentConfig, dump_config
 from pipeline.data.dataset import decode_on_device
 from pipeline.distributed.ds_config import engine_config, zero_stage
+from pipeline.distributed.comm_count import CommCounter
 from pipeline.distributed.ds_internals import count_parameters, weights_finite
 from pipeline.distributed.job import DistInfo, init_distributed
 from pipeline.distributed.norm import sync_running_stats
@@ -288,8 +290,10 @@ def train_loop(state: TrainState) -> dict:
     bar = tqdm(total=schedule.total_iters, initial=it, desc="train", disable=not state.progress,
                mininterval=2.0)
     profiler = WindowProfiler(cfg.train.profile, cfg.train.run_dir / "profile", state.info.rank, state.info.device)
+    counter = CommCounter(state.info.local_world) if cfg.train.count_comm else None
     try:
-        it, metrics = _epochs(state, it, bar, profiler)
+        with counter or contextlib.nullcontext():
+            it, metrics = _epochs(state, it, bar, profiler, counter)
     finally:
         profiler.close()  # a window cut short (preemption, an error) still leaves its trace
     bar.close()
@@ -315,7 +319,17 @@ def _iteration(state: TrainState, batches, profiler: WindowProfiler) -> dict:
     return losses
 
 
-def _epochs(state: TrainState, it: int, bar, profiler: WindowProfiler) -> tuple[int, dict]:
+def _record_comm(state: TrainState, counter: CommCounter, it: int, **what: bool) -> None:
+    """``train.count_comm``: this iteration's collectives (with what else it did) as one line of
+    comm_counts.jsonl on rank 0; the counter starts afresh for the next."""
+    if state.info.rank == 0:
+        with open(state.cfg.train.run_dir / "comm_counts.jsonl", "a") as f:
+            f.write(json.dumps({"iteration": it, **what, "rows": counter.table()}) + "\n")
+    counter.reset()
+
+
+def _epochs(state: TrainState, it: int, bar, profiler: WindowProfiler,
+            counter: Optional[CommCounter] = None) -> tuple[int, dict]:
     """The loop of train_loop: iterations from ``it`` to the end, with logs, evaluations and checkpoints."""
     cfg, schedule, step = state.cfg, state.schedule, state.training.step
     sampler, spe = state.data.train_loader.batch_sampler, schedule.steps_per_epoch
@@ -331,18 +345,24 @@ def _epochs(state: TrainState, it: int, bar, profiler: WindowProfiler) -> tuple[
             bar.update(1)
             if step.estimated:
                 state.tracker.log(state.training.agvm.record(schedule.lr(it - 1)), step=it)
-            if it % cfg.train.log_every == 0 or it == schedule.total_iters:
+            logged = it % cfg.train.log_every == 0 or it == schedule.total_iters
+            if logged:
                 _log_step(state, it, window, count, time.monotonic() - tic, data_clock[0], bar if state.progress else None)
                 window, count, tic, data_clock[0] = {}, 0, time.monotonic(), 0.0
                 stop_if_preempted(state, it)  # at a log step: the loss window has synchronised already
             pause = time.monotonic()
-            if state.eval_every and it % state.eval_every == 0 and it < schedule.total_iters:
+            evaluated = bool(state.eval_every and it % state.eval_every == 0 and it < schedule.total_iters)
+            if evaluated:
                 metrics = run_evaluation(state, it)
             # the last iteration's checkpoint is the final one, saved once: rewriting a complete
             # checkpoint in place would leave a damaged one marked complete if the rewrite were cut short
             last = it == schedule.total_iters and cfg.train.final_checkpoint
-            if cfg.train.ckpt_every_iters and it % cfg.train.ckpt_every_iters == 0 and not last:
+            saved = bool(cfg.train.ckpt_every_iters and it % cfg.train.ckpt_every_iters == 0 and not last)
+            if saved:
                 save_checkpoint(state, it)
+            if counter is not None:
+                _record_comm(state, counter, it, logged=logged, evaluated=evaluated, checkpointed=saved,
+                             estimated=step.estimated)
             tic += time.monotonic() - pause  # evaluations and checkpoints are not training time
     return it, metrics
 
