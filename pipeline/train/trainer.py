@@ -23,8 +23,8 @@ from tqdm import tqdm
 from pipeline.checkpoint import manager as ckpt
 from pipeline.config import ExperimentConfig, dump_config
 from pipeline.data.dataset import decode_on_device
-from pipeline.distributed.ds_config import engine_config, zero_stage
 from pipeline.distributed.comm_count import CommCounter
+from pipeline.distributed.ds_config import engine_config, zero_stage
 from pipeline.distributed.ds_internals import count_parameters, weights_finite
 from pipeline.distributed.job import DistInfo, init_distributed
 from pipeline.distributed.norm import sync_running_stats
