@@ -14,8 +14,7 @@ what this rank hands the collective (``pipeline.distributed.comm_count``); per o
   deviations (C); backward, the sums of dy and dy x_hat (2C); none for a group of one rank;
 - AGVM, on each estimate iteration (every ``agvm.tau``): per module one reduce-scatter of its signed half-sum D,
   [world, row] fp32 with the row laid out as ZeRO 0's per-parameter chunks or ZeRO 1/2's partitions
-  (S is read from DeepSpeed's own reduction), then one all-reduce of 3 float64 per module.
-
+  (S is read from DeepSpeed's own reduction), then one all-reduce of 3 float64 per module;
 - ZeRO-3 (``_zero3_rows``): per step, one gradient reduce-scatter, one copy of every parameter's partition
   all-gathered, one float64 all-reduce per parameter group; counted while the model fits
   ``stage3_max_live_parameters``.
@@ -63,10 +62,21 @@ def _scope(ranks: list[int], local_world: int) -> str:
     return "intra-node" if len({r // local_world for r in ranks}) == 1 else "inter-node"
 
 
+_FACTS: dict[str, tuple[list[tuple[str, list[int]]], list[int], int]] = {}
+
+
 def _model_facts(cfg: ExperimentConfig, num_classes: int) -> tuple[list[tuple[str, list[int]]], list[int], int]:
     """(per optimizer parameter group: its AGVM module and its parameters' sizes, in the optimizer's order;
     cross-GPU BN layer widths; modules that hold parameters themselves, ZeRO-3's unit of fetching), from
-    the model built on the meta device."""
+    the model built on the meta device once per model and optimizer config (a step-time table asks for
+    the same model once per candidate)."""
+    key = f"{cfg.model.model_dump_json()} {cfg.optim.model_dump_json()} {num_classes}"
+    if key not in _FACTS:
+        _FACTS[key] = _count_model(cfg, num_classes)
+    return _FACTS[key]
+
+
+def _count_model(cfg: ExperimentConfig, num_classes: int) -> tuple[list[tuple[str, list[int]]], list[int], int]:
     from pipeline.optim.optimizers import build_param_groups
     from pipeline.train.build import build_model
 

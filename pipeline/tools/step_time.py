@@ -181,12 +181,10 @@ class StepTime:
 
 
 def predict_step(cfg: ExperimentConfig, cluster: Cluster, num_classes: int, flops_per_image: float, mfu: float,
-                 half: bool, stage: int, micro_batch: int, grad_accum: int, transfers: Optional[list[Transfer]] = None
-                 ) -> tuple[StepTime, list[Transfer]]:
+                 half: bool, stage: int, micro_batch: int, grad_accum: int) -> tuple[StepTime, list[Transfer]]:
     """The step of ``cfg`` at ZeRO ``stage`` with ``micro_batch`` x ``grad_accum`` images per GPU on ``cluster``."""
-    if transfers is None:
-        transfers = step_transfers(cfg, cluster.world, cluster.gpus_per_node, num_classes, stage=stage,
-                                   grad_accum=grad_accum) + log_transfers(cfg, cluster.world, cluster.gpus_per_node)
+    transfers = step_transfers(cfg, cluster.world, cluster.gpus_per_node, num_classes, stage=stage,
+                               grad_accum=grad_accum) + log_transfers(cfg, cluster.world, cluster.gpus_per_node)
     images = micro_batch * grad_accum
     compute = images * flops_per_image / (cluster.peak_tflops(half) * 1e12 * mfu)
     hidden = sum(transfer_seconds(t, cluster) for t in transfers if t.part == "zero")

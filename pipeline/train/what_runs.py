@@ -8,7 +8,7 @@ their YAML.
 
 from __future__ import annotations
 
-from pathlib import Path
+import torch
 
 from pipeline.config import ExperimentConfig
 from pipeline.distributed.ds_config import zero_stage
@@ -67,13 +67,12 @@ EMULATED_BF16 = ("bf16 autocast on a CPU without AVX512-BF16 or AMX: bfloat16 is
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX flags in /proc/cpuinfo); True where
-    the flags cannot be read (not Linux): nothing to warn about then."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX tiles), as torch's own CPU
+    feature check (cpuinfo) reports it; True where this torch cannot say: nothing to warn about then."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not all(checks):
         return True
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return any(check() for check in checks)
 
 
 def _precision(training: Training, device) -> str:
