@@ -16,7 +16,8 @@ import torch.distributed as dist
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline.evaluation.coco import STAT_NAMES, coco_evaluate, gather_to_rank0, to_coco_results
+from pipeline.evaluation.coco import (ROW, STAT_NAMES, coco_evaluate, detection_rows, gather_to_rank0, mask_rles,
+                                      to_coco_results)
 
 # pycocotools trips numpy-2 DeprecationWarnings that are not ours.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -194,10 +195,16 @@ def test_detection_on_image_without_gt_is_a_false_positive():
 # ---------------------------------------------------------------- to_coco_results
 
 
+def _results(output: dict, target: dict, label_to_cat: list[int], orig_hw: tuple[int, int]) -> list[dict]:
+    """One image through evaluate()'s path on one rank: rows (and mask RLEs), then COCO results."""
+    rles = mask_rles(output, orig_hw) if "masks" in output else None
+    return to_coco_results(detection_rows(output, target), label_to_cat, rles)
+
+
 def test_to_coco_results_boxes_categories_scores():
     boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 5.0, 5.0]])
     output = {"boxes": boxes.clone(), "scores": torch.tensor([0.9, 0.3]), "labels": torch.tensor([1, 2])}
-    res = to_coco_results(output, {"image_id": 22, "scale": 0.5}, [CAT_A, CAT_B], (200, 300))
+    res = _results(output, {"image_id": 22, "scale": 0.5}, [CAT_A, CAT_B], (200, 300))
     assert len(res) == 2
     # xyxy / 0.5 = [20, 40, 60, 120] -> xywh [20, 40, 40, 80]; [0, 0, 10, 10] -> [0, 0, 10, 10]
     assert res[0]["bbox"] == pytest.approx([20.0, 40.0, 40.0, 80.0])
@@ -215,7 +222,7 @@ def test_label_0_of_the_one_stage_heads_is_no_category():
     dropped, not mapped to ``label_to_cat[-1]`` (the last category)."""
     output = {"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 5.0, 5.0], [2.0, 2.0, 6.0, 6.0]]),
               "scores": torch.tensor([0.04, 0.03, 0.02]), "labels": torch.tensor([2, 0, 1])}
-    res = to_coco_results(output, {"image_id": 1, "scale": 1.0}, [CAT_A, CAT_B], (50, 50))
+    res = _results(output, {"image_id": 1, "scale": 1.0}, [CAT_A, CAT_B], (50, 50))
     assert [(r["category_id"], r["score"]) for r in res] == [(CAT_B, pytest.approx(0.04)), (CAT_A, pytest.approx(0.02))]
     assert len(output["labels"]) == 3  # the model output is left alone
 
@@ -223,12 +230,12 @@ def test_label_0_of_the_one_stage_heads_is_no_category():
 def test_to_coco_results_other_scale_and_empty():
     output = {"boxes": torch.tensor([[8.0, 4.0, 16.0, 12.0]], dtype=torch.float16),
               "scores": torch.tensor([0.5], dtype=torch.float16), "labels": torch.tensor([2])}
-    res = to_coco_results(output, {"image_id": 1, "scale": 0.8}, [CAT_A, CAT_B], (50, 50))
+    res = _results(output, {"image_id": 1, "scale": 0.8}, [CAT_A, CAT_B], (50, 50))
     assert res[0]["bbox"] == pytest.approx([10.0, 5.0, 10.0, 10.0], abs=1e-4)
     assert res[0]["category_id"] == CAT_B
     empty = {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
              "masks": torch.zeros((0, 1, 20, 30))}
-    assert to_coco_results(empty, {"image_id": 1, "scale": 0.5}, [CAT_A, CAT_B], (40, 60)) == []
+    assert _results(empty, {"image_id": 1, "scale": 0.5}, [CAT_A, CAT_B], (40, 60)) == []
 
 
 def _rect_mask(h, w, x0, y0, x1, y1) -> np.ndarray:
@@ -256,7 +263,7 @@ def test_to_coco_results_masks_to_original_pixels(orig_hw):
     prob[1, 0, 10:18, 20:28] = 0.8
     output = {"boxes": torch.tensor([[5.0, 4.0, 15.0, 12.0], [20.0, 10.0, 28.0, 18.0]]),
               "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2]), "masks": prob}
-    res = to_coco_results(output, {"image_id": 11, "scale": 0.5}, [CAT_A, CAT_B], orig_hw)
+    res = _results(output, {"image_id": 11, "scale": 0.5}, [CAT_A, CAT_B], orig_hw)
     expected = [_rect_mask(oh, ow, 10, 8, 30, 24), _rect_mask(oh, ow, 40, 20, 56, 36)]  # resized x 2
     for r, exp in zip(res, expected):
         seg = r["segmentation"]
@@ -304,7 +311,7 @@ def test_segm_from_to_coco_results_end_to_end():
     prob[1, 0, 10:18, 20:28] = 1.0
     output = {"boxes": torch.tensor([[5.0, 4.0, 15.0, 12.0], [20.0, 10.0, 28.0, 18.0]]),
               "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2]), "masks": prob}
-    res = to_coco_results(output, {"image_id": 11, "scale": 0.5}, [CAT_A, CAT_B], (40, 60))
+    res = _results(output, {"image_id": 11, "scale": 0.5}, [CAT_A, CAT_B], (40, 60))
     m = coco_evaluate(gt, res, iou_types=("bbox", "segm"))
     assert m["bbox/AP"] == pytest.approx(1.0, abs=1e-6)
     assert m["segm/AP50"] == pytest.approx(1.0, abs=1e-6)
@@ -333,11 +340,44 @@ def test_segm_size_ranges_use_mask_area():
 # ---------------------------------------------------------------- gather
 
 
-def test_gather_without_process_group_is_identity():
+def _rank_rows(rank: int) -> tuple[torch.Tensor, list[dict]]:
+    """Rank r's detections: 2 - r rows (rank 2 has none), image ids beyond float32's exact range."""
+    n = max(2 - rank, 0)
+    rows = torch.tensor([[2.0 ** 40 + rank, 1 + i, 10.5 * rank, 3.25, 7.0, 9.0, 0.5 - 0.1 * i] for i in range(n)],
+                        dtype=torch.float64).reshape(n, len(ROW))
+    return rows, [{"size": [8, 8], "counts": f"rank{rank}-row{i}"} for i in range(n)]
+
+
+def _gather_worker(rank: int, world: int, out: str) -> None:
+    from pipeline.distributed.job import init_distributed
+
+    init_distributed()
+    rows, rles = _rank_rows(rank)
+    got = gather_to_rank0(rows, rles, capacity=3)
+    torch.save(got, f"{out}/rank{rank}.pt")
+
+
+def test_gather_puts_every_ranks_rows_and_masks_on_rank0_in_rank_order(tmp_path):
+    """3 gloo ranks with 2, 1 and 0 detections: rank 0 gets exactly the rows each rank made, in rank order, float64
+    ids intact, each mask RLE beside its row; the others get nothing."""
+    from conftest import run_distributed
+
+    run_distributed(_gather_worker, 3, str(tmp_path))
+    rows, rles = torch.load(tmp_path / "rank0.pt")
+    parts = [_rank_rows(r) for r in range(3)]
+    assert torch.equal(rows, torch.cat([p[0] for p in parts]))
+    assert rles == [r for p in parts for r in p[1]]
+    assert rows[:, 0].tolist() == [2.0 ** 40, 2.0 ** 40, 2.0 ** 40 + 1]  # exact, as float32 would not keep them
+    for r in (1, 2):
+        assert torch.load(tmp_path / f"rank{r}.pt") == (None, None)
+
+
+def test_gather_without_process_group_is_identity_and_checks_the_block():
     assert not dist.is_initialized()
-    results = make_dets()
-    assert gather_to_rank0(results) is results
-    assert gather_to_rank0([]) == []
+    rows, rles = _rank_rows(0)
+    assert gather_to_rank0(rows, rles, capacity=2) == (rows, rles)
+    with pytest.raises(RuntimeError, match="2 detections to gather.*block of 1.*model.detections_per_img"):
+        gather_to_rank0(rows, rles, capacity=1)
 
 
 def test_faster_coco_eval_gives_pycocotools_numbers_on_the_embedded_set(shapes_root):

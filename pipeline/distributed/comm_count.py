@@ -10,7 +10,8 @@ scope: inside one node (every rank of the group on this rank's node) or across n
 calls torch.distributed through ``deepspeed.comm``, which looks most functions up at call time and
 binds two at start-up (its all-gather and reduce-scatter of flat tensors, wrapped here on its backend
 object), so its collectives are counted too; so are ours (cross-GPU BN, AGVM, the loss and log
-reductions).
+reductions, evaluation's gathers, the checkpoint's barrier) and torch's object collectives
+(``broadcast_object_list``, ``gather_object``), at the tensors they send: the sizes, then the pickled bytes.
 
 The payload is what the algorithm is given, not what a ring or a tree puts on each link: a ring
 all-reduce of B bytes over n ranks sends 2 B (n - 1) / n per rank; the factor is the step-time
@@ -28,6 +29,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 # collective -> (position, keyword) of this rank's payload, and of the group (torch.distributed's signatures)
 _PAYLOAD = {
@@ -53,6 +55,7 @@ _PAYLOAD = {
     "all_gather_single": ((1, "input_tensor"), (2, "group")),
     "gather_single": ((0, "tensor"), (3, "group")),
     "gather_into_tensor": ((0, "tensor"), (3, "group")),
+    "barrier": ((None, None), (0, "group")),  # no payload: counted as a call of 0 bytes
 }
 # a renamed collective is counted under its older name, so tables (and the plan) do not depend on the torch version
 _CANONICAL = {"reduce_scatter_single": "reduce_scatter_tensor", "all_gather_single": "all_gather_into_tensor",
@@ -109,7 +112,7 @@ class CommCounter:
 
         @functools.wraps(original)
         def counted(*args, **kwargs):
-            payload = kwargs.get(keyword, args[index] if len(args) > index else None)
+            payload = None if index is None else kwargs.get(keyword, args[index] if len(args) > index else None)
             group = kwargs.get("group", args[group_index] if len(args) > group_index else None)
             size, scope = self._scope(group)
             key = Key(_CANONICAL.get(name, name), size, scope, _dtype(payload))
@@ -127,7 +130,13 @@ class CommCounter:
 
     def __enter__(self) -> "CommCounter":
         for name in _PAYLOAD:
+            original = getattr(dist, name, None)
             self._patch(dist, name, name)
+            # torch's object collectives (gather_object, broadcast_object_list, ...) call these through
+            # distributed_c10d's own globals: wrapped there too, each call is counted once, at the tensor
+            # level that goes over the wire (a size exchange, then the pickled bytes)
+            if original is not None and getattr(distributed_c10d, name, None) is original:
+                self._patch(distributed_c10d, name, name)
         backend = getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None)  # DeepSpeed's bound functions
         self._patch(backend, "all_gather_function", "all_gather_into_tensor")
         self._patch(backend, "reduce_scatter_function", "reduce_scatter_tensor")

@@ -15,7 +15,7 @@ import deepspeed
 import torch
 
 from pipeline.distributed.ds_config import zero_stage
-from pipeline.distributed.ds_internals import check_version, load_checkpoints_memory_mapped
+from pipeline.distributed.ds_internals import check_version, load_checkpoints_memory_mapped, skip_single_rank_allreduce
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     check_version()
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     load_checkpoints_memory_mapped(engine)
+    skip_single_rank_allreduce(engine)
     return engine
 
 

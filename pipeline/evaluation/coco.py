@@ -38,27 +38,54 @@ def foreground(output: dict) -> dict:
     return {k: v[keep] if torch.is_tensor(v) and len(v) == len(keep) else v for k, v in output.items()}
 
 
-def to_coco_results(output: dict, target: dict, label_to_cat: list[int], orig_hw: tuple[int, int]) -> list[dict]:
-    """One image's detections as COCO result dicts in original-image pixels (xywh)."""
-    output = foreground(output)
-    boxes = output["boxes"].float().cpu() / target["scale"]
-    boxes[:, 2:] -= boxes[:, :2]
-    scores, labels = output["scores"].float().cpu().tolist(), output["labels"].cpu().tolist()
-    results = [{"image_id": target["image_id"], "category_id": label_to_cat[lab - 1], "bbox": box, "score": s}
-               for box, s, lab in zip(boxes.tolist(), scores, labels)]
-    if "masks" in output and len(results):
-        masks = F.interpolate(output["masks"].float(), size=orig_hw, mode="bilinear", align_corners=False)
-        binary = np.asfortranarray((masks[:, 0] > 0.5).cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
-        for res, rle in zip(results, mask_utils.encode(binary)):
-            rle["counts"] = rle["counts"].decode("ascii")
-            res["segmentation"] = rle
+# One detection as it is gathered to rank 0. float64: a COCO image id stays exact (float32 is exact only
+# below 2**24), and the float32 boxes and scores convert without change.
+ROW = ("image_id", "label", "x", "y", "w", "h", "score")
+
+
+def detection_rows(output: dict, target: dict) -> torch.Tensor:
+    """One image's detections as ``[n, len(ROW)]`` float64 rows on the output's device, boxes in the
+    annotation file's pixels (the loader resized the image by ``target["scale"]``) as xywh. No host sync:
+    the rows stay on the device until the gather."""
+    boxes = output["boxes"].float() / target["scale"]
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+    image = torch.full((len(boxes), 1), float(target["image_id"]), dtype=torch.float64, device=boxes.device)
+    return torch.cat([image, output["labels"][:, None].double(), xywh.double(), output["scores"].float()[:, None].double()],
+                     dim=1)
+
+
+def mask_rles(output: dict, orig_hw: tuple[int, int]) -> list[dict]:
+    """Each detection's mask as COCO RLE (``counts`` a str) at the original image size."""
+    if not len(output["masks"]):
+        return []
+    masks = F.interpolate(output["masks"].float(), size=orig_hw, mode="bilinear", align_corners=False)
+    binary = np.asfortranarray((masks[:, 0] > 0.5).cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
+    rles = mask_utils.encode(binary)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def to_coco_results(rows: torch.Tensor, label_to_cat: list[int], rles: Optional[list[dict]] = None) -> list[dict]:
+    """Detection rows (``ROW``; with their masks' RLEs) as COCO result dicts, label-0 rows dropped (see
+    ``foreground``)."""
+    results = []
+    for i, (image_id, label, x, y, w, h, score) in enumerate(rows.cpu().tolist()):
+        if label < 1:
+            continue
+        res = {"image_id": int(image_id), "category_id": label_to_cat[int(label) - 1], "bbox": [x, y, w, h],
+               "score": score}
+        if rles is not None:
+            res["segmentation"] = rles[i]
+        results.append(res)
     return results
 
 
 @torch.no_grad()
-def predict(model, loader: Iterable, coco_gt: COCO, label_to_cat: list[int], device: torch.device,
-            progress: bool = False) -> list[dict]:
-    """Run the model over this rank's loader; return its COCO result dicts.
+def predict(model, loader: Iterable, coco_gt: COCO, device: torch.device, with_masks: bool = False,
+            progress: bool = False) -> tuple[torch.Tensor, Optional[list[dict]]]:
+    """Run the model over this rank's loader; return its detection rows (``ROW``) and, ``with_masks``,
+    each row's mask RLE.
 
     Every rank runs as many forwards as the rank with the most batches: a validation set that does
     not divide evenly (COCO's 5,000 images on 64 ranks) gives some ranks one batch more, and under
@@ -67,18 +94,21 @@ def predict(model, loader: Iterable, coco_gt: COCO, label_to_cat: list[int], dev
     forwards repeat this rank's last batch and their outputs are dropped.
     """
     forwards = _most_batches(len(loader), device)  # before any forward: it is itself a collective
-    results, images = [], None
+    rows, rles, images = [], [] if with_masks else None, None
     for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
         images = [im.to(device, non_blocking=True).float() for im in images]
         outputs = model(images)
         for out, tgt in zip(outputs, targets):
-            info = coco_gt.imgs[tgt["image_id"]]
-            results += to_coco_results(out, tgt, label_to_cat, (info["height"], info["width"]))
+            rows.append(detection_rows(out, tgt))
+            if rles is not None:
+                info = coco_gt.imgs[tgt["image_id"]]
+                rles += mask_rles(out, (info["height"], info["width"]))
     if images is None:  # this rank had no image at all (fewer images than ranks)
         images = [torch.zeros(3, 64, 64, device=device)]
     for _ in range(forwards - len(loader)):
         model(images)
-    return results
+    rows = torch.cat(rows) if rows else torch.zeros((0, len(ROW)), dtype=torch.float64, device=device)
+    return rows, rles
 
 
 def _most_batches(mine: int, device: torch.device) -> int:
@@ -90,13 +120,39 @@ def _most_batches(mine: int, device: torch.device) -> int:
     return int(most)
 
 
-def gather_to_rank0(results: list[dict]) -> Optional[list[dict]]:
-    """All ranks' results on rank 0 (None elsewhere); a no-op without a process group."""
+def gather_capacity(num_images: int, world: int, detections_per_img: int) -> int:
+    """Rows of each rank's block in ``gather_to_rank0``: the most images a rank evaluates (``eval_batches``
+    deals them round-robin) times the most detections the model keeps per image."""
+    return -(-num_images // world) * detections_per_img
+
+
+def gather_to_rank0(rows: torch.Tensor, rles: Optional[list[dict]], capacity: int
+                    ) -> tuple[Optional[torch.Tensor], Optional[list[dict]]]:
+    """Every rank's detection rows (and mask RLEs) on rank 0 in rank order; (None, None) elsewhere.
+
+    The rows travel as one ``gather`` of a ``[capacity, len(ROW)]`` float64 block per rank, padded with NaN
+    image ids: the same size on every rank, known from the config alone, so the communication plan
+    (``pipeline.tools.comm_plan.eval_transfers``) is exact, and no detection is pickled. Mask RLEs are
+    strings of data-dependent length: ``gather_object``."""
+    if len(rows) > capacity:  # checked on one rank too: a config fails alike on 1 and on 64 GPUs
+        raise RuntimeError(f"{len(rows)} detections to gather on this rank, more than its block of {capacity} (its "
+                           "images x model.detections_per_img): the detector keeps more detections per image than "
+                           "model.detections_per_img")
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return results
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(results, gathered, dst=0)
-    return [r for part in gathered for r in part] if gathered is not None else None
+        return rows, rles
+    block = rows.new_full((capacity, len(ROW)), float("nan"))
+    block[:len(rows)] = rows
+    first = dist.get_rank() == 0
+    blocks = [torch.empty_like(block) for _ in range(dist.get_world_size())] if first else None
+    dist.gather(block, blocks, dst=0)
+    if rles is not None:
+        parts = [None] * dist.get_world_size() if first else None
+        dist.gather_object(rles, parts, dst=0)
+        rles = [r for part in parts for r in part] if first else None
+    if not first:
+        return None, None
+    rows = torch.cat(blocks)
+    return rows[~rows[:, 0].isnan()], rles
 
 
 def coco_eval_backend(name: str) -> str:
@@ -159,22 +215,25 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], iou_types: Iterable[str] =
     return metrics
 
 
-def evaluate(model, loader, dataset, device: torch.device, with_masks: bool, progress: bool = False,
-             detections_file: Optional[Path] = None, report: Optional[list[str]] = None,
+def evaluate(model, loader, dataset, device: torch.device, with_masks: bool, detections_per_img: int,
+             progress: bool = False, detections_file: Optional[Path] = None, report: Optional[list[str]] = None,
              detections: Optional[list[dict]] = None, backend: str = "pycocotools") -> dict:
     """Distributed COCO evaluation of ``model`` on ``dataset``; metrics on rank 0, {} elsewhere.
 
-    ``detections_file``: rank 0 also writes every detection there, as a COCO results JSON
-    (``COCO.loadRes`` reads it back; masks as RLE). ``report``: COCOeval's printed summaries.
+    ``detections_per_img``: the most detections the model keeps per image (``model.detections_per_img``),
+    which sizes the gather. ``detections_file``: rank 0 also writes every detection there, as a COCO results
+    JSON (``COCO.loadRes`` reads it back; masks as RLE). ``report``: COCOeval's printed summaries.
     ``detections``: rank 0 appends every detection (COCO results) to it. ``backend``: the COCOeval.
     """
     was_training = model.training
     model.eval()
-    results = predict(model, loader, dataset.coco, dataset.cat_ids, device, progress)
+    rows, rles = predict(model, loader, dataset.coco, device, with_masks, progress)
     model.train(was_training)
-    results = gather_to_rank0(results)
-    if results is None:
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rows, rles = gather_to_rank0(rows, rles, gather_capacity(len(dataset), world, detections_per_img))
+    if rows is None:
         return {}
+    results = to_coco_results(rows, dataset.cat_ids, rles)
     if detections_file is not None:
         detections_file.write_text(json.dumps(results))
     if detections is not None:

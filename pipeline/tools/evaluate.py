@@ -125,7 +125,8 @@ def evaluate_weights(cfg: ExperimentConfig, num_classes: int, source: Path, tag:
     report: list[str] = []
     if info.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate(model, loader, val, info.device, cfg.model.detector == "mask_rcnn", progress=info.rank == 0,
+    metrics = evaluate(model, loader, val, info.device, cfg.model.detector == "mask_rcnn",
+                       cfg.model.detections_per_img, progress=info.rank == 0,
                        detections_file=out / "eval_detections.json" if info.rank == 0 else None, report=report,
                        backend=cfg.train.coco_eval)
     if info.rank == 0:

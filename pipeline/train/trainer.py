@@ -179,7 +179,8 @@ def run_evaluation(state: TrainState, it: int, final: bool = False) -> dict:
     ema = state.training.ema
     with ema.applied() if ema is not None else contextlib.nullcontext():  # the EMA weights, where kept
         metrics = evaluate(state.engine, state.data.val_loader, state.data.val_set, state.info.device,
-                           state.cfg.model.detector == "mask_rcnn", progress=state.progress,
+                           state.cfg.model.detector == "mask_rcnn", state.cfg.model.detections_per_img,
+                           progress=state.progress,
                            detections_file=state.cfg.train.run_dir / "eval_detections.json" if final else None,
                            report=report, detections=detections, backend=state.cfg.train.coco_eval)
     if metrics:
