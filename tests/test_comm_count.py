@@ -195,22 +195,43 @@ def test_the_planner_prints_the_communication_of_a_cluster_run(capsys):
     args = ["--config", str(REPO / "configs/coco_r50_fpn.yaml"), "--world-size", "64", "--ranks-per-node", "8",
             "--comm", "train.ds_config=ds_configs/zero1_fp32.json", "model.bn_group=4"]
     assert main(args) == 0
-    rows = {line.split()[-1]: line.split() for line in capsys.readouterr().out.splitlines()[2:-1]}
+    out = capsys.readouterr().out
+    step, evaluation, checkpoint = out.split("\n\n")
+    rows = {line.split()[-1]: line.split() for line in step.splitlines()[2:-1]}
     assert rows["gradients"][:4] == ["all_reduce", "64", "inter-node", "float32"]
+    # COCO val2017 (the annotation file is not here): ceil(5000 / 64) = 79 images x 100 detections per rank
+    assert evaluation.startswith("at each evaluation (5000 images: COCO val2017's")
+    gather = next(line.split() for line in evaluation.splitlines() if line.startswith("gather "))
+    assert gather[:5] == ["gather", "64", "inter-node", "float64", "1"]
+    assert float(gather[5]) == pytest.approx(7900 * 7 * 8 / 2**20, abs=1e-3) and "7900 rows" in evaluation
+    assert checkpoint.startswith("at each checkpoint:") and "barrier" in checkpoint
     assert rows["statistics"][1:3] == ["4", "intra-node"]
     assert main(args[:-2] + ["train.ds_config=ds_configs/zero3_fp32.json"]) == 0
     zero3 = capsys.readouterr().out
     assert "parameter partitions, 1 copy per step" in zero3 and "modelled" not in zero3
     assert main(args + ["train.grad_accum=2"]) == 0  # accumulation: ZeRO-1 still reduces once per step
-    accumulated = {line.split()[-1]: line.split() for line in capsys.readouterr().out.splitlines()[2:-1]}
+    step = capsys.readouterr().out.split("\n\n")[0]
+    accumulated = {line.split()[-1]: line.split() for line in step.splitlines()[2:-1]}
     assert accumulated["gradients"][4] == rows["gradients"][4] == "1"
     assert int(accumulated["statistics"][4]) == 2 * int(rows["statistics"][4])  # BN reduces per micro-batch
 
 
-def test_a_real_run_sends_per_iteration_what_the_plan_says(shapes_root, tmp_path):
+_RUN_CASES = {
+    # AGVM-SGD at ZeRO-0: every iteration, an estimate every 2nd
+    "zero0-agvm": (["train.ds_config=ds_configs/zero0_fp32.json", "model.norm=frozen", "optim.name=agvm_sgd",
+                    "agvm.tau=2", "agvm.start_iter=0"], 1),
+    # ZeRO-3 with cross-GPU BN (running statistics averaged before evaluating and saving): from the third
+    # iteration, after DeepSpeed's trace-recording steps and first evaluation
+    "zero3-cgbn": (["train.ds_config=ds_configs/zero3_fp32.json", "model.norm=cgbn"], 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_RUN_CASES))
+def test_a_real_run_sends_per_iteration_what_the_plan_says(case, shapes_root, tmp_path):
     """`deepspeed --num_gpus 2 launch/train.py ... train.count_comm=true`: every iteration of a real run
-    (AGVM-SGD, an estimate every 2nd iteration, a log every 2nd and at the end) sends exactly the plan's
-    step, plus AGVM's rows on estimate iterations and the log step's reductions on log iterations."""
+    sends exactly the plan's step, plus AGVM's rows on estimate iterations, the log step's reductions on log
+    iterations (every 2nd and the last), an evaluation's (iterations 2 and 4: 8 validation images) and a
+    checkpoint's (iteration 3)."""
     import os
     import subprocess
     import sys
@@ -219,11 +240,12 @@ def test_a_real_run_sends_per_iteration_what_the_plan_says(shapes_root, tmp_path
     from conftest import REPO, tiny_overrides
     from pipeline.config import load_config
     from pipeline.distributed.launcher import free_port
-    from pipeline.tools.comm_plan import log_transfers, step_transfers, totals
+    from pipeline.tools.comm_plan import checkpoint_transfers, eval_transfers, log_transfers, step_transfers, totals
 
-    overrides = [*tiny_overrides(shapes_root, tmp_path, "faster_rcnn"), "train.ds_config=ds_configs/zero0_fp32.json",
-                 "model.norm=frozen", "optim.name=agvm_sgd", "agvm.tau=2", "agvm.start_iter=0", "train.log_every=2",
-                 "schedule.max_iters=5", "train.count_comm=true", "train.evaluate=false"]
+    options, first = _RUN_CASES[case]
+    overrides = [*tiny_overrides(shapes_root, tmp_path, "faster_rcnn"), *options, "train.log_every=2",
+                 "schedule.max_iters=5", "train.count_comm=true", "train.evaluate=false",
+                 "train.eval_every_epochs=0.5", "train.ckpt_every_iters=3"]  # 4 iterations per epoch
     launcher = Path(sys.executable).parent / "deepspeed"
     proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()),
                            str(REPO / "launch/train.py"), *overrides], cwd=REPO, capture_output=True, text=True,
@@ -231,12 +253,16 @@ def test_a_real_run_sends_per_iteration_what_the_plan_says(shapes_root, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run/comm_counts.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5]
+    assert [(r["logged"], r["evaluated"], r["checkpointed"]) for r in records] == [
+        (False, False, False), (True, True, False), (False, False, True), (True, True, False), (True, False, False)]
     cfg = load_config(None, overrides)
     step = step_transfers(cfg, 2, 2, 3)
-    for r in records:
-        planned = [t for t in step if t.part != "agvm" or r["estimated"]] + (log_transfers(cfg, 2, 2) if r["logged"]
-                                                                           else [])
+    for r in records[first - 1:]:
+        planned = [t for t in step if t.part != "agvm" or r["estimated"]]
+        planned += log_transfers(cfg, 2, 2) if r["logged"] else []
+        planned += eval_transfers(cfg, 2, 2, 3, 8) if r["evaluated"] else []
+        planned += checkpoint_transfers(cfg, 2, 2, 3) if r["checkpointed"] else []
         got = {(row["op"], row["group"], row["scope"], row["dtype"]): (row["calls"], row["bytes"]) for row in r["rows"]}
         assert got == totals(planned), f"iteration {r['iteration']} ({r}): planned {totals(planned)}"
-    assert [r["logged"] for r in records] == [False, True, False, True, True]
-    assert any(r["estimated"] for r in records) and not all(r["estimated"] for r in records)
+    if case == "zero0-agvm":
+        assert any(r["estimated"] for r in records) and not all(r["estimated"] for r in records)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
@@ -97,6 +98,7 @@ class CommCounter:
         self.calls: dict[Key, int] = defaultdict(int)
         self.bytes: dict[Key, int] = defaultdict(int)
         self._saved: list[tuple[object, str, object]] = []  # (owner, attribute, original)
+        self._inside = threading.local()  # counting one collective: the ones it calls are part of it
 
     def reset(self) -> None:
         self.calls.clear()
@@ -112,13 +114,19 @@ class CommCounter:
 
         @functools.wraps(original)
         def counted(*args, **kwargs):
+            if getattr(self._inside, "active", False):  # a collective implemented by another (torch's old names call the new)
+                return original(*args, **kwargs)
             payload = None if index is None else kwargs.get(keyword, args[index] if len(args) > index else None)
             group = kwargs.get("group", args[group_index] if len(args) > group_index else None)
             size, scope = self._scope(group)
             key = Key(_CANONICAL.get(name, name), size, scope, _dtype(payload))
             self.calls[key] += 1
             self.bytes[key] += _payload_bytes(payload)
-            return original(*args, **kwargs)
+            self._inside.active = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._inside.active = False
 
         return counted
 

@@ -24,6 +24,11 @@ gathered copy serves every micro-batch; cross-GPU BN reduces in every micro-step
 the micro-batch halves where one BN group holds every rank (ZeRO-3 reads D from its partitions: no
 reduce-scatter). Modelled, not counted (``counted=False``): ZeRO-3 above ``stage3_max_live_parameters``
 (a copy gathered in forward and again in backward, every micro-step). Refused: bf16/fp16 parameters.
+
+Besides the step: a log step's reductions (``log_transfers``), an evaluation's (``eval_transfers``) and a
+checkpoint's (``checkpoint_transfers``), each checked iteration by iteration in a real run. Not planned:
+Mask R-CNN's pickled mask RLEs at evaluation (their size depends on the masks), the trace-id broadcasts of
+DeepSpeed's first ZeRO-3 steps and first evaluation, a model EMA's own gathers (``train.ema_decay``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline.config import ExperimentConfig
 from pipeline.distributed.ds_config import engine_config, zero_stage
@@ -62,21 +68,29 @@ def _scope(ranks: list[int], local_world: int) -> str:
     return "intra-node" if len({r // local_world for r in ranks}) == 1 else "inter-node"
 
 
-_FACTS: dict[str, tuple[list[tuple[str, list[int]]], list[int], int]] = {}
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the communication of a model depends on, counted on the meta device."""
+
+    groups: list[tuple[str, list[int]]]  # per optimizer parameter group: its AGVM module, its parameters' sizes
+    cgbn_widths: list[int]  # channels of each cross-GPU BN layer
+    running_widths: list[int]  # channels of each BN layer with running statistics (averaged before eval/save)
+    holders: int  # modules that hold parameters themselves: ZeRO-3's unit of fetching
 
 
-def _model_facts(cfg: ExperimentConfig, num_classes: int) -> tuple[list[tuple[str, list[int]]], list[int], int]:
-    """(per optimizer parameter group: its AGVM module and its parameters' sizes, in the optimizer's order;
-    cross-GPU BN layer widths; modules that hold parameters themselves, ZeRO-3's unit of fetching), from
-    the model built on the meta device once per model and optimizer config (a step-time table asks for
-    the same model once per candidate)."""
+_FACTS: dict[str, ModelFacts] = {}
+
+
+def _model_facts(cfg: ExperimentConfig, num_classes: int) -> ModelFacts:
+    """The model's facts, built once per model and optimizer config (a step-time table asks for the same
+    model once per candidate)."""
     key = f"{cfg.model.model_dump_json()} {cfg.optim.model_dump_json()} {num_classes}"
     if key not in _FACTS:
         _FACTS[key] = _count_model(cfg, num_classes)
     return _FACTS[key]
 
 
-def _count_model(cfg: ExperimentConfig, num_classes: int) -> tuple[list[tuple[str, list[int]]], list[int], int]:
+def _count_model(cfg: ExperimentConfig, num_classes: int) -> ModelFacts:
     from pipeline.optim.optimizers import build_param_groups
     from pipeline.train.build import build_model
 
@@ -84,9 +98,12 @@ def _count_model(cfg: ExperimentConfig, num_classes: int) -> tuple[list[tuple[st
         model = build_model(cfg, num_classes, pretrained=False)
     groups = [(g["module"], [p.numel() for p in g["params"]]) for g in build_param_groups(model, cfg.model.detector,
                                                                                            cfg.optim)]
-    widths = [m.num_features for m in model.modules() if isinstance(m, CrossGPUBatchNorm)]
-    holders = sum(1 for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False)))
-    return groups, widths, holders
+    return ModelFacts(
+        groups=groups,
+        cgbn_widths=[m.num_features for m in model.modules() if isinstance(m, CrossGPUBatchNorm)],
+        running_widths=[m.num_features for m in model.modules()
+                        if isinstance(m, _BatchNorm) and m.track_running_stats],
+        holders=sum(1 for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))))
 
 
 def _zero12_partition(group_size: int, world: int) -> int:
@@ -118,7 +135,8 @@ def step_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
     if ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled"):
         raise NotImplementedError("communication with half-precision parameters (a bf16/fp16 section in the "
                                   "ds_config) is not modelled; this project's presets keep fp32 parameters")
-    groups, widths, holders = _model_facts(cfg, num_classes)
+    facts = _model_facts(cfg, num_classes)
+    groups, widths, holders = facts.groups, facts.cgbn_widths, facts.holders
     sizes = [sum(numels) for _, numels in groups]
     everyone = list(range(world))
     scope = _scope(everyone, local_world)
@@ -169,6 +187,71 @@ def log_transfers(cfg: ExperimentConfig, world: int, local_world: int) -> list[T
                     every=every)]
     if world > 1:
         out.append(Transfer("all_reduce", world, scope, "float32", 1, 4, "preemption flag", part="log", every=every))
+    return out
+
+
+def _running_stats(facts: ModelFacts, world: int, scope: str, why: str) -> list[Transfer]:
+    """``sync_running_stats``: every BN layer's running mean and variance, one float32 all-reduce."""
+    if not facts.running_widths:
+        return []
+    return [Transfer("all_reduce", world, scope, "float32", 1, 4 * 2 * sum(facts.running_widths),
+                     f"BN running statistics, mean over ranks ({why})", part=why)]
+
+
+def eval_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_classes: int,
+                   num_images: int) -> list[Transfer]:
+    """What rank 0 sends in one evaluation of ``num_images`` validation images (``pipeline.train.trainer
+    .run_evaluation``, ``pipeline.evaluation.coco``): the BN running statistics' mean, the most batches
+    of any rank (one int64), and the detections: one gather of a fixed block per rank, the most images a
+    rank evaluates x ``model.detections_per_img`` rows of 7 float64. Mask R-CNN's RLEs go by
+    ``gather_object``: a size (int64) all-gathered, then a gather of the largest rank's pickled RLEs,
+    whose length depends on the masks (``bytes`` NaN: not planned). Under ZeRO-3 the forwards gather no
+    more parameters than the training step already did (counted); the first evaluation, like the first
+    two steps, also broadcasts DeepSpeed's trace ids (a few KB, not planned)."""
+    from pipeline.evaluation.coco import ROW, gather_capacity
+
+    if world == 1:
+        return []
+    scope = _scope(list(range(world)), local_world)
+    rows = gather_capacity(num_images, world, cfg.model.detections_per_img)
+    out = _running_stats(_model_facts(cfg, num_classes), world, scope, "eval")
+    out += [Transfer("all_reduce", world, scope, "int64", 1, 8, "evaluation batches, max over ranks", part="eval"),
+            Transfer("gather", world, scope, "float64", 1, 8 * len(ROW) * rows,
+                     f"detections to rank 0: {rows} rows of {len(ROW)} per rank", part="eval")]
+    if cfg.model.detector == "mask_rcnn":
+        out += [Transfer("all_gather", world, scope, "int64", 1, 8, "mask RLEs' pickled size", part="eval"),
+                Transfer("gather", world, scope, "uint8", 1, float("nan"), "mask RLEs to rank 0, pickled "
+                         "(bytes depend on the masks)", part="eval", counted=False)]
+    return out
+
+
+def checkpoint_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_classes: int) -> list[Transfer]:
+    """What rank 0 sends in one checkpoint (``pipeline.train.trainer.save_checkpoint``,
+    ``pipeline.checkpoint.manager.save``): whether every rank's weights are finite (one float32, min), the
+    BN running statistics' mean, rank 0's view of the completeness marker twice (``broadcast_object_list``:
+    an int64 size, then the 4 pickled bytes of a bool), DeepSpeed's check that every rank saves the same
+    tag (its sha1, 20 bytes, max and min), 3 barriers (2 in DeepSpeed's ``save_checkpoint``, then ours
+    before the marker) and, under ZeRO-3, one more copy of every parameter's partition gathered while
+    saving. Counted in a real 2-rank run at ZeRO 0-3 (tests/test_comm_count.py)."""
+    if world == 1:
+        return []
+    scope = _scope(list(range(world)), local_world)
+    facts = _model_facts(cfg, num_classes)
+    out = [Transfer("all_reduce", world, scope, "float32", 1, 4, "weights finite on every rank", part="checkpoint")]
+    out += _running_stats(facts, world, scope, "checkpoint")
+    out += [Transfer("broadcast", world, scope, "int64", 2, 2 * 8, "checkpoint complete already? (size)",
+                     part="checkpoint"),
+            Transfer("broadcast", world, scope, "uint8", 2, 2 * 4, "checkpoint complete already? (pickled bool)",
+                     part="checkpoint"),
+            Transfer("all_reduce", world, scope, "uint8", 2, 2 * 20, "DeepSpeed's tag check (sha1, max and min)",
+                     part="checkpoint"),
+            Transfer("barrier", world, scope, "-", 3, 0, "DeepSpeed's 2, then ours before the completeness marker",
+                     part="checkpoint")]
+    if zero_stage(engine_config(cfg, world)) == 3:
+        numels = [n for _, ns in facts.groups for n in ns]
+        out.append(Transfer("all_gather_into_tensor", world, scope, "float32", len(numels),
+                            4 * sum(-(-n // world) for n in numels), "parameter partitions, 1 copy (ZeRO-3 save)",
+                            part="checkpoint", launches=facts.holders))
     return out
 
 

@@ -478,23 +478,50 @@ def model_states_summary(cfg: ExperimentConfig, world: int) -> str:
             f"--world-size {world}")
 
 
-def print_comm_plan(cfg: ExperimentConfig, world: int, local_world: int) -> int:
-    from pipeline.tools.comm_plan import log_transfers, step_transfers
+COCO_VAL_IMAGES = 5000  # val2017
 
+
+def _val_images(cfg: ExperimentConfig) -> tuple[int, str]:
+    """Images of one evaluation, and where the number comes from."""
+    if cfg.data.source == "synthetic":
+        return cfg.data.synthetic_val, "data.synthetic_val"
+    ann = cfg.data.path(cfg.data.val_ann)
+    if ann.is_file():
+        return len(json.loads(ann.read_text())["images"]), str(ann)
+    return COCO_VAL_IMAGES, f"COCO val2017's ({ann} not found)"
+
+
+def print_comm_plan(cfg: ExperimentConfig, world: int, local_world: int) -> int:
+    from pipeline.tools.comm_plan import checkpoint_transfers, eval_transfers, log_transfers, step_transfers
+
+    num_classes, (images, source) = _num_classes(cfg), _val_images(cfg)
     try:
-        transfers = step_transfers(cfg, world, local_world, _num_classes(cfg)) + log_transfers(cfg, world, local_world)
+        transfers = step_transfers(cfg, world, local_world, num_classes) + log_transfers(cfg, world, local_world)
     except NotImplementedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"communication per optimizer step of one rank: {cfg.model.detector} {cfg.model.backbone}, {world} rank(s), "
           f"{local_world} per node, {cfg.train.ds_config.name}, norm {cfg.model.norm}, {cfg.optim.name} "
           "(payloads handed to each collective; an AGVM row is per estimate step, a log row per log step)")
-    print(f"{'collective':<24}{'group':>6}  {'scope':<11}{'dtype':<9}{'calls':>7}{'MiB':>11}{'every':>7}  what")
-    for t in transfers:
-        print(f"{t.op:<24}{t.group:>6}  {t.scope:<11}{t.dtype:<9}{t.calls:>7g}{t.bytes / 2**20:>11.3f}{t.every:>7}  "
-              f"{t.what}" + ("" if t.counted else " (modelled, not counted)"))
+    header = f"{'collective':<24}{'group':>6}  {'scope':<11}{'dtype':<9}{'calls':>7}{'MiB':>11}{'every':>7}  what"
+    print(header)
+    _print_transfers(transfers)
     print(f"{'total per step (rows every k steps count 1/k)':<57}{sum(t.bytes / t.every for t in transfers) / 2**20:>11.3f}")
+    for what, rows in ((f"each evaluation ({images} images: {source})",
+                        eval_transfers(cfg, world, local_world, num_classes, images)),
+                       ("each checkpoint", checkpoint_transfers(cfg, world, local_world, num_classes))):
+        print(f"\nat {what}:" + ("" if rows else " nothing (one rank)"))
+        if rows:
+            print(header)
+            _print_transfers(rows)
     return 0
+
+
+def _print_transfers(transfers) -> None:
+    for t in transfers:
+        size = "data-dep." if math.isnan(t.bytes) else f"{t.bytes / 2**20:.3f}"
+        print(f"{t.op:<24}{t.group:>6}  {t.scope:<11}{t.dtype:<9}{t.calls:>7g}{size:>11}{t.every:>7}  "
+              f"{t.what}" + ("" if t.counted else " (modelled, not counted)"))
 
 
 def print_step_plan(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
