@@ -208,7 +208,8 @@ def test_the_planner_prints_the_communication_of_a_cluster_run(capsys):
     assert rows["statistics"][1:3] == ["4", "intra-node"]
     assert main(args[:-2] + ["train.ds_config=ds_configs/zero3_fp32.json"]) == 0
     zero3 = capsys.readouterr().out
-    assert "parameter partitions, 1 copy per step" in zero3 and "modelled" not in zero3
+    assert "fetched for forward, 1 copy per step" in zero3 and "persistent parameters, gathered after the step" in zero3
+    assert "modelled" not in zero3
     assert main(args + ["train.grad_accum=2"]) == 0  # accumulation: ZeRO-1 still reduces once per step
     step = capsys.readouterr().out.split("\n\n")[0]
     accumulated = {line.split()[-1]: line.split() for line in step.splitlines()[2:-1]}
@@ -220,10 +221,12 @@ _RUN_CASES = {
     # AGVM-SGD at ZeRO-0: every iteration, an estimate every 2nd
     "zero0-agvm": (["train.ds_config=ds_configs/zero0_fp32.json", "model.norm=frozen", "optim.name=agvm_sgd",
                     "agvm.tau=2", "agvm.start_iter=0"], 1),
-    # ZeRO-3 with cross-GPU BN (running statistics averaged before evaluating and saving): from the third
+    # ZeRO-3 with cross-GPU BN (running statistics averaged before evaluating and saving), 32 persistent
+    # tensors (gathered after every step and checkpoint) and 28 fetched for forward: from the third
     # iteration, after DeepSpeed's trace-recording steps and first evaluation
-    "zero3-cgbn": (["train.ds_config=ds_configs/zero3_fp32.json", "model.norm=cgbn"], 3),
+    "zero3-cgbn": (["train.ds_config={tmp}/zero3_persist1000.json", "model.norm=cgbn"], 3),
 }
+_ZERO3_PERSIST_1000 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1000}}
 
 
 @pytest.mark.parametrize("case", sorted(_RUN_CASES))
@@ -243,6 +246,8 @@ def test_a_real_run_sends_per_iteration_what_the_plan_says(case, shapes_root, tm
     from pipeline.tools.comm_plan import checkpoint_transfers, eval_transfers, log_transfers, step_transfers, totals
 
     options, first = _RUN_CASES[case]
+    (tmp_path / "zero3_persist1000.json").write_text(json.dumps(_ZERO3_PERSIST_1000))
+    options = [o.format(tmp=tmp_path) for o in options]
     overrides = [*tiny_overrides(shapes_root, tmp_path, "faster_rcnn"), *options, "train.log_every=2",
                  "schedule.max_iters=5", "train.count_comm=true", "train.evaluate=false",
                  "train.eval_every_epochs=0.5", "train.ckpt_every_iters=3"]  # 4 iterations per epoch
@@ -256,8 +261,10 @@ def test_a_real_run_sends_per_iteration_what_the_plan_says(case, shapes_root, tm
     assert [(r["logged"], r["evaluated"], r["checkpointed"]) for r in records] == [
         (False, False, False), (True, True, False), (False, False, True), (True, True, False), (True, False, False)]
     cfg = load_config(None, overrides)
-    step = step_transfers(cfg, 2, 2, 3)
-    for r in records[first - 1:]:
+    for before, r in zip([None, *records], records):
+        if r["iteration"] < first:
+            continue
+        step = step_transfers(cfg, 2, 2, 3, after_evaluation=before is not None and before["evaluated"])
         planned = [t for t in step if t.part != "agvm" or r["estimated"]]
         planned += log_transfers(cfg, 2, 2) if r["logged"] else []
         planned += eval_transfers(cfg, 2, 2, 3, 8) if r["evaluated"] else []

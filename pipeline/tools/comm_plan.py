@@ -16,7 +16,8 @@ what this rank hands the collective (``pipeline.distributed.comm_count``); per o
   [world, row] fp32 with the row laid out as ZeRO 0's per-parameter chunks or ZeRO 1/2's partitions
   (S is read from DeepSpeed's own reduction), then one all-reduce of 3 float64 per module;
 - ZeRO-3 (``_zero3_rows``): per step, one gradient reduce-scatter, one copy of every parameter's partition
-  all-gathered, one float64 all-reduce per parameter group; counted while the model fits
+  all-gathered (persistent parameters after the step, one call each; the others for forward, a prefetch bucket
+  per call), one float64 all-reduce per parameter group; counted while the model fits
   ``stage3_max_live_parameters``.
 
 Gradient accumulation: ZeRO 0/1 reduce once per optimizer step, ZeRO-2 in every backward; ZeRO-3's
@@ -33,6 +34,7 @@ DeepSpeed's first ZeRO-3 steps and first evaluation, a model EMA's own gathers (
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -125,10 +127,12 @@ def _agvm_shard_width(groups: list[tuple[str, list[int]]], stage: int, world: in
 
 
 def step_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_classes: int, *,
-                   stage: Optional[int] = None, grad_accum: Optional[int] = None) -> list[Transfer]:
+                   stage: Optional[int] = None, grad_accum: Optional[int] = None,
+                   after_evaluation: bool = False) -> list[Transfer]:
     """What rank 0 sends in one optimizer step (an AGVM estimate step when AGVM is on: its rows say
-    ``every`` = agvm.tau). ``stage`` and ``grad_accum`` replace the config's. Rows of a rule not checked
-    against a count say ``counted=False``."""
+    ``every`` = agvm.tau). ``stage`` and ``grad_accum`` replace the config's. ``after_evaluation``: the
+    step right after an evaluation, whose forwards already fetched ZeRO-3's parameters. Rows of a rule not
+    checked against a count say ``counted=False``."""
     ds = engine_config(cfg, world)
     stage = zero_stage(ds) if stage is None else stage
     accum = cfg.train.grad_accum if grad_accum is None else grad_accum
@@ -142,7 +146,7 @@ def step_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
     scope = _scope(everyone, local_world)
     out, mine = [], [0]
     if world > 1 and stage == 3:
-        out += _zero3_rows(groups, holders, ds, world, scope, accum)
+        out += _zero3_rows(groups, holders, ds, world, scope, accum, after_evaluation)
     elif world > 1:
         per_micro = accum if stage == 2 else 1  # ZeRO-2 reduces its buckets in every backward
         out.append(Transfer("all_reduce", world, scope, "float32", per_micro, 4 * sum(sizes) * per_micro, "gradients"))
@@ -205,16 +209,23 @@ def eval_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
     of any rank (one int64), and the detections: one gather of a fixed block per rank, the most images a
     rank evaluates x ``model.detections_per_img`` rows of 7 float64. Mask R-CNN's RLEs go by
     ``gather_object``: a size (int64) all-gathered, then a gather of the largest rank's pickled RLEs,
-    whose length depends on the masks (``bytes`` NaN: not planned). Under ZeRO-3 the forwards gather no
-    more parameters than the training step already did (counted); the first evaluation, like the first
-    two steps, also broadcasts DeepSpeed's trace ids (a few KB, not planned)."""
+    whose length depends on the masks (``bytes`` NaN: not planned). Under ZeRO-3 the forwards gather
+    a copy of the non-persistent parameters, which the next step then finds gathered (``step_transfers(...,
+    after_evaluation=True)``); the first evaluation, like the first two steps, also broadcasts DeepSpeed's
+    trace ids (a few KB, not planned)."""
     from pipeline.evaluation.coco import ROW, gather_capacity
 
     if world == 1:
         return []
     scope = _scope(list(range(world)), local_world)
     rows = gather_capacity(num_images, world, cfg.model.detections_per_img)
-    out = _running_stats(_model_facts(cfg, num_classes), world, scope, "eval")
+    facts = _model_facts(cfg, num_classes)
+    out = _running_stats(facts, world, scope, "eval")
+    ds = engine_config(cfg, world)
+    zero = ds.get("zero_optimization", {})
+    fetched = _zero3_persistence([n for _, ns in facts.groups for n in ns], zero)[1]
+    if zero_stage(ds) == 3 and fetched:  # the evaluation's forwards fetch what the next step then finds there
+        out.append(dataclasses.replace(_zero3_fetch(fetched, zero, world, scope, facts.holders), part="eval"))
     out += [Transfer("all_reduce", world, scope, "int64", 1, 8, "evaluation batches, max over ranks", part="eval"),
             Transfer("gather", world, scope, "float64", 1, 8 * len(ROW) * rows,
                      f"detections to rank 0: {rows} rows of {len(ROW)} per rank", part="eval")]
@@ -231,8 +242,8 @@ def checkpoint_transfers(cfg: ExperimentConfig, world: int, local_world: int, nu
     BN running statistics' mean, rank 0's view of the completeness marker twice (``broadcast_object_list``:
     an int64 size, then the 4 pickled bytes of a bool), DeepSpeed's check that every rank saves the same
     tag (its sha1, 20 bytes, max and min), 3 barriers (2 in DeepSpeed's ``save_checkpoint``, then ours
-    before the marker) and, under ZeRO-3, one more copy of every parameter's partition gathered while
-    saving. Counted in a real 2-rank run at ZeRO 0-3 (tests/test_comm_count.py)."""
+    before the marker) and, under ZeRO-3, the persistent parameters all-gathered again after the save
+    (DeepSpeed's ``checkpoint_event_epilogue``; the others are fetched by the next forward as in any step). Counted in a real 2-rank run at ZeRO 0-3 (tests/test_comm_count.py)."""
     if world == 1:
         return []
     scope = _scope(list(range(world)), local_world)
@@ -247,21 +258,23 @@ def checkpoint_transfers(cfg: ExperimentConfig, world: int, local_world: int, nu
                      part="checkpoint"),
             Transfer("barrier", world, scope, "-", 3, 0, "DeepSpeed's 2, then ours before the completeness marker",
                      part="checkpoint")]
-    if zero_stage(engine_config(cfg, world)) == 3:
-        numels = [n for _, ns in facts.groups for n in ns]
-        out.append(Transfer("all_gather_into_tensor", world, scope, "float32", len(numels),
-                            4 * sum(-(-n // world) for n in numels), "parameter partitions, 1 copy (ZeRO-3 save)",
-                            part="checkpoint", launches=facts.holders))
+    ds = engine_config(cfg, world)
+    if zero_stage(ds) == 3:
+        persistent, _ = _zero3_persistence([n for _, ns in facts.groups for n in ns], ds.get("zero_optimization", {}))
+        out.append(Transfer("all_gather_into_tensor", world, scope, "float32", len(persistent),
+                            4 * sum(-(-n // world) for n in persistent),
+                            "persistent parameters gathered again after the save (ZeRO-3)", part="checkpoint"))
     return out
 
 
 def _zero3_rows(groups: list[tuple[str, list[int]]], holders: int, ds: dict, world: int, scope: str,
-                accum: int) -> list[Transfer]:
+                accum: int, after_evaluation: bool = False) -> list[Transfer]:
     """ZeRO-3: in every micro-step, one reduce-scatter of every gradient (each parameter padded to a multiple
     of ``world``: 975,632 B for the tiny model's 243,907 parameters on 2 ranks) in buckets of
-    ``reduce_bucket_size``; all-gathers of every parameter's partition, fetched one sub-module at a time:
-    one copy per optimizer step while the model fits ``stage3_max_live_parameters`` (DeepSpeed keeps what
-    forward gathered for backward and the next micro-batches), a copy in forward and another in backward
+    ``reduce_bucket_size``; all-gathers of every parameter's partition: one copy per optimizer step while
+    the model fits ``stage3_max_live_parameters`` (DeepSpeed keeps what forward gathered for backward and the
+    next micro-batches; the persistent parameters, ``_zero3_persistence``, one call each after the step, the
+    others in prefetch buckets for forward), a copy in forward and another in backward
     of every micro-step above it (modelled, not counted); after backward, one float64 all-reduce per
     parameter group (the gradient norm). Counted exactly (tests/test_comm_count.py) in a step after the
     first two, with 1 and 2 micro-batches: while DeepSpeed records its parameter trace it also broadcasts
@@ -271,17 +284,47 @@ def _zero3_rows(groups: list[tuple[str, list[int]]], holders: int, ds: dict, wor
     zero = ds.get("zero_optimization", {})
     live = float(zero.get("stage3_max_live_parameters", 1e9))
     bucket = float(zero.get("reduce_bucket_size", 5e8))
+    persistent, fetched = _zero3_persistence(numels, zero)
     # what forward gathered stays for backward and for the next micro-batches while it fits; above that,
     # each micro-step gathers in forward and again in backward
     copies = 1 if sum(numels) <= live else 2 * accum
     counted = copies == 1  # the regime tests/test_comm_count.py measures (with and without accumulation)
-    return [Transfer("reduce_scatter_tensor", world, scope, "float32", accum * math.ceil(world * chunks / bucket),
-                     accum * 4 * world * chunks, "gradients (ZeRO-3 reduce-scatter)", counted=counted),
-            Transfer("all_gather_into_tensor", world, scope, "float32", copies * len(numels),
-                     copies * 4 * chunks, f"parameter partitions, {copies} cop{'y' if copies == 1 else 'ies'} per step",
-                     counted=counted, launches=copies * holders),
-            Transfer("all_reduce", world, scope, "float64", len(groups), 8 * len(groups),
-                     "one float64 per parameter group (gradient norm)", counted=counted)]
+    out = [Transfer("reduce_scatter_tensor", world, scope, "float32", accum * math.ceil(world * chunks / bucket),
+                    accum * 4 * world * chunks, "gradients (ZeRO-3 reduce-scatter)", counted=counted)]
+    if copies == 1 and persistent:
+        out.append(Transfer("all_gather_into_tensor", world, scope, "float32", len(persistent),
+                            4 * _chunks(persistent, world), "persistent parameters, gathered after the step"))
+    if copies == 1 and fetched and not after_evaluation:
+        out.append(_zero3_fetch(fetched, zero, world, scope, holders))
+    elif copies > 1:
+        out.append(Transfer("all_gather_into_tensor", world, scope, "float32", copies * len(numels), copies * 4 * chunks,
+                            f"parameter partitions, {copies} copies per step", counted=False,
+                            launches=copies * holders))
+    return out + [
+        Transfer("all_reduce", world, scope, "float64", len(groups), 8 * len(groups),
+                 "one float64 per parameter group (gradient norm)", counted=counted)]
+
+
+def _chunks(numels: list[int], world: int) -> int:
+    """Elements of one rank's partitions of these parameters (each padded to a multiple of ``world``)."""
+    return sum(-(-n // world) for n in numels)
+
+
+def _zero3_fetch(fetched: list[int], zero: dict, world: int, scope: str, holders: int) -> Transfer:
+    """ZeRO-3's non-persistent parameters, gathered once after each optimizer step by the first forward that
+    needs them (the next step's, or an evaluation's in between), a prefetch bucket per call."""
+    calls = math.ceil(sum(fetched) / float(zero.get("stage3_prefetch_bucket_size", 5e7)))
+    return Transfer("all_gather_into_tensor", world, scope, "float32", calls, 4 * _chunks(fetched, world),
+                    "parameter partitions fetched for forward, 1 copy per step", launches=holders)
+
+
+def _zero3_persistence(numels: list[int], zero: dict) -> tuple[list[int], list[int]]:
+    """ZeRO-3's persistent parameters (at most ``stage3_param_persistence_threshold`` elements: partitioned,
+    but all-gathered again after every step and after a checkpoint, one call each) and the others (fetched
+    for forward, a prefetch bucket per call). ``stage3_model_persistence_threshold`` (a cap on all persistent
+    elements; DeepSpeed's default: none) is not modelled."""
+    threshold = float(zero.get("stage3_param_persistence_threshold", 1e5))
+    return [n for n in numels if n <= threshold], [n for n in numels if n > threshold]
 
 
 def totals(transfers: list[Transfer]) -> dict[tuple, tuple[float, float]]:
