@@ -264,7 +264,8 @@ def test_a_real_run_sends_per_iteration_what_the_plan_says(case, shapes_root, tm
     for before, r in zip([None, *records], records):
         if r["iteration"] < first:
             continue
-        step = step_transfers(cfg, 2, 2, 3, after_evaluation=before is not None and before["evaluated"])
+        step = step_transfers(cfg, 2, 2, 3, after_evaluation=before is not None and before["evaluated"]
+                              and not before["checkpointed"])
         planned = [t for t in step if t.part != "agvm" or r["estimated"]]
         planned += log_transfers(cfg, 2, 2) if r["logged"] else []
         planned += eval_transfers(cfg, 2, 2, 3, 8) if r["evaluated"] else []

@@ -69,8 +69,7 @@ def _clip_worker(rank: int, world: int, stage: int, out: str) -> None:
         engine.step()
     params = list(engine.module.parameters())
     with gathered(params):
-        torch.save({"params": [p.detach().clone() for p in params], "allreduce": engine.enable_backward_allreduce},
-                   Path(out) / f"clip_zero{stage}.pt")
+        torch.save([p.detach().clone() for p in params], Path(out) / f"clip_zero{stage}.pt")
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
@@ -86,11 +85,51 @@ def test_gradient_clipping_changes_between_steps(stage, tmp_path):
         assert norm > 1.0, "the clip must bite for the comparison to mean anything"
         opt.step()
     got = torch.load(tmp_path / f"clip_zero{stage}.pt")
-    # one rank at ZeRO-0: DeepSpeed's all-reduce of the gradients over that one rank is skipped
-    # (skip_single_rank_allreduce), and the steps must still be torch's
-    assert got["allreduce"] == (stage != 0)
-    for g, w in zip(got["params"], model.parameters()):
+    for g, w in zip(got, model.parameters()):
         torch.testing.assert_close(g, w.detach(), rtol=1e-5, atol=1e-6)
+
+
+class _Unused(nn.Module):
+    """A used layer and one this model never calls: its gradient stays None."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return {"loss": self.used(x).square().mean()}
+
+
+def _unused_worker(rank: int, world: int, out: str) -> None:
+    from pipeline.config import load_config
+    from pipeline.distributed.ds_config import fill_ds_config
+    from pipeline.distributed.engine import build_engine
+    from pipeline.distributed.job import init_distributed
+
+    init_distributed()
+    torch.manual_seed(0)
+    model = _Unused()
+    before = [p.detach().clone() for p in model.unused.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.5)
+    ds = fill_ds_config({"zero_optimization": {"stage": 0}}, load_config(None, ["train.micro_batch=4"]), world=1)
+    engine = build_engine(model, opt, ds)
+    for step in range(3):
+        engine.backward(engine(_x(step))["loss"])
+        engine.step()
+    after = [p.detach().clone() for p in engine.module.unused.parameters()]
+    torch.save({"before": before, "after": after, "replaced": "allreduce_gradients" in vars(engine)},
+               Path(out) / "unused.pt")
+
+
+def test_one_rank_skips_the_allreduce_but_keeps_its_zero_gradients(tmp_path):
+    """One rank at ZeRO-0: DeepSpeed's all-reduce over that one rank is replaced (skip_single_rank_allreduce),
+    and what it did besides stays: a parameter without a gradient gets a zero one, so weight decay still
+    shrinks it by (1 - lr x wd) per step, as DeepSpeed's reduction (and every multi-rank run) has it."""
+    run_distributed(_unused_worker, 1, str(tmp_path))
+    got = torch.load(tmp_path / "unused.pt")
+    assert got["replaced"]
+    for before, after in zip(got["before"], got["after"]):
+        torch.testing.assert_close(after, before * (1 - 0.1 * 0.5) ** 3)
 
 
 def _state_worker(rank: int, world: int, stage: int, out: str) -> None:

@@ -79,19 +79,28 @@ def client_optimizer(engine) -> torch.optim.Optimizer:
 
 
 def skip_single_rank_allreduce(engine) -> bool:
-    """Turn off ZeRO-0's gradient all-reduce where the data-parallel group is this one rank; True if done.
+    """Replace ZeRO-0's gradient all-reduce where the data-parallel group is this one rank; True if done.
 
     DeepSpeed still flattens every gradient into a bucket, "averages" it over the one rank and copies it
     back: on the embedded default's bf16 CPU step that was 10% of the time (``aten::cat`` in
     ``flatten_dense_tensors`` plus the copies back, ``train.profile``), for a mean that is the gradient
-    itself. ``enable_backward_allreduce`` is the engine's own switch (DeepSpeed clears it without a
-    process group). Only with the torch optimizer itself (fp32 parameters, gradients in ``.grad``): a
-    bf16/fp16 wrapper keeps its own gradient buffers and is left alone."""
-    if (engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1
+    itself. What the reduction does besides: it gives a trainable parameter without a gradient (unused in
+    this step) a zero one, so momentum and weight decay still move it as they do on many ranks; the
+    replacement keeps exactly that. Only with the torch optimizer itself (fp32 parameters, gradients in
+    ``.grad``) and no MoE layers: DeepSpeed's bf16/fp16 wrappers keep their own gradient buffers. Relies on:
+    the engine calls ``self.allreduce_gradients()`` after every backward (``_backward_epilogue``)."""
+    if not (engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1 and not engine.has_moe_layers
             and engine.optimizer is client_optimizer(engine)):
-        engine.enable_backward_allreduce = False
-        return True
-    return False
+        return False
+    params = [p for p in engine.module.parameters() if p.requires_grad and p.numel()]
+
+    def zero_fill_missing_gradients(*_args, **_kwargs) -> None:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    engine.allreduce_gradients = zero_fill_missing_gradients
+    return True
 
 
 def set_gradient_clipping(engine, max_norm: float) -> None:

@@ -99,10 +99,11 @@ def predict(model, loader: Iterable, coco_gt: COCO, device: torch.device, with_m
         images = [im.to(device, non_blocking=True).float() for im in images]
         outputs = model(images)
         for out, tgt in zip(outputs, targets):
-            rows.append(detection_rows(out, tgt))
-            if rles is not None:
+            if rles is not None:  # masks go through the host anyway: no label-0 mask is encoded or sent
+                out = foreground(out)
                 info = coco_gt.imgs[tgt["image_id"]]
                 rles += mask_rles(out, (info["height"], info["width"]))
+            rows.append(detection_rows(out, tgt))
     if images is None:  # this rank had no image at all (fewer images than ranks)
         images = [torch.zeros(3, 64, 64, device=device)]
     for _ in range(forwards - len(loader)):
@@ -134,7 +135,9 @@ def gather_to_rank0(rows: torch.Tensor, rles: Optional[list[dict]], capacity: in
     image ids: the same size on every rank, known from the config alone, so the communication plan
     (``pipeline.tools.comm_plan.eval_transfers``) is exact, and no detection is pickled. Mask RLEs are
     strings of data-dependent length: ``gather_object``."""
-    if len(rows) > capacity:  # checked on one rank too: a config fails alike on 1 and on 64 GPUs
+    # checked on one rank too, so a config fails alike on 1 and on 64 GPUs (there the job's watchdog stops the
+    # ranks waiting in the gather)
+    if len(rows) > capacity:
         raise RuntimeError(f"{len(rows)} detections to gather on this rank, more than its block of {capacity} (its "
                            "images x model.detections_per_img): the detector keeps more detections per image than "
                            "model.detections_per_img")

@@ -131,8 +131,8 @@ def step_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
                    after_evaluation: bool = False) -> list[Transfer]:
     """What rank 0 sends in one optimizer step (an AGVM estimate step when AGVM is on: its rows say
     ``every`` = agvm.tau). ``stage`` and ``grad_accum`` replace the config's. ``after_evaluation``: the
-    step right after an evaluation, whose forwards already fetched ZeRO-3's parameters. Rows of a rule not
-    checked against a count say ``counted=False``."""
+    step right after an evaluation (and no checkpoint, which releases them again), whose forwards already
+    fetched ZeRO-3's parameters. Rows of a rule not checked against a count say ``counted=False``."""
     ds = engine_config(cfg, world)
     stage = zero_stage(ds) if stage is None else stage
     accum = cfg.train.grad_accum if grad_accum is None else grad_accum
@@ -211,7 +211,7 @@ def eval_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
     ``gather_object``: a size (int64) all-gathered, then a gather of the largest rank's pickled RLEs,
     whose length depends on the masks (``bytes`` NaN: not planned). Under ZeRO-3 the forwards gather
     a copy of the non-persistent parameters, which the next step then finds gathered (``step_transfers(...,
-    after_evaluation=True)``); the first evaluation, like the first two steps, also broadcasts DeepSpeed's
+    after_evaluation=True)``, unless a checkpoint in between released them); the first evaluation, like the first two steps, also broadcasts DeepSpeed's
     trace ids (a few KB, not planned)."""
     from pipeline.evaluation.coco import ROW, gather_capacity
 
@@ -223,9 +223,14 @@ def eval_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
     out = _running_stats(facts, world, scope, "eval")
     ds = engine_config(cfg, world)
     zero = ds.get("zero_optimization", {})
-    fetched = _zero3_persistence([n for _, ns in facts.groups for n in ns], zero)[1]
-    if zero_stage(ds) == 3 and fetched:  # the evaluation's forwards fetch what the next step then finds there
-        out.append(dataclasses.replace(_zero3_fetch(fetched, zero, world, scope, facts.holders), part="eval"))
+    numels = [n for _, ns in facts.groups for n in ns]
+    fetched = _zero3_persistence(numels, zero)[1]
+    if zero_stage(ds) == 3 and sum(numels) > float(zero.get("stage3_max_live_parameters", 1e9)):
+        out.append(Transfer("all_gather_into_tensor", world, scope, "float32", math.nan, math.nan,
+                            "parameter partitions, gathered per module in every forward above "
+                            "stage3_max_live_parameters (not planned)", part="eval", counted=False))
+    elif zero_stage(ds) == 3 and fetched:  # the evaluation's forwards fetch what the next step then finds there
+        out.append(dataclasses.replace(_zero3_fetch(fetched, zero, world, scope), part="eval"))
     out += [Transfer("all_reduce", world, scope, "int64", 1, 8, "evaluation batches, max over ranks", part="eval"),
             Transfer("gather", world, scope, "float64", 1, 8 * len(ROW) * rows,
                      f"detections to rank 0: {rows} rows of {len(ROW)} per rank", part="eval")]
@@ -243,7 +248,9 @@ def checkpoint_transfers(cfg: ExperimentConfig, world: int, local_world: int, nu
     an int64 size, then the 4 pickled bytes of a bool), DeepSpeed's check that every rank saves the same
     tag (its sha1, 20 bytes, max and min), 3 barriers (2 in DeepSpeed's ``save_checkpoint``, then ours
     before the marker) and, under ZeRO-3, the persistent parameters all-gathered again after the save
-    (DeepSpeed's ``checkpoint_event_epilogue``; the others are fetched by the next forward as in any step). Counted in a real 2-rank run at ZeRO 0-3 (tests/test_comm_count.py)."""
+    (DeepSpeed's ``checkpoint_event_epilogue``; the others are fetched by the next forward as in any step).
+    Counted in real 2-rank runs at ZeRO-0 and ZeRO-3 (tests/test_comm_count.py); ZeRO 1 and 2 send the
+    same rows (measured once with the same run, not in the suite)."""
     if world == 1:
         return []
     scope = _scope(list(range(world)), local_world)
@@ -295,7 +302,7 @@ def _zero3_rows(groups: list[tuple[str, list[int]]], holders: int, ds: dict, wor
         out.append(Transfer("all_gather_into_tensor", world, scope, "float32", len(persistent),
                             4 * _chunks(persistent, world), "persistent parameters, gathered after the step"))
     if copies == 1 and fetched and not after_evaluation:
-        out.append(_zero3_fetch(fetched, zero, world, scope, holders))
+        out.append(_zero3_fetch(fetched, zero, world, scope))
     elif copies > 1:
         out.append(Transfer("all_gather_into_tensor", world, scope, "float32", copies * len(numels), copies * 4 * chunks,
                             f"parameter partitions, {copies} copies per step", counted=False,
@@ -310,12 +317,14 @@ def _chunks(numels: list[int], world: int) -> int:
     return sum(-(-n // world) for n in numels)
 
 
-def _zero3_fetch(fetched: list[int], zero: dict, world: int, scope: str, holders: int) -> Transfer:
+def _zero3_fetch(fetched: list[int], zero: dict, world: int, scope: str) -> Transfer:
     """ZeRO-3's non-persistent parameters, gathered once after each optimizer step by the first forward that
-    needs them (the next step's, or an evaluation's in between), a prefetch bucket per call."""
+    needs them (the next step's, or an evaluation's in between), one flat all-gather per prefetch bucket.
+    The bytes are counted exactly; the calls only where every fetched tensor fits one bucket (the test
+    model): DeepSpeed's grouping also depends on which module asks first and on the live-parameter cap."""
     calls = math.ceil(sum(fetched) / float(zero.get("stage3_prefetch_bucket_size", 5e7)))
     return Transfer("all_gather_into_tensor", world, scope, "float32", calls, 4 * _chunks(fetched, world),
-                    "parameter partitions fetched for forward, 1 copy per step", launches=holders)
+                    "parameter partitions fetched for forward, 1 copy per step")
 
 
 def _zero3_persistence(numels: list[int], zero: dict) -> tuple[list[int], list[int]]:

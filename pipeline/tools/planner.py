@@ -519,9 +519,10 @@ def print_comm_plan(cfg: ExperimentConfig, world: int, local_world: int) -> int:
 
 def _print_transfers(transfers) -> None:
     for t in transfers:
-        size = "data-dep." if math.isnan(t.bytes) else f"{t.bytes / 2**20:.3f}"
-        print(f"{t.op:<24}{t.group:>6}  {t.scope:<11}{t.dtype:<9}{t.calls:>7g}{size:>11}{t.every:>7}  "
-              f"{t.what}" + ("" if t.counted else " (modelled, not counted)"))
+        size = "-" if math.isnan(t.bytes) else f"{t.bytes / 2**20:.3f}"  # not planned: the row says why
+        calls = "-" if math.isnan(t.calls) else f"{t.calls:g}"
+        print(f"{t.op:<24}{t.group:>6}  {t.scope:<11}{t.dtype:<9}{calls:>7}{size:>11}{t.every:>7}  "
+              f"{t.what}" + ("" if t.counted or math.isnan(t.bytes) else " (modelled, not counted)"))
 
 
 def print_step_plan(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
