@@ -50,7 +50,7 @@ def detection_rows(output: dict, target: dict) -> torch.Tensor:
     boxes = output["boxes"].float() / target["scale"]
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
     image = torch.full((len(boxes), 1), float(target["image_id"]), dtype=torch.float64, device=boxes.device)
-    return torch.cat([image, output["labels"][:, None].double(), xywh.double(), output["scores"].float()[:, None].double()],
+    return torch.cat([image, output["labels"][:, None].double(), xywh.double(), output["scores"][:, None].double()],
                      dim=1)
 
 

@@ -79,6 +79,11 @@ class ModelFacts:
     running_widths: list[int]  # channels of each BN layer with running statistics (averaged before eval/save)
     holders: int  # modules that hold parameters themselves: ZeRO-3's unit of fetching
 
+    @property
+    def numels(self) -> list[int]:
+        """Every trainable parameter's size, in the optimizer's order."""
+        return [n for _, ns in self.groups for n in ns]
+
 
 _FACTS: dict[str, ModelFacts] = {}
 
@@ -121,7 +126,7 @@ def _agvm_shard_width(groups: list[tuple[str, list[int]]], stage: int, world: in
     width: dict[str, int] = {}
     for module, numels in groups:
         own = (_zero12_partition(sum(numels), world) if stage in (1, 2)
-               else sum(-(-n // world) for n in numels))
+               else _chunks(numels, world))
         width[module] = width.get(module, 0) + own
     return width
 
@@ -211,8 +216,8 @@ def eval_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
     ``gather_object``: a size (int64) all-gathered, then a gather of the largest rank's pickled RLEs,
     whose length depends on the masks (``bytes`` NaN: not planned). Under ZeRO-3 the forwards gather
     a copy of the non-persistent parameters, which the next step then finds gathered (``step_transfers(...,
-    after_evaluation=True)``, unless a checkpoint in between released them); the first evaluation, like the first two steps, also broadcasts DeepSpeed's
-    trace ids (a few KB, not planned)."""
+    after_evaluation=True)``, unless a checkpoint in between released them); the first evaluation, like
+    the first two steps, also broadcasts DeepSpeed's trace ids (a few KB, not planned)."""
     from pipeline.evaluation.coco import ROW, gather_capacity
 
     if world == 1:
@@ -223,7 +228,7 @@ def eval_transfers(cfg: ExperimentConfig, world: int, local_world: int, num_clas
     out = _running_stats(facts, world, scope, "eval")
     ds = engine_config(cfg, world)
     zero = ds.get("zero_optimization", {})
-    numels = [n for _, ns in facts.groups for n in ns]
+    numels = facts.numels
     fetched = _zero3_persistence(numels, zero)[1]
     if zero_stage(ds) == 3 and sum(numels) > float(zero.get("stage3_max_live_parameters", 1e9)):
         out.append(Transfer("all_gather_into_tensor", world, scope, "float32", math.nan, math.nan,
@@ -267,9 +272,9 @@ def checkpoint_transfers(cfg: ExperimentConfig, world: int, local_world: int, nu
                      part="checkpoint")]
     ds = engine_config(cfg, world)
     if zero_stage(ds) == 3:
-        persistent, _ = _zero3_persistence([n for _, ns in facts.groups for n in ns], ds.get("zero_optimization", {}))
+        persistent, _ = _zero3_persistence(facts.numels, ds.get("zero_optimization", {}))
         out.append(Transfer("all_gather_into_tensor", world, scope, "float32", len(persistent),
-                            4 * sum(-(-n // world) for n in persistent),
+                            4 * _chunks(persistent, world),
                             "persistent parameters gathered again after the save (ZeRO-3)", part="checkpoint"))
     return out
 
@@ -287,7 +292,7 @@ def _zero3_rows(groups: list[tuple[str, list[int]]], holders: int, ds: dict, wor
     first two, with 1 and 2 micro-batches: while DeepSpeed records its parameter trace it also broadcasts
     the trace's ids to check them (``assert_ints_same_as_other_ranks``), a few KB steady state never sends."""
     numels = [n for _, ns in groups for n in ns]
-    chunks = sum(-(-n // world) for n in numels)
+    chunks = _chunks(numels, world)
     zero = ds.get("zero_optimization", {})
     live = float(zero.get("stage3_max_live_parameters", 1e9))
     bucket = float(zero.get("reduce_bucket_size", 5e8))
@@ -304,7 +309,8 @@ def _zero3_rows(groups: list[tuple[str, list[int]]], holders: int, ds: dict, wor
     if copies == 1 and fetched and not after_evaluation:
         out.append(_zero3_fetch(fetched, zero, world, scope))
     elif copies > 1:
-        out.append(Transfer("all_gather_into_tensor", world, scope, "float32", copies * len(numels), copies * 4 * chunks,
+        out.append(Transfer("all_gather_into_tensor", world, scope, "float32", copies * len(numels),
+                            copies * 4 * chunks,
                             f"parameter partitions, {copies} copies per step", counted=False,
                             launches=copies * holders))
     return out + [
