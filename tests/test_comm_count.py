@@ -63,8 +63,9 @@ def test_every_tensor_collective_of_torch_distributed_is_counted():
 
 
 MODEL = ["model.detector=faster_rcnn", f"model.backbone={TINY_BACKBONE}", "model.fpn_channels=16",
-         "model.anchor_scale=4", "model.rpn_post_nms_train=100", "model.roi_batch_per_image=32",
-         "model.box_head_dim=32", "data.min_size=64", "data.max_size=96", "train.micro_batch=2",
+         "model.anchor_scale=4", "model.rpn_post_nms_train=100", "model.rpn_post_nms_test=100",
+         "model.roi_batch_per_image=32", "model.box_head_dim=32", "data.min_size=64", "data.max_size=96",
+         "train.micro_batch=2",
          "schedule.policy=constant", "schedule.max_iters=2", "train.ds_config=ds_configs/zero0_fp32.json"]
 
 
